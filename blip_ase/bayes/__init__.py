@@ -1,0 +1,20 @@
+"""The BLIP method, independent of any architecture: Bayesian linears, inference network, KL."""
+
+from blip_ase.bayes.config import BayesConfig
+from blip_ase.bayes.kl import kl_divergence, kl_per_coefficient
+from blip_ase.bayes.linear import BayesianLinear, NoiseSource
+from blip_ase.bayes.posterior import Coefficients, InferenceNetwork
+from blip_ase.bayes.wrap import bayesian_layers, bayesianize, noise_context
+
+__all__ = [
+    "BayesConfig",
+    "BayesianLinear",
+    "Coefficients",
+    "InferenceNetwork",
+    "NoiseSource",
+    "bayesian_layers",
+    "bayesianize",
+    "kl_divergence",
+    "kl_per_coefficient",
+    "noise_context",
+]

@@ -1,0 +1,35 @@
+"""Configuration of the BLIP method for one model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class BayesConfig:
+    """Bayesian layers, inference network and prior.
+
+    Attributes:
+        p0: prior dropout probability; prior variance ``p0/(1-p0) * theta^2``.
+        kl_weight: lambda, weight of the KL term in the loss.
+        p_min, p_max: clamp of the predicted dropout probability.
+        p_init: dropout probability the inference network starts from.
+        hidden: width of the inference network's hidden layers.
+        n_hidden: number of hidden (swish) layers of each head.
+        n_rbf: Gaussian radial basis functions of the edge length fed to the edge head.
+        unit_vector: also feed the unit edge vector to the edge head (non-equivariant models).
+        edge_pattern, node_pattern: regexes (``re.fullmatch`` on module names) of the
+            message (alpha per edge) and update (beta per node) linears; None = backend default.
+    """
+
+    p0: float = 0.5
+    kl_weight: float = 10.0
+    p_min: float = 0.0
+    p_max: float = 0.8
+    p_init: float = 0.01
+    hidden: int = 64
+    n_hidden: int = 2
+    n_rbf: int = 20
+    unit_vector: bool = False
+    edge_pattern: str | None = None
+    node_pattern: str | None = None

@@ -1,0 +1,129 @@
+"""Bayesian linear layer with the local reparameterisation trick (paper, Algorithm 1).
+
+The layer keeps the mean weights ``theta`` as the ordinary ``weight`` and ``bias``
+parameters of :class:`torch.nn.Linear`, so state_dict keys and pretrained weights are
+unchanged. The weight posterior is ``N(theta, alpha * theta^2)`` with one coefficient per
+input row (per edge for message layers, per node for update layers); the output is sampled
+directly:
+
+    m = h @ theta.T + b,   v = alpha * (h*h) @ (theta*theta).T,   z = m + sqrt(v) * eps.
+
+Whether the layer samples is decided by a transient context set by
+:func:`blip_ase.bayes.wrap.noise_context`; outside such a context (or with no noise source)
+the layer is exactly ``nn.Linear`` (MAP mode, same cost).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+Role = Literal["edge", "node"]
+
+
+class NoiseSource:
+    """Standard-normal noise for ``S`` Monte Carlo samples, one generator per sample.
+
+    Sample ``s`` of a batched pass draws its noise from ``generators[s]`` only, so S samples
+    in one batched forward equal S sequential forwards that use the same generators.
+
+    Args:
+        generators: one :class:`torch.Generator` per Monte Carlo sample.
+    """
+
+    def __init__(self, generators: list[torch.Generator]):
+        if not generators:
+            raise ValueError("NoiseSource needs at least one generator")
+        self.generators = list(generators)
+
+    @classmethod
+    def from_seeds(cls, seeds: list[int], device: torch.device | str = "cpu") -> NoiseSource:
+        """Build a source with one generator per seed (on ``device``)."""
+        return cls([torch.Generator(device=device).manual_seed(int(s)) for s in seeds])
+
+    @classmethod
+    def spawn(cls, generator: torch.Generator, n_samples: int, device: torch.device | str = "cpu") -> NoiseSource:
+        """Draw ``n_samples`` seeds from ``generator`` and build a source from them."""
+        seeds = torch.randint(0, 2**62, (n_samples,), generator=generator).tolist()
+        return cls.from_seeds(seeds, device)
+
+    @property
+    def n_samples(self) -> int:
+        return len(self.generators)
+
+    def split(self, start: int, stop: int) -> NoiseSource:
+        """Source for samples ``start:stop`` (used to chunk a batched pass)."""
+        return NoiseSource(self.generators[start:stop])
+
+    def draw(self, rows: int, cols: int, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """Noise of shape ``(rows, cols)``; rows are ``n_samples`` equal blocks, one per sample."""
+        if rows % self.n_samples:
+            raise ValueError(f"{rows} rows cannot be split into {self.n_samples} samples")
+        per = rows // self.n_samples
+        blocks = [
+            torch.randn(per, cols, generator=g, dtype=dtype, device=g.device).to(device) for g in self.generators
+        ]
+        return torch.cat(blocks) if len(blocks) > 1 else blocks[0]
+
+
+class BayesianLinear(nn.Linear):
+    """``nn.Linear`` whose weights are Gaussian with input-dependent variance ``alpha*theta^2``.
+
+    Args:
+        in_features, out_features, bias: as for :class:`torch.nn.Linear`.
+        role: ``"edge"`` (message function, alpha per edge) or ``"node"`` (update function,
+            beta per node).
+        column: which column of the inference network's edge or node output this layer uses.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        role: Role,
+        column: int,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ):
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        self.role = role
+        self.column = column
+        self.coefficient: torch.Tensor | None = None  # (rows, 1), set per forward by noise_context
+        self.noise: NoiseSource | None = None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, *, role: Role, column: int) -> BayesianLinear:
+        """Bayesian copy of ``linear`` sharing its parameters (so optimiser state stays valid)."""
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer.in_features, layer.out_features = linear.in_features, linear.out_features
+        layer.weight = linear.weight
+        layer.bias = linear.bias
+        layer.role, layer.column = role, column
+        layer.coefficient, layer.noise = None, None
+        return layer
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """Args: h: ``(rows, in_features)``. Returns ``(rows, out_features)``."""
+        mean = F.linear(h, self.weight, self.bias)
+        if self.noise is None or self.coefficient is None:
+            return mean
+        if self.coefficient.shape[0] != h.shape[0]:
+            raise RuntimeError(
+                f"Bayesian {self.role} layer got {h.shape[0]} input rows but {self.coefficient.shape[0]} "
+                f"{self.role} coefficients: the layer must be applied once per {self.role}"
+            )
+        var = self.coefficient * F.linear(h * h, self.weight * self.weight)
+        eps = self.noise.draw(h.shape[0], self.out_features, dtype=h.dtype, device=h.device)
+        # sqrt has an infinite derivative at 0: take it only where the variance is positive.
+        positive = var > 0
+        std = torch.sqrt(torch.where(positive, var, torch.ones_like(var))) * positive
+        return mean + std * eps
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, role={self.role}, column={self.column}"

@@ -1,0 +1,118 @@
+"""Inference network E_psi: invariant per-edge alpha and per-node beta (paper, section 3.2).
+
+It sees only invariant inputs (interatomic distances, element indices; optionally the unit
+edge vector for models that are not equivariant by design, such as ORB v3), predicts a dropout
+probability ``p = sigmoid(logit)`` clamped to ``[p_min, p_max]`` and returns
+``alpha = p / (1 - p)``. It runs once per configuration; its output is reused by every Monte
+Carlo sample.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Coefficients:
+    """Variational adaptive dropout coefficients of one (batched) configuration.
+
+    Attributes:
+        edge: ``(n_edges, n_edge_layers)`` alpha, one column per message-function layer.
+        node: ``(n_nodes, n_node_layers)`` beta, one column per update-function layer.
+    """
+
+    edge: torch.Tensor
+    node: torch.Tensor
+
+    def repeat(self, n_samples: int) -> Coefficients:
+        """Coefficients of ``n_samples`` stacked copies of the configuration (sample-major)."""
+        return Coefficients(self.edge.repeat(n_samples, 1), self.node.repeat(n_samples, 1))
+
+
+def gaussian_rbf(distance: torch.Tensor, n_rbf: int, cutoff: float) -> torch.Tensor:
+    """Gaussian radial basis of ``distance`` ``(E,)`` on ``[0, cutoff]``; returns ``(E, n_rbf)``."""
+    centers = torch.linspace(0.0, cutoff, n_rbf, dtype=distance.dtype, device=distance.device)
+    width = cutoff / max(n_rbf - 1, 1)
+    return torch.exp(-0.5 * ((distance[:, None] - centers) / width) ** 2)
+
+
+def _mlp(n_in: int, hidden: int, n_hidden: int, n_out: int) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for _ in range(n_hidden):
+        layers += [nn.Linear(n_in, hidden), nn.SiLU()]
+        n_in = hidden
+    layers.append(nn.Linear(n_in, n_out))
+    return nn.Sequential(*layers)
+
+
+class InferenceNetwork(nn.Module):
+    """Two-headed invariant MLP producing alpha per edge and beta per node.
+
+    Args:
+        n_elements: number of element indices (``species`` takes values in ``[0, n_elements)``).
+        n_edge_layers, n_node_layers: number of Bayesian message / update layers (output columns).
+        cutoff: radial cutoff in Angstrom for the distance basis.
+        hidden: width of the hidden layers; n_hidden: number of hidden layers (swish).
+        n_rbf: number of Gaussian radial basis functions of the distance.
+        unit_vector: also feed the unit edge vector (not rotation invariant; for ORB v3).
+        p_min, p_max: clamp of the dropout probability.
+        p_init: dropout probability the network starts from.
+    """
+
+    def __init__(
+        self,
+        n_elements: int,
+        n_edge_layers: int,
+        n_node_layers: int,
+        *,
+        cutoff: float,
+        hidden: int = 64,
+        n_hidden: int = 2,
+        n_rbf: int = 20,
+        embedding_dim: int = 16,
+        unit_vector: bool = False,
+        p_min: float = 0.0,
+        p_max: float = 0.8,
+        p_init: float = 0.01,
+    ):
+        super().__init__()
+        if not 0.0 <= p_min <= p_init <= p_max < 1.0:
+            raise ValueError(f"need 0 <= p_min <= p_init <= p_max < 1, got {p_min}, {p_init}, {p_max}")
+        self.cutoff, self.n_rbf, self.unit_vector = cutoff, n_rbf, unit_vector
+        self.p_min, self.p_max = p_min, p_max
+        self.embedding = nn.Embedding(n_elements, embedding_dim)
+        n_edge_in = n_rbf + 2 * embedding_dim + (3 if unit_vector else 0)
+        self.edge_head = _mlp(n_edge_in, hidden, n_hidden, max(n_edge_layers, 1))
+        self.node_head = _mlp(embedding_dim, hidden, n_hidden, max(n_node_layers, 1))
+        self.n_edge_layers, self.n_node_layers = n_edge_layers, n_node_layers
+        logit = math.log(p_init / (1.0 - p_init)) if p_init > 0 else -20.0
+        for head in (self.edge_head, self.node_head):
+            nn.init.zeros_(head[-1].weight)
+            nn.init.constant_(head[-1].bias, logit)
+
+    def _alpha(self, logit: torch.Tensor) -> torch.Tensor:
+        p = torch.sigmoid(logit).clamp(self.p_min, self.p_max)
+        return p / (1.0 - p)
+
+    def forward(self, species: torch.Tensor, edge_index: torch.Tensor, edge_vector: torch.Tensor) -> Coefficients:
+        """Args:
+            species: ``(N,)`` element indices.
+            edge_index: ``(2, E)`` (receiver i, sender j).
+            edge_vector: ``(E, 3)`` r_j - r_i in Angstrom; treated as a constant (detached).
+
+        Returns:
+            :class:`Coefficients` with ``edge (E, n_edge_layers)`` and ``node (N, n_node_layers)``.
+        """
+        edge_vector = edge_vector.detach()
+        distance = edge_vector.norm(dim=-1)
+        emb = self.embedding(species)
+        parts = [gaussian_rbf(distance, self.n_rbf, self.cutoff), emb[edge_index[0]], emb[edge_index[1]]]
+        if self.unit_vector:
+            parts.append(edge_vector / distance.clamp_min(1e-9)[:, None])
+        edge = self._alpha(self.edge_head(torch.cat(parts, dim=-1)))[:, : self.n_edge_layers]
+        node = self._alpha(self.node_head(emb))[:, : self.n_node_layers]
+        return Coefficients(edge, node)

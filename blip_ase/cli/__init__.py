@@ -1,0 +1,1 @@
+"""The ``blip`` command line: one module per subcommand, thin over library functions."""

@@ -1,0 +1,48 @@
+"""``blip`` entry point. Subcommands are imported lazily so ``blip --help`` is instant.
+
+Each subcommand module defines ``HELP`` (one line), ``add_arguments(parser)`` and
+``run(args) -> int``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+SUBCOMMANDS = {
+    "train": "blip_ase.cli.train",
+    "md": "blip_ase.cli.md",
+}
+HELP = {
+    "train": "train a BLIP (or deterministic) potential",
+    "md": "run uncertainty-monitored molecular dynamics",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="blip", description="Bayesian Learned Interatomic Potentials for ASE.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in SUBCOMMANDS:
+        sub.add_parser(name, help=HELP[name], add_help=False)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in SUBCOMMANDS:
+        parser.parse_args(argv or ["--help"])
+        return 0
+    module = importlib.import_module(SUBCOMMANDS[argv[0]])
+    cmd_parser = argparse.ArgumentParser(
+        prog=f"blip {argv[0]}",
+        description=module.HELP,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    module.add_arguments(cmd_parser)
+    args = cmd_parser.parse_args(argv[1:])
+    try:
+        return int(module.run(args) or 0)
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as exc:
+        print(f"blip {argv[0]}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""Checkpoint files: one ``torch.save`` dict, read with ``torch.load(weights_only=True)``.
+
+Format version 1 holds: ``format_version``, ``backend``, ``config`` (the backend's
+``config_dict()``: elements, architecture, Bayesian settings), ``state_dict``, ``elements``,
+``reference_energies`` (eV, per element), ``normalisation`` (``scale``, ``shift``),
+``calibration`` (variance scale factors ``energy``, ``forces``, ``stress``) and ``training``
+metadata. Older versions are upgraded by functions in ``_UPGRADES``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from blip_ase.models.potential import BACKENDS, Potential
+
+FORMAT_VERSION = 1
+DEFAULT_CALIBRATION = {"energy": 1.0, "forces": 1.0, "stress": 1.0}
+
+# version -> function upgrading a checkpoint dict of that version to version + 1
+_UPGRADES: dict[int, Callable[[dict], dict]] = {}
+
+
+class CheckpointError(ValueError):
+    """The file is not a blip-ase checkpoint this version can read."""
+
+
+def save_checkpoint(
+    path: str | Path,
+    model: Potential,
+    *,
+    calibration: dict[str, float] | None = None,
+    training: dict | None = None,
+) -> None:
+    """Write ``model`` to ``path`` (atomically: a temporary file is renamed into place)."""
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    ckpt = {
+        "format_version": FORMAT_VERSION,
+        "backend": model.backend,
+        "config": model.config_dict(),
+        "state_dict": state,
+        "elements": list(model.elements),
+        "reference_energies": state["reference_energies"].tolist() if "reference_energies" in state else None,
+        "normalisation": {k: float(state[k]) for k in ("scale", "shift") if k in state},
+        "calibration": {**DEFAULT_CALIBRATION, **(calibration or {})},
+        "training": training or {},
+    }
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(ckpt, tmp)
+    tmp.replace(path)
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """Load and upgrade the checkpoint dict at ``path`` without building the model."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle, zip and weights_only errors all mean "not ours"
+        raise CheckpointError(f"{path} is not a readable blip-ase checkpoint: {exc}") from exc
+    if not isinstance(ckpt, dict) or "format_version" not in ckpt:
+        raise CheckpointError(f"{path} is not a blip-ase checkpoint (no 'format_version' key)")
+    version = ckpt["format_version"]
+    while version in _UPGRADES:
+        ckpt = _UPGRADES[version](ckpt)
+        version = ckpt["format_version"]
+    if version != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} has checkpoint format version {version!r}; this blip-ase reads version {FORMAT_VERSION}"
+        )
+    if ckpt["backend"] not in BACKENDS:
+        raise CheckpointError(f"{path} uses unknown backend {ckpt['backend']!r}; known: {sorted(BACKENDS)}")
+    return ckpt
+
+
+def load_checkpoint(path: str | Path, *, device: torch.device | str = "cpu") -> tuple[Potential, dict]:
+    """Build the model stored at ``path``.
+
+    Returns:
+        ``(model, checkpoint_dict)``; the model is in eval mode on ``device``.
+    """
+    ckpt = read_checkpoint(path)
+    model = BACKENDS[ckpt["backend"]].from_config(ckpt["config"])
+    try:
+        model.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path}: weights do not match the stored architecture: {exc}") from exc
+    model.to(device=device, dtype=ckpt["state_dict"]["scale"].dtype).eval()
+    return model, ckpt

@@ -1,0 +1,125 @@
+"""PaiNN (Schuett, Unke, Gastegger 2021) as per-atom energy network.
+
+The message function's MLP runs per edge (on the sender's scalars gathered to the edge), so a
+Bayesian message layer can give every edge its own noise (alpha per edge); the update MLP runs
+per node (beta per node). Both act on scalar channels only: the vector mixings ``U`` and ``V``
+stay deterministic, so for a fixed noise draw a sample is exactly rotation equivariant.
+
+Module names of the Bayesian layers (see :data:`EDGE_PATTERN`, :data:`NODE_PATTERN`):
+``interactions.<l>.context_net.<k>`` (message) and ``updates.<l>.update_net.<k>`` (update).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch_geometric.utils import scatter
+
+EDGE_PATTERN = r"interactions\.\d+\.context_net\.\d+"
+NODE_PATTERN = r"updates\.\d+\.update_net\.\d+"
+
+
+@dataclass(frozen=True)
+class PaiNNConfig:
+    """Architecture of :class:`PaiNN`.
+
+    Attributes:
+        n_features: width F of scalar and vector features.
+        n_interactions: number of message/update blocks.
+        n_rbf: number of sine radial basis functions.
+        cutoff: radial cutoff in Angstrom (cosine cutoff function).
+    """
+
+    n_features: int = 64
+    n_interactions: int = 3
+    n_rbf: int = 20
+    cutoff: float = 5.0
+
+
+def sine_rbf(distance: torch.Tensor, n_rbf: int, cutoff: float) -> torch.Tensor:
+    """``sin(n pi d / rc) / d`` for n = 1..n_rbf; distance ``(E,)`` -> ``(E, n_rbf)``."""
+    n = torch.arange(1, n_rbf + 1, dtype=distance.dtype, device=distance.device)
+    return torch.sin(n * math.pi * distance[:, None] / cutoff) / distance[:, None]
+
+
+def cosine_cutoff(distance: torch.Tensor, cutoff: float) -> torch.Tensor:
+    """Smooth cutoff ``0.5 (cos(pi d / rc) + 1)`` for d < rc, else 0; ``(E,)``."""
+    return 0.5 * (torch.cos(math.pi * distance / cutoff) + 1.0) * (distance < cutoff)
+
+
+class Interaction(nn.Module):
+    """Message block: scalar and vector messages from neighbours."""
+
+    def __init__(self, n_features: int):
+        super().__init__()
+        f = n_features
+        self.context_net = nn.Sequential(nn.Linear(f, f), nn.SiLU(), nn.Linear(f, 3 * f))
+
+    def forward(self, s, v, filters, unit, edge_index):
+        i, j = edge_index
+        f = s.shape[-1]
+        x = self.context_net(s[j]) * filters  # (E, 3F), per edge
+        ds, dv_r, dv_v = torch.split(x, f, dim=-1)
+        dv = dv_r[:, None, :] * unit[:, :, None] + dv_v[:, None, :] * v[j]  # (E, 3, F)
+        n = s.shape[0]
+        return s + scatter(ds, i, 0, dim_size=n, reduce="sum"), v + scatter(dv, i, 0, dim_size=n, reduce="sum")
+
+
+class Update(nn.Module):
+    """Update block: gated mixing of each atom's scalar and vector features."""
+
+    def __init__(self, n_features: int):
+        super().__init__()
+        f = n_features
+        self.mix_u = nn.Linear(f, f, bias=False)
+        self.mix_v = nn.Linear(f, f, bias=False)
+        self.update_net = nn.Sequential(nn.Linear(2 * f, f), nn.SiLU(), nn.Linear(f, 3 * f))
+
+    def forward(self, s, v):
+        f = s.shape[-1]
+        u, w = self.mix_u(v), self.mix_v(v)  # (N, 3, F); deterministic on vector channels
+        w_norm = torch.sqrt((w * w).sum(dim=1) + 1e-8)
+        a = self.update_net(torch.cat([s, w_norm], dim=-1))
+        a_vv, a_sv, a_ss = torch.split(a, f, dim=-1)
+        return s + a_ss + a_sv * (u * w).sum(dim=1), v + a_vv[:, None, :] * u
+
+
+class PaiNN(nn.Module):
+    """Per-atom energies from species and edge vectors.
+
+    Args:
+        n_elements: number of element indices.
+        config: :class:`PaiNNConfig`.
+    """
+
+    def __init__(self, n_elements: int, config: PaiNNConfig):
+        super().__init__()
+        f, self.config = config.n_features, config
+        self.embedding = nn.Embedding(n_elements, f)
+        self.filter_net = nn.Linear(config.n_rbf, config.n_interactions * 3 * f)
+        self.interactions = nn.ModuleList(Interaction(f) for _ in range(config.n_interactions))
+        self.updates = nn.ModuleList(Update(f) for _ in range(config.n_interactions))
+        self.readout = nn.Sequential(nn.Linear(f, f // 2), nn.SiLU(), nn.Linear(f // 2, 1))
+
+    def forward(self, species: torch.Tensor, edge_index: torch.Tensor, edge_vector: torch.Tensor) -> torch.Tensor:
+        """Args:
+            species: ``(N,)`` element indices; edge_index: ``(2, E)``; edge_vector: ``(E, 3)`` A.
+
+        Returns:
+            ``(N,)`` per-atom energies in normalised units.
+        """
+        cfg = self.config
+        distance = edge_vector.norm(dim=-1)
+        unit = edge_vector / distance[:, None]
+        rbf = sine_rbf(distance, cfg.n_rbf, cfg.cutoff)
+        filters = self.filter_net(rbf) * cosine_cutoff(distance, cfg.cutoff)[:, None]
+        filters = torch.split(filters, 3 * cfg.n_features, dim=-1)
+        s = self.embedding(species)
+        v = s.new_zeros(s.shape[0], 3, s.shape[1])
+        for interaction, update, w in zip(self.interactions, self.updates, filters):
+            s, v = interaction(s, v, w, unit, edge_index)
+            s, v = update(s, v)
+        return self.readout(s).squeeze(-1)

@@ -1,0 +1,183 @@
+"""The backend interface used by the calculator, MD and training, and its PaiNN implementation.
+
+A :class:`Potential` turns ``ase.Atoms`` into its own graph once per configuration
+(:meth:`Potential.build_graph`), computes the noise coefficients once per configuration
+(:meth:`Potential.coefficients`) and evaluates ``S`` Monte Carlo samples in one batched
+forward and one backward (:meth:`Potential.forward`). MAP mode is ``noise=None``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any, ClassVar
+
+import torch
+from ase import Atoms
+from torch import nn
+from torch_geometric.utils import scatter
+
+from blip_ase.bayes import BayesConfig, Coefficients, InferenceNetwork, NoiseSource, bayesianize, noise_context
+from blip_ase.data.graph import AtomGraph, atoms_to_graph
+from blip_ase.models.painn import EDGE_PATTERN, NODE_PATTERN, PaiNN, PaiNNConfig
+
+
+class Potential(nn.Module):
+    """Base class of backends.
+
+    Subclasses set ``backend`` and implement :meth:`build_graph`, :meth:`coefficients`,
+    :meth:`forward` and :meth:`config_dict`.
+
+    Attributes:
+        elements: atomic numbers the model knows, in species-index order.
+        bayes: the BLIP configuration, or None for a deterministic model.
+    """
+
+    backend: ClassVar[str]
+    implements_stress: ClassVar[bool] = True
+
+    def __init__(self, elements: list[int], bayes: BayesConfig | None):
+        super().__init__()
+        self.elements = [int(z) for z in elements]
+        self.bayes = bayes
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def is_bayesian(self) -> bool:
+        return self.bayes is not None
+
+    def build_graph(self, atoms: Atoms) -> Any:
+        raise NotImplementedError
+
+    def coefficients(self, graph: Any) -> Coefficients | None:
+        raise NotImplementedError
+
+    def config_dict(self) -> dict:
+        raise NotImplementedError
+
+
+class PaiNNPotential(Potential):
+    """Conservative PaiNN potential with optional BLIP noise.
+
+    ``E = sum_i (scale * y_i + shift + E_ref[Z_i])``, forces ``-dE/dr``, stress
+    ``(1/V) dE/d(strain)`` (ASE sign and Voigt conventions are applied by the calculator).
+
+    Args:
+        elements: atomic numbers, in species-index order.
+        config: architecture.
+        bayes: BLIP settings; None builds the deterministic model with plain linears.
+    """
+
+    backend = "painn"
+
+    def __init__(self, elements: list[int], config: PaiNNConfig = PaiNNConfig(), bayes: BayesConfig | None = None):
+        super().__init__(elements, bayes)
+        self.config = config
+        self.cutoff = config.cutoff
+        self.net = PaiNN(len(self.elements), config)
+        self.register_buffer("reference_energies", torch.zeros(len(self.elements)))
+        self.register_buffer("scale", torch.ones(()))
+        self.register_buffer("shift", torch.zeros(()))
+        self.posterior: InferenceNetwork | None = None
+        if bayes is not None:
+            edge, node = bayesianize(
+                self.net,
+                edge_pattern=bayes.edge_pattern or EDGE_PATTERN,
+                node_pattern=bayes.node_pattern or NODE_PATTERN,
+            )
+            self.posterior = InferenceNetwork(
+                len(self.elements),
+                len(edge),
+                len(node),
+                cutoff=config.cutoff,
+                hidden=bayes.hidden,
+                n_hidden=bayes.n_hidden,
+                n_rbf=bayes.n_rbf,
+                unit_vector=bayes.unit_vector,
+                p_min=bayes.p_min,
+                p_max=bayes.p_max,
+                p_init=bayes.p_init,
+            )
+
+    def config_dict(self) -> dict:
+        return {"elements": self.elements, "painn": asdict(self.config), "bayes": self.bayes and asdict(self.bayes)}
+
+    @classmethod
+    def from_config(cls, config: dict) -> PaiNNPotential:
+        bayes = config.get("bayes")
+        return cls(config["elements"], PaiNNConfig(**config["painn"]), BayesConfig(**bayes) if bayes else None)
+
+    def build_graph(self, atoms: Atoms) -> AtomGraph:
+        """Neighbour list and tensors of one structure, on the model's device and dtype."""
+        return atoms_to_graph(atoms, cutoff=self.cutoff, elements=self.elements).to(self.device, self.dtype)
+
+    @staticmethod
+    def edge_vectors(graph: AtomGraph, positions: torch.Tensor, cell: torch.Tensor) -> torch.Tensor:
+        """``(E, 3)`` vectors r_j - r_i + shift @ cell for the given positions and cells."""
+        i, j = graph.edge_index
+        return positions[j] - positions[i] + torch.einsum("ek,ekl->el", graph.cell_shifts, cell[graph.batch[i]])
+
+    def coefficients(self, graph: AtomGraph) -> Coefficients | None:
+        """alpha per edge and beta per node of ``graph`` (None for a deterministic model)."""
+        if self.posterior is None:
+            return None
+        vectors = self.edge_vectors(graph, graph.positions, graph.cell)
+        return self.posterior(graph.species, graph.edge_index, vectors)
+
+    def forward(
+        self,
+        graph: AtomGraph,
+        *,
+        coefficients: Coefficients | None = None,
+        noise: NoiseSource | None = None,
+        compute_forces: bool = True,
+        compute_stress: bool = False,
+        create_graph: bool = False,
+    ) -> dict[str, torch.Tensor]:
+        """Energies, forces and stresses of ``S = noise.n_samples`` samples in one pass.
+
+        Args:
+            graph: batch of ``G`` structures with ``N`` atoms in total.
+            coefficients: from :meth:`coefficients` of the same graph (computed once, reused).
+            noise: Monte Carlo noise; None (or no coefficients) = MAP, ``S = 1``.
+            compute_forces, compute_stress: what to differentiate (stress needs periodic cells).
+            create_graph: keep the graph of the derivatives (training on forces).
+
+        Returns:
+            ``energy (S, G)`` eV; ``forces (S, N, 3)`` eV/A; ``stress (S, G, 3, 3)`` eV/A^3
+            (``dE/d(strain) / V``).
+        """
+        sampling = noise is not None and coefficients is not None
+        n_samples = noise.n_samples if sampling else 1
+        g = graph.replicate(n_samples)
+        positions = g.positions.detach().requires_grad_(compute_forces)
+        cell = g.cell
+        inputs = [positions] if compute_forces else []
+        if compute_stress:
+            strain = torch.zeros_like(cell, requires_grad=True)
+            positions = positions + torch.einsum("ni,nij->nj", positions, strain[g.batch])
+            cell = cell + torch.bmm(cell, strain)
+            inputs.append(strain)
+        vectors = self.edge_vectors(g, positions, cell)
+        with noise_context(self.net, coefficients.repeat(n_samples) if sampling else None, noise if sampling else None):
+            y = self.net(g.species, g.edge_index, vectors)
+        atom_energy = self.scale * y + self.shift + self.reference_energies[g.species]
+        energy = scatter(atom_energy, g.batch, 0, dim_size=g.n_graphs, reduce="sum")
+        out = {"energy": energy.view(n_samples, graph.n_graphs)}
+        if inputs:
+            grads = torch.autograd.grad(energy.sum(), inputs, create_graph=create_graph)
+            if compute_forces:
+                out["forces"] = -grads[0].view(n_samples, -1, 3)
+            if compute_stress:
+                volume = torch.linalg.det(g.cell).abs()
+                out["stress"] = (grads[-1] / volume[:, None, None]).view(n_samples, graph.n_graphs, 3, 3)
+        return out
+
+
+BACKENDS: dict[str, type[Potential]] = {"painn": PaiNNPotential}
