@@ -2,7 +2,7 @@
 
 Format version 1 holds: ``format_version``, ``backend``, ``config`` (the backend's
 ``config_dict()``: elements, architecture, Bayesian settings), ``state_dict``, ``elements``,
-``reference_energies`` (eV, per element), ``normalisation`` (``scale``, ``shift``),
+``reference_energies`` (eV, per element), ``normalisation`` (``scale``),
 ``calibration`` (variance scale factors ``energy``, ``forces``, ``stress``) and ``training``
 metadata. Older versions are upgraded by functions in ``_UPGRADES``.
 """
@@ -43,7 +43,7 @@ def save_checkpoint(
         "state_dict": state,
         "elements": list(model.elements),
         "reference_energies": state["reference_energies"].tolist() if "reference_energies" in state else None,
-        "normalisation": {k: float(state[k]) for k in ("scale", "shift") if k in state},
+        "normalisation": {k: float(state[k]) for k in ("scale",) if k in state},
         "calibration": {**DEFAULT_CALIBRATION, **(calibration or {})},
         "training": training or {},
     }

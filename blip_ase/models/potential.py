@@ -65,7 +65,10 @@ class Potential(nn.Module):
 class PaiNNPotential(Potential):
     """Conservative PaiNN potential with optional BLIP noise.
 
-    ``E = sum_i (scale * y_i + shift + E_ref[Z_i])``, forces ``-dE/dr``, stress
+    ``E = sum_i (scale * (y_i - y_lone[Z_i]) + E_ref[Z_i])``, where ``y_lone`` is the MAP
+    network output of a lone atom of that element, so an atom without neighbours has exactly its
+    reference energy in MAP mode (in sampling mode its own update noise remains); forces
+    ``-dE/dr``, stress
     ``(1/V) dE/d(strain)`` (ASE sign and Voigt conventions are applied by the calculator).
 
     Args:
@@ -83,7 +86,6 @@ class PaiNNPotential(Potential):
         self.net = PaiNN(len(self.elements), config)
         self.register_buffer("reference_energies", torch.zeros(len(self.elements)))
         self.register_buffer("scale", torch.ones(()))
-        self.register_buffer("shift", torch.zeros(()))
         self.posterior: InferenceNetwork | None = None
         if bayes is not None:
             edge, node = bayesianize(
@@ -130,6 +132,12 @@ class PaiNNPotential(Potential):
         vectors = self.edge_vectors(graph, graph.positions, graph.cell)
         return self.posterior(graph.species, graph.edge_index, vectors)
 
+    def lone_atom_output(self) -> torch.Tensor:
+        """``(n_elements,)`` MAP network output of one atom of each element with no neighbours."""
+        species = torch.arange(len(self.elements), device=self.device)
+        no_edges = torch.zeros(2, 0, dtype=torch.long, device=self.device)
+        return self.net(species, no_edges, torch.zeros(0, 3, dtype=self.dtype, device=self.device))
+
     def forward(
         self,
         graph: AtomGraph,
@@ -167,7 +175,7 @@ class PaiNNPotential(Potential):
         vectors = self.edge_vectors(g, positions, cell)
         with noise_context(self.net, coefficients.repeat(n_samples) if sampling else None, noise if sampling else None):
             y = self.net(g.species, g.edge_index, vectors)
-        atom_energy = self.scale * y + self.shift + self.reference_energies[g.species]
+        atom_energy = self.scale * (y - self.lone_atom_output()[g.species]) + self.reference_energies[g.species]
         energy = scatter(atom_energy, g.batch, 0, dim_size=g.n_graphs, reduce="sum")
         out = {"energy": energy.view(n_samples, graph.n_graphs)}
         if inputs:

@@ -1,0 +1,106 @@
+"""Labelled graphs and mini-batches for training and evaluation."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from ase import Atoms
+
+from blip_ase.data.graph import AtomGraph, atoms_to_graph, batch_graphs
+from blip_ase.data.readers import frame_labels
+
+
+@dataclass
+class Batch:
+    """A mini-batch: graph plus reference labels.
+
+    Attributes:
+        graph: ``G`` structures, ``N`` atoms in total.
+        energy: ``(G,)`` eV. forces: ``(N, 3)`` eV/A. stress: ``(G, 3, 3)`` eV/A^3 or None.
+    """
+
+    graph: AtomGraph
+    energy: torch.Tensor
+    forces: torch.Tensor
+    stress: torch.Tensor | None
+
+    def to(self, device: torch.device | str, dtype: torch.dtype) -> Batch:
+        return Batch(
+            self.graph.to(device, dtype),
+            self.energy.to(device, dtype),
+            self.forces.to(device, dtype),
+            None if self.stress is None else self.stress.to(device, dtype),
+        )
+
+
+def voigt_to_matrix(stress: np.ndarray) -> np.ndarray:
+    """ASE Voigt ``(6,)`` (xx yy zz yz xz xy) -> symmetric ``(3, 3)``."""
+    xx, yy, zz, yz, xz, xy = stress
+    return np.array([[xx, xy, xz], [xy, yy, yz], [xz, yz, zz]])
+
+
+class GraphDataset:
+    """Structures with labels, converted to graphs once.
+
+    Args:
+        frames: labelled structures (energy and forces required; stress if ``use_stress``).
+        cutoff: neighbour cutoff in Angstrom. elements: model's atomic numbers.
+        use_stress: also require and batch stress labels.
+        name: used in error messages (e.g. the file name).
+    """
+
+    def __init__(self, frames: list[Atoms], *, cutoff: float, elements: list[int], use_stress: bool = False, name: str = "data"):
+        self.frames = frames
+        self.graphs: list[AtomGraph] = []
+        self.labels = []
+        for k, atoms in enumerate(frames):
+            where = f"{name}: frame {k}"
+            self.labels.append(frame_labels(atoms, need_stress=use_stress, where=where))
+            try:
+                self.graphs.append(atoms_to_graph(atoms, cutoff=cutoff, elements=elements))
+            except ValueError as exc:
+                raise ValueError(f"{where}: {exc}") from exc
+        self.use_stress = use_stress
+
+    def __len__(self) -> int:
+        return len(self.graphs)
+
+    def batch(self, indices: list[int] | np.ndarray) -> Batch:
+        labels = [self.labels[k] for k in indices]
+        stress = None
+        if self.use_stress:
+            stress = torch.tensor(np.stack([voigt_to_matrix(lab["stress"]) for lab in labels]))
+        return Batch(
+            graph=batch_graphs([self.graphs[k] for k in indices]),
+            energy=torch.tensor([lab["energy"] for lab in labels], dtype=torch.float64),
+            forces=torch.tensor(np.concatenate([lab["forces"] for lab in labels])),
+            stress=stress,
+        )
+
+    def batches(self, batch_size: int, *, shuffle: bool = False, rng: np.random.Generator | None = None) -> Iterator[Batch]:
+        """Yield mini-batches; with ``shuffle`` the order comes from ``rng`` (seeded by the caller)."""
+        order = np.arange(len(self))
+        if shuffle:
+            if rng is None:
+                raise ValueError("shuffle needs an explicit rng")
+            order = rng.permutation(order)
+        for start in range(0, len(order), batch_size):
+            yield self.batch(order[start : start + batch_size])
+
+
+def fit_reference_energies(frames: list[Atoms], energies: np.ndarray, elements: list[int]) -> np.ndarray:
+    """Per-element energies (eV) minimising ``sum (E - counts @ e_ref)^2`` (min-norm lstsq).
+
+    Args:
+        frames: structures; energies: ``(F,)`` eV; elements: atomic numbers (column order).
+    """
+    lookup = {z: k for k, z in enumerate(elements)}
+    counts = np.zeros((len(frames), len(elements)))
+    for row, atoms in enumerate(frames):
+        for z in atoms.numbers:
+            counts[row, lookup[int(z)]] += 1
+    solution, *_ = np.linalg.lstsq(counts, energies, rcond=None)
+    return solution

@@ -1,0 +1,134 @@
+"""Training configuration: frozen dataclasses loaded from YAML; unknown keys are rejected."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from blip_ase.bayes import BayesConfig
+from blip_ase.models.painn import PaiNNConfig
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """ELBO data terms.
+
+    Attributes:
+        kind: ``l1`` (MAE), ``l2`` (MSE) or ``huber``.
+        energy_weight, forces_weight, stress_weight: weights of the per-structure energy,
+            per-component force and per-component stress errors.
+        huber_delta: delta of the Huber loss (eV, eV/A, eV/A^3).
+    """
+
+    kind: Literal["l1", "l2", "huber"] = "l1"
+    energy_weight: float = 0.1
+    forces_weight: float = 1.0
+    stress_weight: float = 0.0
+    huber_delta: float = 0.01
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """Optimiser, schedule and stopping.
+
+    Attributes:
+        optimizer: ``adam`` or ``adamw``. lr: learning rate of the potential.
+        posterior_lr: learning rate of the inference network (None: same as ``lr``).
+        weight_decay: AdamW/Adam weight decay.
+        scheduler: ``plateau`` (ReduceLROnPlateau on validation loss), ``cosine`` (with linear
+            warmup over ``warmup_fraction`` of the steps) or ``none``.
+        plateau_factor, plateau_patience: ReduceLROnPlateau settings (patience in epochs).
+        grad_clip: max gradient norm (None: no clipping).
+        early_stopping_patience: stop after this many epochs without a better validation loss
+            (None: never).
+    """
+
+    optimizer: Literal["adam", "adamw"] = "adam"
+    lr: float = 1e-3
+    posterior_lr: float | None = None
+    weight_decay: float = 0.0
+    scheduler: Literal["plateau", "cosine", "none"] = "plateau"
+    plateau_factor: float = 0.5
+    plateau_patience: int = 30
+    warmup_fraction: float = 0.05
+    grad_clip: float | None = None
+    early_stopping_patience: int | None = None
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything ``blip train`` needs besides the data files.
+
+    Attributes:
+        backend: model family (``painn``).
+        painn: PaiNN architecture.
+        bayes: BLIP settings; ``deterministic: true`` ignores them and trains plain linears.
+        deterministic: train the same architecture without BLIP.
+        loss, optim: see :class:`LossConfig`, :class:`OptimConfig`.
+        epochs, batch_size: training length and mini-batch size (structures).
+        elements: atomic numbers the model knows (None: those in the training data).
+        seed: seeds initialisation, shuffling and the training noise.
+        dtype: ``float32`` or ``float64``. device: ``cpu``, ``cuda``, or None for auto.
+        progress: show a progress bar.
+    """
+
+    backend: Literal["painn"] = "painn"
+    painn: PaiNNConfig = field(default_factory=PaiNNConfig)
+    bayes: BayesConfig = field(default_factory=BayesConfig)
+    deterministic: bool = False
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    epochs: int = 500
+    batch_size: int = 64
+    elements: list[int] | None = None
+    seed: int = 0
+    dtype: Literal["float32", "float64"] = "float32"
+    device: str | None = None
+    progress: bool = True
+
+
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def from_dict(cls: type, data: dict, where: str = "config") -> Any:
+    """Build dataclass ``cls`` from ``data``; nested dataclasses recursively.
+
+    Raises:
+        ValueError: an unknown key (the message lists the allowed ones) or a non-mapping section.
+    """
+    if not isinstance(data, dict):
+        raise ValueError(f"{where} must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise ValueError(f"unknown key(s) {unknown} in {where}; allowed: {names}")
+    kwargs = {}
+    for key, value in data.items():
+        tp = hints[key]
+        if _is_dataclass_type(tp):
+            value = from_dict(tp, value or {}, f"{where}.{key}")
+        elif isinstance(tp, types.UnionType) and value is not None:
+            inner = [t for t in typing.get_args(tp) if _is_dataclass_type(t)]
+            if inner:
+                value = from_dict(inner[0], value, f"{where}.{key}")
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def load_config(path: str | Path, **overrides: Any) -> TrainConfig:
+    """Read a YAML file into :class:`TrainConfig`; ``overrides`` replace top-level fields."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    with open(path) as fh:
+        data = yaml.safe_load(fh) or {}
+    cfg = from_dict(TrainConfig, data, where=str(path))
+    return dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})

@@ -1,0 +1,188 @@
+"""The training loop behind ``blip train``: ELBO with one Monte Carlo sample per step."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from blip_ase.bayes import NoiseSource
+from blip_ase.data.dataset import Batch, GraphDataset, fit_reference_energies
+from blip_ase.data.readers import read_frames
+from blip_ase.models.checkpoint import save_checkpoint
+from blip_ase.models.potential import BACKENDS, Potential
+from blip_ase.training.config import TrainConfig
+from blip_ase.training.loss import elbo_loss
+
+LOG_FIELDS = ["epoch", "lr", "train_loss", "train_energy", "train_forces", "train_kl", "val_loss",
+              "val_energy_mae", "val_forces_mae", "seconds"]
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """``None`` -> CUDA when available, else CPU."""
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def build_model(cfg: TrainConfig, elements: list[int]) -> Potential:
+    """Fresh model for ``cfg`` (seeded by the caller)."""
+    if cfg.backend != "painn":
+        raise ValueError(f"unknown backend {cfg.backend!r}; known: {sorted(BACKENDS)}")
+    return BACKENDS["painn"](elements, cfg.painn, None if cfg.deterministic else cfg.bayes)
+
+
+def fit_normalisation(model: Potential, data: GraphDataset) -> None:
+    """Per-element reference energies (least squares, plus the mean per-atom residual) and the
+    force scale (RMS force component) from the training set."""
+    energies = np.array([lab["energy"] for lab in data.labels])
+    ref = fit_reference_energies(data.frames, energies, model.elements)
+    lookup = {z: k for k, z in enumerate(model.elements)}
+    residual = [(e - sum(ref[lookup[int(z)]] for z in a.numbers)) / len(a) for e, a in zip(energies, data.frames)]
+    forces = np.concatenate([lab["forces"] for lab in data.labels])
+    rms = float(np.sqrt(np.mean(forces**2)))
+    model.reference_energies.copy_(torch.as_tensor(ref + np.mean(residual)))
+    model.scale.fill_(rms if rms > 1e-8 else 1.0)
+
+
+def make_optimizer(model: Potential, cfg: TrainConfig) -> torch.optim.Optimizer:
+    posterior = list(model.posterior.parameters()) if getattr(model, "posterior", None) is not None else []
+    ids = {id(p) for p in posterior}
+    groups = [{"params": [p for p in model.parameters() if id(p) not in ids], "lr": cfg.optim.lr}]
+    if posterior:
+        groups.append({"params": posterior, "lr": cfg.optim.posterior_lr or cfg.optim.lr})
+    opt_cls = torch.optim.AdamW if cfg.optim.optimizer == "adamw" else torch.optim.Adam
+    return opt_cls(groups, weight_decay=cfg.optim.weight_decay)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int):
+    """Returns ``(scheduler, per_step)``; per-epoch plateau schedulers step on validation loss."""
+    o = cfg.optim
+    if o.scheduler == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=o.plateau_factor, patience=o.plateau_patience), False
+    if o.scheduler == "cosine":
+        warmup = max(1, int(o.warmup_fraction * total_steps))
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total_steps - warmup))))
+
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor), True
+    return None, False
+
+
+def evaluate_map(model: Potential, data: GraphDataset, cfg: TrainConfig, device, dtype) -> dict[str, float]:
+    """MAP-mode validation loss (data terms only) and energy/force MAE (eV, eV/A)."""
+    n_e = n_f = 0
+    sums = {"loss": 0.0, "energy_mae": 0.0, "forces_mae": 0.0}
+    for batch in data.batches(cfg.batch_size):
+        batch = batch.to(device, dtype)
+        out = model(batch.graph, compute_stress=data.use_stress)
+        loss, _ = elbo_loss(out, batch, cfg.loss)
+        g = batch.graph.n_graphs
+        sums["loss"] += float(loss.detach()) * g
+        sums["energy_mae"] += float((out["energy"][0] - batch.energy).abs().sum())
+        sums["forces_mae"] += float((out["forces"][0] - batch.forces).abs().sum())
+        n_e, n_f = n_e + g, n_f + batch.forces.numel()
+    return {"loss": sums["loss"] / n_e, "energy_mae": sums["energy_mae"] / n_e, "forces_mae": sums["forces_mae"] / n_f}
+
+
+def train_step(model, batch: Batch, cfg: TrainConfig, optimizer, generator, use_stress: bool) -> dict[str, float]:
+    coefficients = model.coefficients(batch.graph)
+    noise = NoiseSource([generator]) if coefficients is not None else None
+    out = model(batch.graph, coefficients=coefficients, noise=noise, compute_stress=use_stress, create_graph=True)
+    bayes = model.bayes
+    loss, parts = elbo_loss(
+        out, batch, cfg.loss, coefficients=coefficients,
+        p0=bayes.p0 if bayes else 0.5, kl_weight=bayes.kl_weight if bayes else 0.0,
+    )
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.optim.grad_clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+    optimizer.step()
+    return {"loss": float(loss.detach()), **parts}
+
+
+def _load(path: str | Path, model: Potential, use_stress: bool, name: str) -> GraphDataset:
+    return GraphDataset(read_frames(path), cutoff=model.cutoff, elements=model.elements, use_stress=use_stress, name=name)
+
+
+def train(cfg: TrainConfig, train_path: str | Path, val_path: str | Path, out_dir: str | Path, *, overwrite: bool = False) -> dict:
+    """Train a model and write ``out_dir/model.pt`` (best validation loss) and ``out_dir/log.csv``.
+
+    Returns:
+        Summary: best epoch, validation metrics of the best checkpoint (MAP), wall time.
+
+    Raises:
+        FileExistsError: ``out_dir/model.pt`` exists and ``overwrite`` is False.
+        ValueError: bad data (missing labels, unknown elements, NaN positions) or config.
+    """
+    out_dir = Path(out_dir)
+    ckpt_path = out_dir / "model.pt"
+    if ckpt_path.exists() and not overwrite:
+        raise FileExistsError(f"{ckpt_path} exists; pass --overwrite to replace it")
+    device, dtype = resolve_device(cfg.device), getattr(torch, cfg.dtype)
+    use_stress = cfg.loss.stress_weight > 0
+    train_frames = read_frames(train_path)
+    elements = cfg.elements or sorted({int(z) for a in train_frames for z in a.numbers})
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        model = build_model(cfg, elements)
+    train_data = GraphDataset(train_frames, cutoff=model.cutoff, elements=elements, use_stress=use_stress, name=str(train_path))
+    val_data = _load(val_path, model, use_stress, str(val_path))
+    fit_normalisation(model, train_data)
+    model.to(device=device, dtype=dtype)
+    optimizer = make_optimizer(model, cfg)
+    steps_per_epoch = math.ceil(len(train_data) / cfg.batch_size)
+    scheduler, per_step = make_scheduler(optimizer, cfg, cfg.epochs * steps_per_epoch)
+    rng = np.random.default_rng(cfg.seed)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return _fit(model, cfg, train_data, val_data, optimizer, scheduler, per_step, rng, generator, out_dir, device, dtype)
+
+
+def _fit(model, cfg, train_data, val_data, optimizer, scheduler, per_step, rng, generator, out_dir, device, dtype) -> dict:
+    from tqdm.auto import tqdm
+
+    start, best, best_epoch, stale = time.perf_counter(), math.inf, -1, 0
+    best_metrics: dict[str, float] = {}
+    with open(out_dir / "log.csv", "w", newline="") as fh:
+        log = csv.DictWriter(fh, fieldnames=LOG_FIELDS)
+        log.writeheader()
+        bar = tqdm(range(cfg.epochs), desc="train", disable=not cfg.progress, dynamic_ncols=True)
+        for epoch in bar:
+            model.train()
+            parts = []
+            for batch in train_data.batches(cfg.batch_size, shuffle=True, rng=rng):
+                parts.append(train_step(model, batch.to(device, dtype), cfg, optimizer, generator, train_data.use_stress))
+                if per_step:
+                    scheduler.step()
+            model.eval()
+            val = evaluate_map(model, val_data, cfg, device, dtype)
+            if scheduler is not None and not per_step:
+                scheduler.step(val["loss"])
+            row = {
+                "epoch": epoch, "lr": optimizer.param_groups[0]["lr"],
+                **{f"train_{k}": float(np.mean([p.get(k, 0.0) for p in parts])) for k in ("loss", "energy", "forces", "kl")},
+                "val_loss": val["loss"], "val_energy_mae": val["energy_mae"], "val_forces_mae": val["forces_mae"],
+                "seconds": time.perf_counter() - start,
+            }
+            log.writerow(row)
+            fh.flush()
+            bar.set_postfix(loss=f"{row['train_loss']:.4f}", val_F_mae=f"{val['forces_mae']:.4f}")
+            if val["loss"] < best:
+                best, best_epoch, stale, best_metrics = val["loss"], epoch, 0, val
+                meta = {"epoch": epoch, "val": val, "config": dataclasses.asdict(cfg), "seconds": row["seconds"]}
+                save_checkpoint(out_dir / "model.pt", model, training=meta)
+            else:
+                stale += 1
+            if cfg.optim.early_stopping_patience is not None and stale >= cfg.optim.early_stopping_patience:
+                break
+    wall = time.perf_counter() - start
+    return {"best_epoch": best_epoch, "epochs_run": epoch + 1, "val": best_metrics, "seconds": wall,
+            "checkpoint": str(out_dir / "model.pt")}

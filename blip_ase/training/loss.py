@@ -1,0 +1,53 @@
+"""The ELBO loss: weighted energy, force and stress errors plus lambda * KL."""
+
+from __future__ import annotations
+
+import torch
+from torch.nn import functional as F
+
+from blip_ase.bayes import Coefficients, kl_divergence
+from blip_ase.data.dataset import Batch
+from blip_ase.training.config import LossConfig
+
+
+def error(pred: torch.Tensor, target: torch.Tensor, cfg: LossConfig) -> torch.Tensor:
+    """Mean elementwise error of the configured kind (a scalar tensor)."""
+    if cfg.kind == "l1":
+        return F.l1_loss(pred, target)
+    if cfg.kind == "l2":
+        return F.mse_loss(pred, target)
+    return F.huber_loss(pred, target, delta=cfg.huber_delta)
+
+
+def elbo_loss(
+    out: dict[str, torch.Tensor],
+    batch: Batch,
+    cfg: LossConfig,
+    *,
+    coefficients: Coefficients | None = None,
+    p0: float = 0.5,
+    kl_weight: float = 0.0,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Negative ELBO of one Monte Carlo sample.
+
+    Args:
+        out: model output for ``S = 1`` sample: energy ``(1, G)``, forces ``(1, N, 3)``,
+            optionally stress ``(1, G, 3, 3)``.
+        batch: reference labels.
+        coefficients: alpha/beta of the batch (None for a deterministic model: no KL).
+
+    Returns:
+        ``(loss, parts)`` with the float values of each term for logging.
+    """
+    terms = {
+        "energy": error(out["energy"][0], batch.energy, cfg),
+        "forces": error(out["forces"][0], batch.forces, cfg),
+    }
+    loss = cfg.energy_weight * terms["energy"] + cfg.forces_weight * terms["forces"]
+    if cfg.stress_weight and batch.stress is not None:
+        terms["stress"] = error(out["stress"][0], batch.stress, cfg)
+        loss = loss + cfg.stress_weight * terms["stress"]
+    if coefficients is not None and kl_weight:
+        terms["kl"] = kl_divergence(coefficients, p0)
+        loss = loss + kl_weight * terms["kl"]
+    return loss, {k: float(v.detach()) for k, v in terms.items()}
