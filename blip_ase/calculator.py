@@ -27,6 +27,7 @@ compute_forces=True, compute_stress=) -> {"energy": (S, 1), "forces": (S, n, 3),
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -87,14 +88,36 @@ def _check_samples(n_samples: int) -> int:
     return int(n_samples)
 
 
-def _calibration(calibration: dict[str, float] | None) -> dict[str, float]:
+_ISOTONIC_KEYS = tuple(f"{key}_isotonic" for key in DEFAULT_CALIBRATION)
+
+
+def _calibration(calibration: dict[str, Any] | None) -> dict[str, Any]:
+    """Validated scales (floats) plus any isotonic maps (``{"x": [...], "y": [...]}``)."""
     merged = {**DEFAULT_CALIBRATION, **(calibration or {})}
-    unknown = sorted(merged.keys() - DEFAULT_CALIBRATION.keys())
+    unknown = sorted(merged.keys() - DEFAULT_CALIBRATION.keys() - set(_ISOTONIC_KEYS))
     if unknown:
-        raise ValueError(f"unknown calibration keys {unknown}; known: {sorted(DEFAULT_CALIBRATION)}")
-    if any(not np.isfinite(v) or v < 0 for v in merged.values()):
-        raise ValueError(f"calibration scales must be finite and >= 0, got {merged}")
-    return {k: float(v) for k, v in merged.items()}
+        raise ValueError(
+            f"unknown calibration keys {unknown}; known: {sorted(DEFAULT_CALIBRATION)} and {list(_ISOTONIC_KEYS)}"
+        )
+    scales = {k: merged[k] for k in DEFAULT_CALIBRATION}
+    if any(not isinstance(v, numbers.Real) or not np.isfinite(v) or v < 0 for v in scales.values()):
+        raise ValueError(f"calibration scales must be finite and >= 0, got {scales}")
+    result: dict[str, Any] = {k: float(v) for k, v in scales.items()}
+    isotonic = [k for k in _ISOTONIC_KEYS if merged.get(k) is not None]
+    if isotonic:
+        from blip_ase.uq.calibration import validate_isotonic
+
+        result.update({k: validate_isotonic(k, merged[k]) for k in isotonic})
+    return result
+
+
+def _variance_factors(calibration: dict[str, Any]) -> dict[str, float]:
+    """Variance multipliers: the scale, times the isotonic map's factor where one is stored."""
+    if not any(k in calibration for k in _ISOTONIC_KEYS):
+        return {k: calibration[k] for k in DEFAULT_CALIBRATION}
+    from blip_ase.uq.calibration import variance_factors
+
+    return variance_factors(calibration)
 
 
 class BLIPCalculator(Calculator):
@@ -123,7 +146,10 @@ class BLIPCalculator(Calculator):
             CPU, where big passes are slower per atom than passes of a few hundred atoms (cache:
             S=8 samples of 250 Mo atoms took 1.54 s in passes of 4 samples, 1.23 s one by one).
         calibration: variance scale factors ``{"energy", "forces", "stress"}``; missing keys are
-            1.0. :meth:`from_checkpoint` takes them from the checkpoint unless given here.
+            1.0. Optional isotonic maps ``"<key>_isotonic": {"x": [...], "y": [...]}`` (from
+            ``blip calibrate --isotonic``) multiply the variance further by the second moment
+            of the recalibrated standardised error (:mod:`blip_ase.uq.calibration`); fixed at
+            construction. :meth:`from_checkpoint` takes them from the checkpoint unless given here.
 
     Raises:
         ValueError: bad option, or ``mode="mc"`` with a deterministic model.
@@ -165,6 +191,7 @@ class BLIPCalculator(Calculator):
         self.mode: Mode = mode
         self.keep_samples = bool(keep_samples)
         self.calibration = _calibration(calibration)
+        self._variance_factors = _variance_factors(self.calibration)
         to_dtype, to_device = _resolve_dtype(dtype), _resolve_device(device)
         self.model = model.to(to_device, **({"dtype": to_dtype} if to_dtype else {})).eval()
         if max_batch_atoms is None:
@@ -268,6 +295,8 @@ class BLIPCalculator(Calculator):
         else:
             n_chunks = -(-noise.n_samples // max(1, self.max_batch_atoms // prepared.n_atoms))
             size = -(-noise.n_samples // n_chunks)  # equal chunks
+            period = int(getattr(self.model, "sample_period", 1))  # ensemble: sample s = member s % period
+            size = -(-size // period) * period
             chunks = [noise.split(a, min(a + size, noise.n_samples)) for a in range(0, noise.n_samples, size)]
         parts: dict[str, list[torch.Tensor]] = {}
         for chunk in chunks:
@@ -299,7 +328,7 @@ class BLIPCalculator(Calculator):
         """MC means and calibrated unbiased variances over ``n_samples`` samples."""
         noise = NoiseSource.spawn(self.generator, n_samples, device=self.model.device)
         raw = self._evaluate(prepared, noise)
-        scale = self.calibration
+        scale = self._variance_factors
         energy = float(raw["energy"].mean())
         results: dict[str, Any] = {
             "energy": energy,

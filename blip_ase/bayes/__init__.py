@@ -1,6 +1,7 @@
 """The BLIP method, independent of any architecture: Bayesian linears, inference network, KL."""
 
 from blip_ase.bayes.config import BayesConfig
+from blip_ase.bayes.dropout import DropoutLinear, dropoutize, no_coefficients
 from blip_ase.bayes.kl import kl_divergence, kl_per_coefficient
 from blip_ase.bayes.linear import BayesianLinear, NoiseSource
 from blip_ase.bayes.posterior import Coefficients, InferenceNetwork
@@ -10,11 +11,14 @@ __all__ = [
     "BayesConfig",
     "BayesianLinear",
     "Coefficients",
+    "DropoutLinear",
     "InferenceNetwork",
     "NoiseSource",
     "bayesian_layers",
     "bayesianize",
+    "dropoutize",
     "kl_divergence",
     "kl_per_coefficient",
+    "no_coefficients",
     "noise_context",
 ]

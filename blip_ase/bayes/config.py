@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 
 @dataclass(frozen=True)
@@ -20,6 +21,11 @@ class BayesConfig:
         unit_vector: also feed the unit edge vector to the edge head (non-equivariant models).
         edge_pattern, node_pattern: regexes (``re.fullmatch`` on module names) of the
             message (alpha per edge) and update (beta per node) linears; None = backend default.
+        method: ``blip`` (variational adaptive dropout: the inference network, prior and KL
+            above) or ``mc_dropout`` (baseline: fixed-rate Bernoulli dropout on the inputs of the
+            same linears, trained with one mask per step and no KL; only ``dropout_p`` and the
+            patterns apply).
+        dropout_p: drop probability of ``mc_dropout``.
     """
 
     p0: float = 0.5
@@ -33,3 +39,5 @@ class BayesConfig:
     unit_vector: bool = False
     edge_pattern: str | None = None
     node_pattern: str | None = None
+    method: Literal["blip", "mc_dropout"] = "blip"
+    dropout_p: float = 0.1

@@ -13,10 +13,14 @@ import sys
 SUBCOMMANDS = {
     "train": "blip_ase.cli.train",
     "md": "blip_ase.cli.md",
+    "eval": "blip_ase.cli.eval",
+    "calibrate": "blip_ase.cli.calibrate",
 }
 HELP = {
     "train": "train a BLIP (or deterministic) potential",
     "md": "run uncertainty-monitored molecular dynamics",
+    "eval": "evaluate accuracy and uncertainty (ECE, NLL, CRPS, Spearman, AUROC) of a checkpoint",
+    "calibrate": "fit variance scale factors (optionally isotonic) on validation data",
 }
 
 

@@ -16,6 +16,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=int, default=None, help="override the config's epochs")
     parser.add_argument("--seed", type=int, default=None, help="override the config's seed")
     parser.add_argument("--deterministic", action="store_true", help="train the same architecture without BLIP")
+    parser.add_argument(
+        "--ensemble", type=int, default=None, metavar="N",
+        help="override the config's ensemble: train N seeds into OUT/member_<k>/ and write the ensemble OUT/model.pt",
+    )
     parser.add_argument("--device", default=None, help="override the config's device (cpu, cuda)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT/model.pt")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -24,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from blip_ase.training import load_config, train
 
-    overrides = {"epochs": args.epochs, "seed": args.seed, "device": args.device}
+    overrides = {"epochs": args.epochs, "seed": args.seed, "device": args.device, "ensemble": args.ensemble}
     if args.deterministic:
         overrides["deterministic"] = True
     if args.no_progress:

@@ -8,15 +8,28 @@ forward and one backward (:meth:`Potential.forward`). MAP mode is ``noise=None``
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict
 from typing import Any, ClassVar
+
+import numpy as np
 
 import torch
 from ase import Atoms
 from torch import nn
 from torch_geometric.utils import scatter
 
-from blip_ase.bayes import BayesConfig, Coefficients, InferenceNetwork, NoiseSource, bayesianize, noise_context
+from blip_ase.bayes import (
+    BayesConfig,
+    Coefficients,
+    InferenceNetwork,
+    NoiseSource,
+    bayesianize,
+    dropoutize,
+    no_coefficients,
+    noise_context,
+)
 from blip_ase.data.graph import AtomGraph, atoms_to_graph
 from blip_ase.models.painn import EDGE_PATTERN, NODE_PATTERN, PaiNN, PaiNNConfig
 
@@ -61,6 +74,23 @@ class Potential(nn.Module):
     def config_dict(self) -> dict:
         raise NotImplementedError
 
+    def make_dataset(self, frames: list[Atoms], *, use_stress: bool = False, name: str = "data") -> Any:
+        """Labelled graphs of ``frames`` in this backend's graph format, for training.
+
+        Returns:
+            A :class:`~blip_ase.data.dataset.GraphDataset` (or one with the same interface).
+        """
+        from blip_ase.data.dataset import GraphDataset
+
+        return GraphDataset(frames, cutoff=self.cutoff, elements=self.elements, use_stress=use_stress, name=name)
+
+    def fit_normalisation(self, frames: list[Atoms], energies: np.ndarray, forces: np.ndarray) -> None:
+        """Set data-dependent constants (reference energies, scales) from the training set.
+
+        Args:
+            frames: training structures; energies: ``(F,)`` eV; forces: ``(sum n, 3)`` eV/A.
+        """
+
 
 class PaiNNPotential(Potential):
     """Conservative PaiNN potential with optional BLIP noise.
@@ -87,7 +117,10 @@ class PaiNNPotential(Potential):
         self.register_buffer("reference_energies", torch.zeros(len(self.elements)))
         self.register_buffer("scale", torch.ones(()))
         self.posterior: InferenceNetwork | None = None
-        if bayes is not None:
+        if bayes is not None and bayes.method == "mc_dropout":
+            edge_pattern, node_pattern = bayes.edge_pattern or EDGE_PATTERN, bayes.node_pattern or NODE_PATTERN
+            dropoutize(self.net, edge_pattern=edge_pattern, node_pattern=node_pattern, p=bayes.dropout_p)
+        elif bayes is not None:
             edge, node = bayesianize(
                 self.net,
                 edge_pattern=bayes.edge_pattern or EDGE_PATTERN,
@@ -115,6 +148,20 @@ class PaiNNPotential(Potential):
         bayes = config.get("bayes")
         return cls(config["elements"], PaiNNConfig(**config["painn"]), BayesConfig(**bayes) if bayes else None)
 
+    @torch.no_grad()
+    def fit_normalisation(self, frames: list[Atoms], energies: np.ndarray, forces: np.ndarray) -> None:
+        """Per-element reference energies (least squares, plus the mean per-atom residual) and the
+        force scale (RMS force component) from the training set."""
+        from blip_ase.data.dataset import fit_reference_energies
+
+        energies = np.asarray(energies)
+        ref = fit_reference_energies(frames, energies, self.elements)
+        lookup = {z: k for k, z in enumerate(self.elements)}
+        residual = [(e - sum(ref[lookup[int(z)]] for z in a.numbers)) / len(a) for e, a in zip(energies, frames)]
+        rms = float(np.sqrt(np.mean(np.asarray(forces) ** 2)))
+        self.reference_energies.copy_(torch.as_tensor(ref + np.mean(residual)))
+        self.scale.fill_(rms if rms > 1e-8 else 1.0)
+
     def build_graph(self, atoms: Atoms) -> AtomGraph:
         """Neighbour list and tensors of one structure, on the model's device and dtype."""
         return atoms_to_graph(atoms, cutoff=self.cutoff, elements=self.elements).to(self.device, self.dtype)
@@ -127,8 +174,10 @@ class PaiNNPotential(Potential):
 
     def coefficients(self, graph: AtomGraph) -> Coefficients | None:
         """alpha per edge and beta per node of ``graph`` (None for a deterministic model)."""
-        if self.posterior is None:
-            return None
+        if self.posterior is None:  # deterministic: None; MC dropout: sample with no learned rates
+            if self.bayes is None:
+                return None
+            return no_coefficients(graph.edge_index.shape[1], len(graph.species), like=graph.positions)
         vectors = self.edge_vectors(graph, graph.positions, graph.cell)
         return self.posterior(graph.species, graph.edge_index, vectors)
 
@@ -188,4 +237,31 @@ class PaiNNPotential(Potential):
         return out
 
 
-BACKENDS: dict[str, type[Potential]] = {"painn": PaiNNPotential}
+class _BackendRegistry(Mapping):
+    """Backend name -> :class:`Potential` subclass. Backends with heavy dependencies (ORB v3:
+    orb-models) are registered by import path and imported on first lookup, so importing
+    ``blip_ase.models`` stays light."""
+
+    def __init__(self, loaded: dict[str, type[Potential]], lazy: dict[str, str]):
+        self._loaded = dict(loaded)
+        self._lazy = dict(lazy)  # name -> "module:attribute"
+
+    def __getitem__(self, name: str) -> type[Potential]:
+        if name not in self._loaded:
+            if name not in self._lazy:
+                raise KeyError(name)
+            module, _, attr = self._lazy[name].partition(":")
+            self._loaded[name] = getattr(importlib.import_module(module), attr)
+        return self._loaded[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(sorted({*self._loaded, *self._lazy}))
+
+    def __len__(self) -> int:
+        return len({*self._loaded, *self._lazy})
+
+
+BACKENDS: Mapping[str, type[Potential]] = _BackendRegistry(
+    {"painn": PaiNNPotential},
+    {"orb": "blip_ase.models.orb:OrbPotential", "ensemble": "blip_ase.models.ensemble:EnsemblePotential"},
+)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from blip_ase.bayes import BayesConfig
+from blip_ase.models.orb import OrbConfig
 from blip_ase.models.painn import PaiNNConfig
 
 
@@ -64,8 +65,10 @@ class TrainConfig:
     """Everything ``blip train`` needs besides the data files.
 
     Attributes:
-        backend: model family (``painn``).
-        painn: PaiNN architecture.
+        backend: model family: ``painn`` (from scratch) or ``orb`` (ORB v3 from orb-models,
+            fine-tuned from a local weights file or trained from a random initialisation).
+        painn: PaiNN architecture (backend ``painn``).
+        orb: ORB v3 base model (backend ``orb``): named model, weights file, architecture.
         bayes: BLIP settings; ``deterministic: true`` ignores them and trains plain linears.
         deterministic: train the same architecture without BLIP.
         loss, optim: see :class:`LossConfig`, :class:`OptimConfig`.
@@ -74,10 +77,14 @@ class TrainConfig:
         seed: seeds initialisation, shuffling and the training noise.
         dtype: ``float32`` or ``float64``. device: ``cpu``, ``cuda``, or None for auto.
         progress: show a progress bar.
+        ensemble: number of independently seeded members (seeds ``seed, seed + 1, ...``); above 1,
+            ``blip train`` trains each into ``OUT/member_<k>/`` and writes the ensemble checkpoint
+            ``OUT/model.pt`` (a deep ensemble: with ``deterministic: true``).
     """
 
-    backend: Literal["painn"] = "painn"
+    backend: Literal["painn", "orb"] = "painn"
     painn: PaiNNConfig = field(default_factory=PaiNNConfig)
+    orb: OrbConfig = field(default_factory=OrbConfig)
     bayes: BayesConfig = field(default_factory=BayesConfig)
     deterministic: bool = False
     loss: LossConfig = field(default_factory=LossConfig)
@@ -89,6 +96,7 @@ class TrainConfig:
     dtype: Literal["float32", "float64"] = "float32"
     device: str | None = None
     progress: bool = True
+    ensemble: int = 1
 
 
 def _is_dataclass_type(tp: Any) -> bool:

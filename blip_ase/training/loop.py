@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from blip_ase.bayes import NoiseSource
-from blip_ase.data.dataset import Batch, GraphDataset, fit_reference_energies
+from blip_ase.data.dataset import Batch, GraphDataset
 from blip_ase.data.readers import read_frames
 from blip_ase.models.checkpoint import save_checkpoint
 from blip_ase.models.potential import BACKENDS, Potential
@@ -29,23 +29,20 @@ def resolve_device(device: str | None) -> torch.device:
 
 
 def build_model(cfg: TrainConfig, elements: list[int]) -> Potential:
-    """Fresh model for ``cfg`` (seeded by the caller)."""
-    if cfg.backend != "painn":
+    """Fresh model for ``cfg`` (seeded by the caller); an ORB model reads its base weights file."""
+    if cfg.backend not in BACKENDS:
         raise ValueError(f"unknown backend {cfg.backend!r}; known: {sorted(BACKENDS)}")
-    return BACKENDS["painn"](elements, cfg.painn, None if cfg.deterministic else cfg.bayes)
+    arch = getattr(cfg, cfg.backend)  # the config section named like the backend
+    return BACKENDS[cfg.backend](elements, arch, None if cfg.deterministic else cfg.bayes)
 
 
 def fit_normalisation(model: Potential, data: GraphDataset) -> None:
-    """Per-element reference energies (least squares, plus the mean per-atom residual) and the
-    force scale (RMS force component) from the training set."""
+    """Data-dependent constants of the model from the training set (see the backend's
+    ``fit_normalisation``: PaiNN fits reference energies and the force scale; ORB keeps a
+    pretrained model's frozen statistics)."""
     energies = np.array([lab["energy"] for lab in data.labels])
-    ref = fit_reference_energies(data.frames, energies, model.elements)
-    lookup = {z: k for k, z in enumerate(model.elements)}
-    residual = [(e - sum(ref[lookup[int(z)]] for z in a.numbers)) / len(a) for e, a in zip(energies, data.frames)]
     forces = np.concatenate([lab["forces"] for lab in data.labels])
-    rms = float(np.sqrt(np.mean(forces**2)))
-    model.reference_energies.copy_(torch.as_tensor(ref + np.mean(residual)))
-    model.scale.fill_(rms if rms > 1e-8 else 1.0)
+    model.fit_normalisation(data.frames, energies, forces)
 
 
 def make_optimizer(model: Potential, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -81,10 +78,10 @@ def evaluate_map(model: Potential, data: GraphDataset, cfg: TrainConfig, device,
     sums = {"loss": 0.0, "energy_mae": 0.0, "forces_mae": 0.0}
     for batch in data.batches(cfg.batch_size):
         batch = batch.to(device, dtype)
-        out = model(batch.graph, compute_stress=data.use_stress)
+        out = {k: v.detach() for k, v in model(batch.graph, compute_stress=data.use_stress).items()}
         loss, _ = elbo_loss(out, batch, cfg.loss)
         g = batch.graph.n_graphs
-        sums["loss"] += float(loss.detach()) * g
+        sums["loss"] += float(loss) * g
         sums["energy_mae"] += float((out["energy"][0] - batch.energy).abs().sum())
         sums["forces_mae"] += float((out["forces"][0] - batch.forces).abs().sum())
         n_e, n_f = n_e + g, n_f + batch.forces.numel()
@@ -109,7 +106,7 @@ def train_step(model, batch: Batch, cfg: TrainConfig, optimizer, generator, use_
 
 
 def _load(path: str | Path, model: Potential, use_stress: bool, name: str) -> GraphDataset:
-    return GraphDataset(read_frames(path), cutoff=model.cutoff, elements=model.elements, use_stress=use_stress, name=name)
+    return model.make_dataset(read_frames(path), use_stress=use_stress, name=name)
 
 
 def train(cfg: TrainConfig, train_path: str | Path, val_path: str | Path, out_dir: str | Path, *, overwrite: bool = False) -> dict:
@@ -122,6 +119,10 @@ def train(cfg: TrainConfig, train_path: str | Path, val_path: str | Path, out_di
         FileExistsError: ``out_dir/model.pt`` exists and ``overwrite`` is False.
         ValueError: bad data (missing labels, unknown elements, NaN positions) or config.
     """
+    if cfg.ensemble != 1:
+        from blip_ase.training.ensemble import train_ensemble
+
+        return train_ensemble(cfg, train_path, val_path, out_dir, overwrite=overwrite)
     out_dir = Path(out_dir)
     ckpt_path = out_dir / "model.pt"
     if ckpt_path.exists() and not overwrite:
@@ -133,7 +134,7 @@ def train(cfg: TrainConfig, train_path: str | Path, val_path: str | Path, out_di
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         model = build_model(cfg, elements)
-    train_data = GraphDataset(train_frames, cutoff=model.cutoff, elements=elements, use_stress=use_stress, name=str(train_path))
+    train_data = model.make_dataset(train_frames, use_stress=use_stress, name=str(train_path))
     val_data = _load(val_path, model, use_stress, str(val_path))
     fit_normalisation(model, train_data)
     model.to(device=device, dtype=dtype)

@@ -1,0 +1,33 @@
+"""``blip calibrate --model CKPT --data VAL --out CKPT2 [--isotonic]``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+HELP = "fit variance scale factors (and optionally isotonic recalibration) on validation data; writes a checkpoint"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="checkpoint to calibrate (BLIP, MC dropout or ensemble)")
+    parser.add_argument("--data", required=True, help="validation data with energies and forces (>= 5 structures)")
+    parser.add_argument("--out", required=True, help="path of the calibrated checkpoint (not the input)")
+    parser.add_argument("--isotonic", action="store_true", help="also fit isotonic recalibration (Kuleshov et al. 2018)")
+    parser.add_argument("--n-samples", type=int, default=100, help="Monte Carlo samples (an ensemble uses its members)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the Monte Carlo noise")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from blip_ase.uq.evaluate import calibrate
+
+    result = calibrate(
+        args.model, args.data, args.out, isotonic=args.isotonic, n_samples=args.n_samples, seed=args.seed,
+        device=args.device,
+    )
+    print(f"calibration: {json.dumps(result['calibration'])}")
+    print(f"{'on the calibration set':<24}{'before':>12}{'after':>12}")
+    for key in ("forces_nll", "forces_ece", "energy_nll"):
+        print(f"{key:<24}{result['before'][key]:>12.4g}{result['after'][key]:>12.4g}")
+    print(f"wrote {args.out}")
+    return 0

@@ -1,0 +1,33 @@
+"""Uncertainty-monitored molecular dynamics: monitor, dynamics factory, flagged-frame writers."""
+
+from blip_ase.md.dynamics import ENSEMBLES, MDConfig, check_ensemble, make_dynamics, run_md, thermalize
+from blip_ase.md.monitor import FrameReport, Thresholds, UncertaintyMonitor, evaluate_frame
+from blip_ase.md.writers import (
+    ExtXYZFrameWriter,
+    FlaggedFrame,
+    HDF5FrameWriter,
+    HistoryCSV,
+    plot_history,
+    read_hdf5_frames,
+    read_history,
+)
+
+__all__ = [
+    "ENSEMBLES",
+    "ExtXYZFrameWriter",
+    "FlaggedFrame",
+    "FrameReport",
+    "HDF5FrameWriter",
+    "HistoryCSV",
+    "MDConfig",
+    "Thresholds",
+    "UncertaintyMonitor",
+    "check_ensemble",
+    "evaluate_frame",
+    "make_dynamics",
+    "plot_history",
+    "read_hdf5_frames",
+    "read_history",
+    "run_md",
+    "thermalize",
+]

@@ -1,0 +1,408 @@
+"""Exports of an uncertainty-monitored run: flagged frames, uncertainty history, summary, plot.
+
+Flagged frames go to two formats meant for DFT relabelling:
+
+- extended XYZ (:class:`ExtXYZFrameWriter`), readable by ``ase.io.read(path, ":")``;
+- HDF5 (:class:`HDF5FrameWriter`), one appendable dataset per quantity.
+
+Model predictions carry a ``blip_`` prefix (``blip_energy``, ``blip_forces``,
+``blip_forces_variance``, ``blip_energy_variance``, ``blip_stress``, ``blip_stress_variance``)
+so they never collide with the reference labels (``energy``, ``forces``) a DFT code adds later.
+Bookkeeping keys are ``step``, ``time`` (fs), ``reason`` and ``flagged_atoms`` (per-atom bool).
+
+The trajectory (:class:`TrajectoryObserver`, an ASE ``.traj`` with ``info["step"]``) is the
+restart point (:func:`read_restart`).
+
+Crash safety: the extxyz writer appends each frame with one ``write`` system call; the HDF5
+writer opens the file, appends to every dataset, updates the ``n_frames`` attribute last, flushes
+and closes it, so between frames the file is complete and readable (also while the run goes on),
+and :func:`read_hdf5_frames` reads only frames present in every dataset. A run killed with SIGKILL
+therefore leaves every frame flagged so far in both files. HDF5 file locking is off for this file
+(``locking=False``): a reader that has it open (a viewer, a polling script) must never make the
+writer, and so the MD run, fail.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+from ase import Atoms, units
+
+HISTORY_FIELDS = (
+    "step",
+    "time_fs",
+    "temperature_K",
+    "max_force_std",
+    "max_relative_force_std",
+    "energy_std",
+    "energy_std_per_atom",
+    "level",
+)
+"""Columns of the uncertainty history (``level``: 0 ok, 1 flagged, 2 halted)."""
+
+
+@dataclass
+class FlaggedFrame:
+    """One configuration above the flag threshold, with the model's Monte Carlo statistics.
+
+    Attributes:
+        atoms: the configuration (numbers, positions, cell, pbc); Angstrom.
+        step: MD step number.
+        time_fs: simulation time, fs.
+        reason: which thresholds were exceeded, e.g. ``"flag:max_force_std=0.31>0.2"``.
+        flagged_atoms: ``(n,)`` bool, atoms above their own force-std flag threshold.
+        energy: MC mean energy, eV.
+        energy_variance: eV^2.
+        forces: ``(n, 3)`` MC mean forces, eV/A.
+        forces_variance: ``(n,)`` per-atom trace of the force covariance, eV^2/A^2.
+        stress, stress_variance: ``(6,)`` Voigt, eV/A^3 and eV^2/A^6 (periodic cells only).
+    """
+
+    atoms: Atoms
+    step: int
+    time_fs: float
+    reason: str
+    flagged_atoms: np.ndarray
+    energy: float
+    energy_variance: float
+    forces: np.ndarray
+    forces_variance: np.ndarray
+    stress: np.ndarray | None = None
+    stress_variance: np.ndarray | None = None
+    extra: dict = field(default_factory=dict)
+
+
+class FrameWriter(Protocol):
+    """What :class:`~blip_ase.md.monitor.UncertaintyMonitor` needs from a writer."""
+
+    path: Path
+
+    def write(self, frame: FlaggedFrame) -> None: ...
+
+    def truncate_after(self, step: int) -> None: ...
+
+
+def _append_atomically(path: Path, text: str) -> None:
+    """Append ``text`` with one ``O_APPEND`` write (looping only if the OS writes it partially)."""
+    data = text.encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        while data:
+            data = data[os.write(fd, data) :]
+    finally:
+        os.close(fd)
+
+
+def frame_to_atoms(frame: FlaggedFrame) -> Atoms:
+    """A calculator-free ``Atoms`` with the prefixed predictions in ``info``/``arrays``."""
+    src = frame.atoms
+    atoms = Atoms(numbers=src.numbers, positions=src.positions, cell=src.cell, pbc=src.pbc)
+    atoms.info.update(
+        blip_energy=float(frame.energy),
+        blip_energy_variance=float(frame.energy_variance),
+        step=int(frame.step),
+        time=float(frame.time_fs),
+        reason=str(frame.reason),
+    )
+    if frame.stress is not None:
+        atoms.info["blip_stress"] = np.asarray(frame.stress, dtype=float)
+        atoms.info["blip_stress_variance"] = np.asarray(frame.stress_variance, dtype=float)
+    atoms.arrays["blip_forces"] = np.asarray(frame.forces, dtype=float).reshape(-1, 3)
+    atoms.arrays["blip_forces_variance"] = np.asarray(frame.forces_variance, dtype=float).reshape(-1)
+    atoms.arrays["flagged_atoms"] = np.asarray(frame.flagged_atoms, dtype=bool).reshape(-1)
+    return atoms
+
+
+class ExtXYZFrameWriter:
+    """Appends flagged frames to an extended XYZ file (one open/append/close per frame).
+
+    Args:
+        path: output file; created (emptied unless ``append``) on construction.
+        append: keep existing frames (restart).
+    """
+
+    def __init__(self, path: str | Path, *, append: bool = False):
+        self.path = Path(path)
+        if not append or not self.path.exists():
+            self.path.write_text("")
+
+    def write(self, frame: FlaggedFrame) -> None:
+        """Append one frame with a single ``write`` system call (a kill never leaves half a frame)."""
+        from ase.io import write
+
+        buffer = io.StringIO()
+        write(buffer, frame_to_atoms(frame), format="extxyz")
+        _append_atomically(self.path, buffer.getvalue())
+
+    def truncate_after(self, step: int) -> None:
+        """Drop frames with ``info['step'] > step`` (a restart re-runs those steps)."""
+        from ase.io import read, write
+
+        if self.path.stat().st_size == 0:
+            return
+        frames = [a for a in read(self.path, ":", format="extxyz") if int(a.info["step"]) <= step]
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("")
+        if frames:
+            write(tmp, frames, format="extxyz")
+        tmp.replace(self.path)
+
+
+class HDF5FrameWriter:
+    """Appends flagged frames to HDF5 datasets (``maxshape=(None, ...)``), closing after each.
+
+    Layout: per-run datasets ``numbers (n,)``, ``pbc (3,)``; per-frame datasets
+    ``positions (F, n, 3)``, ``cell (F, 3, 3)``, ``blip_energy (F,)``, ``blip_energy_variance (F,)``,
+    ``blip_forces (F, n, 3)``, ``blip_forces_variance (F, n)``, ``flagged_atoms (F, n)``,
+    ``step (F,)``, ``time (F,)`` fs, ``reason (F,)`` strings, and for periodic cells
+    ``blip_stress (F, 6)``, ``blip_stress_variance (F, 6)``. Attribute ``units`` documents units.
+
+    Args:
+        path: output file; created (emptied unless ``append``) on construction.
+        append: keep existing frames (restart).
+    """
+
+    def __init__(self, path: str | Path, *, append: bool = False):
+        self.path = Path(path)
+        if not append or not self.path.exists():
+            import h5py
+
+            with h5py.File(self.path, "w", locking=False) as fh:
+                fh.attrs["units"] = "energy eV, forces eV/A, variances squared units, time fs, stress eV/A^3"
+                fh.attrs["n_frames"] = 0
+
+    def _create(self, fh, frame: FlaggedFrame) -> None:
+        import h5py
+
+        n = len(frame.atoms)
+        fh.create_dataset("numbers", data=np.asarray(frame.atoms.numbers, dtype=np.int64))
+        fh.create_dataset("pbc", data=np.asarray(frame.atoms.pbc, dtype=bool))
+        shapes = {
+            "positions": ((n, 3), "f8"),
+            "cell": ((3, 3), "f8"),
+            "blip_energy": ((), "f8"),
+            "blip_energy_variance": ((), "f8"),
+            "blip_forces": ((n, 3), "f8"),
+            "blip_forces_variance": ((n,), "f8"),
+            "flagged_atoms": ((n,), "bool"),
+            "step": ((), "i8"),
+            "time": ((), "f8"),
+            "reason": ((), h5py.string_dtype()),
+        }
+        if frame.stress is not None:
+            shapes.update(blip_stress=((6,), "f8"), blip_stress_variance=((6,), "f8"))
+        for name, (shape, dtype) in shapes.items():
+            fh.create_dataset(name, shape=(0, *shape), maxshape=(None, *shape), dtype=dtype, chunks=(16, *shape))
+
+    def write(self, frame: FlaggedFrame) -> None:
+        import h5py
+
+        values = {
+            "positions": frame.atoms.positions,
+            "cell": frame.atoms.cell.array,
+            "blip_energy": frame.energy,
+            "blip_energy_variance": frame.energy_variance,
+            "blip_forces": frame.forces,
+            "blip_forces_variance": frame.forces_variance,
+            "flagged_atoms": frame.flagged_atoms,
+            "step": frame.step,
+            "time": frame.time_fs,
+            "reason": frame.reason,
+            "blip_stress": frame.stress,
+            "blip_stress_variance": frame.stress_variance,
+        }
+        with h5py.File(self.path, "a", locking=False) as fh:
+            if "step" not in fh:
+                self._create(fh, frame)
+            k = fh["step"].shape[0]
+            for name, value in values.items():
+                if name in fh:
+                    fh[name].resize(k + 1, axis=0)
+                    fh[name][k] = value
+            fh.attrs["n_frames"] = k + 1
+            fh.flush()
+
+    def truncate_after(self, step: int) -> None:
+        """Drop frames with ``step > step`` (a restart re-runs those steps)."""
+        import h5py
+
+        with h5py.File(self.path, "a", locking=False) as fh:
+            if "step" not in fh:
+                return
+            keep = int(np.sum(fh["step"][:] <= step))
+            for name in list(fh):
+                if fh[name].maxshape[:1] == (None,):
+                    fh[name].resize(keep, axis=0)
+            fh.attrs["n_frames"] = keep
+
+
+def read_hdf5_frames(path: str | Path) -> list[Atoms]:
+    """Flagged frames of an HDF5 export as ``Atoms`` with the same keys as the extxyz export."""
+    import h5py
+
+    frames: list[Atoms] = []
+    with h5py.File(path, "r", locking=False) as fh:
+        if "step" not in fh:
+            return frames
+        per_frame = [name for name in fh if fh[name].maxshape[:1] == (None,)]
+        # frames complete in every dataset (n_frames is written last)
+        n = min([int(fh.attrs.get("n_frames", 0))] + [fh[name].shape[0] for name in per_frame])
+        data = {name: fh[name][:n] if name in per_frame else fh[name][:] for name in fh}
+    for k in range(n):
+        atoms = Atoms(numbers=data["numbers"], positions=data["positions"][k], cell=data["cell"][k], pbc=data["pbc"])
+        atoms.info.update(
+            blip_energy=float(data["blip_energy"][k]),
+            blip_energy_variance=float(data["blip_energy_variance"][k]),
+            step=int(data["step"][k]),
+            time=float(data["time"][k]),
+            reason=data["reason"][k].decode() if isinstance(data["reason"][k], bytes) else str(data["reason"][k]),
+        )
+        for name in ("blip_stress", "blip_stress_variance"):
+            if name in data:
+                atoms.info[name] = data[name][k]
+        for name in ("blip_forces", "blip_forces_variance", "flagged_atoms"):
+            atoms.arrays[name] = data[name][k]
+        frames.append(atoms)
+    return frames
+
+
+class HistoryCSV:
+    """The monitor's history as CSV, one flushed line per checked frame (columns ``HISTORY_FIELDS``)."""
+
+    def __init__(self, path: str | Path, *, append: bool = False):
+        self.path = Path(path)
+        if not append or not self.path.exists():
+            self.path.write_text(",".join(HISTORY_FIELDS) + "\n")
+
+    def write(self, record: dict) -> None:
+        buffer = io.StringIO()
+        csv.writer(buffer).writerow([record[k] for k in HISTORY_FIELDS])
+        _append_atomically(self.path, buffer.getvalue())
+
+    def truncate_after(self, step: int) -> None:
+        rows = [r for r in read_history(self.path) if r["step"] <= step]
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with open(tmp, "w", newline="") as fh:
+            out = csv.writer(fh)
+            out.writerow(HISTORY_FIELDS)
+            out.writerows([[r[k] for k in HISTORY_FIELDS] for r in rows])
+        tmp.replace(self.path)
+
+
+def read_history(path: str | Path) -> list[dict]:
+    """Rows of a history CSV as dicts of numbers (an incomplete last line is skipped)."""
+    rows = []
+    with open(path, newline="") as fh:
+        for row in csv.DictReader(fh):
+            try:
+                rec = {k: float(row[k]) for k in HISTORY_FIELDS}
+            except (TypeError, ValueError):
+                continue
+            rec["step"], rec["level"] = int(rec["step"]), int(rec["level"])
+            rows.append(rec)
+    return rows
+
+
+def write_json(path: str | Path, data: dict) -> None:
+    """Write ``data`` as indented JSON atomically (temporary file renamed into place)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=_json_default) + "\n")
+    tmp.replace(path)
+
+
+def _json_default(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, (np.ndarray, Path)):
+        return value.tolist() if isinstance(value, np.ndarray) else str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def plot_history(
+    path: str | Path,
+    history: list[dict],
+    *,
+    flag: float | None,
+    halt: float | None,
+    title: str = "",
+) -> None:
+    """PNG of the max per-atom force std (eV/A) and temperature (K) against time (fs).
+
+    Args:
+        path: output PNG.
+        history: records with the ``HISTORY_FIELDS`` keys.
+        flag, halt: force-std thresholds drawn as horizontal lines (None = not drawn).
+        title: figure title.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    t = np.array([r["time_fs"] for r in history], dtype=float)
+    std = np.array([r["max_force_std"] for r in history], dtype=float)
+    level = np.array([r["level"] for r in history], dtype=int)
+    fig, (ax, ax_t) = plt.subplots(2, 1, figsize=(7, 5), sharex=True, height_ratios=(2, 1))
+    ax.plot(t, std, "-", color="tab:blue", lw=1, label="max atomic force std")
+    ax.plot(t[level == 1], std[level == 1], "o", color="tab:orange", ms=4, label="flagged")
+    ax.plot(t[level == 2], std[level == 2], "X", color="tab:red", ms=8, label="halted")
+    if flag is not None:
+        ax.axhline(flag, color="tab:orange", ls="--", lw=1, label=f"flag = {flag:g} eV/A")
+    if halt is not None:
+        ax.axhline(halt, color="tab:red", ls="--", lw=1, label=f"halt = {halt:g} eV/A")
+    positive = std[std > 0]
+    if positive.size and positive.max() > 10 * np.median(positive):  # a blow-up would flatten the rest
+        ax.set_yscale("log")
+    ax.set_ylabel("force std (eV/A)")
+    ax.legend(fontsize=8, loc="upper left")
+    ax.set_title(title, fontsize=9)
+    ax_t.plot(t, [r["temperature_K"] for r in history], color="tab:gray", lw=1)
+    ax_t.set_ylabel("T (K)")
+    ax_t.set_xlabel("time (fs)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def read_restart(out: Path) -> tuple[Atoms, int]:
+    """Last complete frame of ``out/md.traj`` (positions, momenta, cell) and its step."""
+    from ase.io.trajectory import Trajectory
+
+    with Trajectory(out / "md.traj") as traj:
+        if len(traj) == 0:
+            raise ValueError(f"cannot restart: {out / 'md.traj'} holds no frame")
+        atoms = traj[-1]
+    step = int(atoms.info.get("step", 0))
+    atoms.info.clear()
+    return atoms, step
+
+
+class TrajectoryObserver:
+    """Writes ``atoms`` with ``info['step']`` and ``info['time_fs']`` to an ASE trajectory."""
+
+    def __init__(self, dyn, atoms: Atoms, path: Path, *, append: bool):
+        from ase.io.trajectory import Trajectory
+
+        self.dyn, self.atoms = dyn, atoms
+        self.traj = Trajectory(path, "a" if append else "w")
+        self.last_step: int | None = None
+
+    def __call__(self) -> None:
+        step = int(self.dyn.nsteps)
+        if step == self.last_step:
+            return
+        frame = self.atoms.copy()
+        frame.info = {"step": step, "time_fs": round(float(self.dyn.get_time() / units.fs), 9)}
+        self.traj.write(frame)
+        self.last_step = step
+
+    def close(self) -> None:
+        self.traj.close()

@@ -1,0 +1,124 @@
+"""Post-hoc calibration of predicted variances (``blip calibrate``); numpy/scipy only.
+
+Two steps, both fitted on a validation set and stored in ``ckpt["calibration"]`` as plain
+floats and lists (so ``torch.load(weights_only=True)`` reads them):
+
+1. Variance scale per quantity: with ``var' = s * var`` the mean Gaussian NLL
+   ``0.5 log(2 pi s var) + err^2 / (2 s var)`` is minimised in closed form by
+   ``s = mean(err^2 / var)`` (keys ``energy``, ``forces``, ``stress``).
+2. Optional isotonic recalibration (Kuleshov, Fenner, Ermon 2018): a monotone map ``R`` from the
+   predicted CDF level ``u = Phi(err / sigma')`` (after step 1) to the observed frequency of
+   levels ``<= u``, fitted by pool-adjacent-violators; stored as ``{"x": [...], "y": [...]}``
+   knots of a piecewise-linear map (keys ``energy_isotonic``, ``forces_isotonic``). The
+   recalibrated CDF of the standardised error is ``G(z) = R(Phi(z))``; the calculator reports
+   variances multiplied by ``s * E_G[z^2]`` (:func:`isotonic_variance_factor`), the second moment
+   about the predicted mean of the recalibrated distribution, and ``blip eval`` also reports the
+   ECE of the recalibrated CDF itself.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import stats
+
+QUANTITIES = ("energy", "forces", "stress")
+ISOTONIC_KEYS = tuple(f"{q}_isotonic" for q in QUANTITIES)
+MIN_STRUCTURES = 5
+
+
+def fit_variance_scale(error: np.ndarray, variance: np.ndarray) -> float:
+    """Closed-form NLL-minimising variance scale ``s = mean(err^2 / var)``.
+
+    Args:
+        error: ``(K,)`` true minus predicted; variance: ``(K,)`` predicted variances (> 0).
+
+    Raises:
+        ValueError: no data or a non-positive variance.
+    """
+    error, variance = np.asarray(error, float).ravel(), np.asarray(variance, float).ravel()
+    if error.size == 0 or error.shape != variance.shape:
+        raise ValueError(f"need matching non-empty errors and variances, got {error.shape} and {variance.shape}")
+    if not (variance > 0).all():
+        raise ValueError("cannot fit a variance scale: some predicted variances are zero or negative")
+    return float(np.mean(np.square(error) / variance))
+
+
+def pool_adjacent_violators(y: np.ndarray, weight: np.ndarray | None = None) -> np.ndarray:
+    """Least-squares nondecreasing fit to ``y (K,)`` (weights ``(K,)``, default 1); returns ``(K,)``."""
+    y = np.asarray(y, float)
+    w = np.ones_like(y) if weight is None else np.asarray(weight, float)
+    values, weights, sizes = [], [], []
+    for yi, wi in zip(y, w):
+        values.append(yi)
+        weights.append(wi)
+        sizes.append(1)
+        while len(values) > 1 and values[-2] > values[-1]:
+            v, wt, n = values.pop(), weights.pop(), sizes.pop()
+            total = weights[-1] + wt
+            values[-1] = (values[-1] * weights[-1] + v * wt) / total
+            weights[-1], sizes[-1] = total, sizes[-1] + n
+    return np.repeat(values, sizes)
+
+
+def fit_isotonic(error: np.ndarray, variance: np.ndarray) -> dict[str, list[float]]:
+    """Isotonic recalibration map of the CDF levels ``u = Phi(err / sqrt(var))`` (Kuleshov 2018).
+
+    Args:
+        error: ``(K,)`` true minus predicted; variance: ``(K,)`` (already scaled by step 1).
+
+    Returns:
+        ``{"x": [...], "y": [...]}``: knots of a nondecreasing piecewise-linear map of ``[0, 1]``
+        onto ``[0, 1]`` with ``R(0) = 0`` and ``R(1) = 1``.
+    """
+    u = np.sort(stats.norm.cdf(np.asarray(error, float) / np.sqrt(np.asarray(variance, float))).ravel())
+    observed = np.searchsorted(u, u, side="right") / u.size  # fraction of levels <= u
+    fitted = pool_adjacent_violators(observed)
+    x = np.unique(u)  # ties share the value of their last member
+    y = fitted[np.searchsorted(u, x, side="right") - 1]
+    keep = (x > 0) & (x < 1)
+    x = np.concatenate([[0.0], x[keep], [1.0]])
+    y = np.concatenate([[0.0], np.clip(y[keep], 0.0, 1.0), [1.0]])
+    return {"x": x.tolist(), "y": np.maximum.accumulate(y).tolist()}
+
+
+def apply_isotonic(u: np.ndarray, isotonic: dict[str, list[float]]) -> np.ndarray:
+    """Recalibrated levels ``R(u)`` of CDF levels ``u`` (any shape)."""
+    return np.interp(u, isotonic["x"], isotonic["y"])
+
+
+def isotonic_variance_factor(isotonic: dict[str, list[float]]) -> float:
+    """``E_G[z^2]`` of the recalibrated standardised error distribution ``G(z) = R(Phi(z))``."""
+    z = np.linspace(-12.0, 12.0, 24001)
+    cdf = apply_isotonic(stats.norm.cdf(z), isotonic)
+    mass = np.diff(np.concatenate([[0.0], cdf, [1.0]]))  # mass beyond +-12 sits at the ends
+    grid = np.concatenate([[z[0]], 0.5 * (z[1:] + z[:-1]), [z[-1]]])
+    return float(np.sum(mass * grid**2))
+
+
+def validate_isotonic(name: str, isotonic: object) -> dict[str, list[float]]:
+    """Check an isotonic map read from a checkpoint; returns it with float lists.
+
+    Raises:
+        ValueError: not ``{"x", "y"}`` lists of equal length >= 2, ``x`` not increasing in
+            ``[0, 1]`` or ``y`` not nondecreasing in ``[0, 1]``.
+    """
+    if not isinstance(isotonic, dict) or set(isotonic) != {"x", "y"}:
+        raise ValueError(f"calibration {name!r} must be a dict with keys 'x' and 'y', got {isotonic!r:.80}")
+    x, y = np.asarray(isotonic["x"], float), np.asarray(isotonic["y"], float)
+    if x.ndim != 1 or x.shape != y.shape or x.size < 2:
+        raise ValueError(f"calibration {name!r}: x and y must be equal-length lists of at least 2 numbers")
+    ok = np.isfinite(x).all() and np.isfinite(y).all() and (np.diff(x) > 0).all() and (np.diff(y) >= 0).all()
+    if not ok or x[0] < 0 or x[-1] > 1 or y[0] < 0 or y[-1] > 1:
+        raise ValueError(f"calibration {name!r}: x must increase and y must not decrease, both within [0, 1]")
+    return {"x": x.tolist(), "y": y.tolist()}
+
+
+def variance_factors(calibration: dict) -> dict[str, float]:
+    """Total variance multiplier per quantity: the scale times the isotonic factor (if any)."""
+    factors = {}
+    for q in QUANTITIES:
+        factor = float(calibration.get(q, 1.0))
+        if calibration.get(f"{q}_isotonic") is not None:
+            factor *= isotonic_variance_factor(calibration[f"{q}_isotonic"])
+        factors[q] = factor
+    return factors

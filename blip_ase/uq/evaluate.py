@@ -1,0 +1,323 @@
+"""Library behind ``blip eval`` and ``blip calibrate``.
+
+Predictions go through :class:`~blip_ase.BLIPCalculator` for every kind of model, so BLIP, MC
+dropout, deep ensembles and deterministic models share one code path: MC mode (``n_samples``,
+``seed``) for the stochastic ones, MAP mode (accuracy only) for a deterministic model. Variances
+are predicted without calibration and the checkpoint's calibration is applied afterwards, so one
+pass gives the metrics before and after calibration.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from blip_ase.uq import metrics as m
+from blip_ase.uq.calibration import (
+    MIN_STRUCTURES,
+    apply_isotonic,
+    fit_isotonic,
+    fit_variance_scale,
+    variance_factors,
+)
+
+Method = Literal["blip", "mc_dropout", "ensemble", "deterministic"]
+UQ_KEYS = ("forces_ece", "forces_nll", "forces_crps", "forces_sharpness", "spearman", "energy_nll", "energy_crps")
+
+
+@dataclass
+class Predictions:
+    """Predictions of one model on one labelled data set (``F`` structures, ``M`` atoms).
+
+    Attributes:
+        energy_true, energy_pred: ``(F,)`` eV. forces_true, forces_pred: ``(M, 3)`` eV/A.
+        n_atoms: ``(F,)``.
+        energy_variance: ``(F,)`` eV^2, uncalibrated; None for a deterministic model.
+        forces_variance: ``(M,)`` eV^2/A^2 per atom (trace), uncalibrated; None likewise.
+    """
+
+    energy_true: np.ndarray
+    energy_pred: np.ndarray
+    forces_true: np.ndarray
+    forces_pred: np.ndarray
+    n_atoms: np.ndarray
+    energy_variance: np.ndarray | None = None
+    forces_variance: np.ndarray | None = None
+
+    @property
+    def energy_error(self) -> np.ndarray:
+        """``(F,)`` true minus predicted, eV."""
+        return self.energy_true - self.energy_pred
+
+    @property
+    def forces_error(self) -> np.ndarray:
+        """``(M, 3)`` true minus predicted, eV/A."""
+        return self.forces_true - self.forces_pred
+
+    @property
+    def has_uncertainty(self) -> bool:
+        return self.forces_variance is not None
+
+    def component_variance(self, factor: float = 1.0) -> np.ndarray:
+        """``(M*3,)`` isotropic force component variances ``factor * v / 3``, per error component."""
+        return np.repeat(factor * self.forces_variance / 3.0, 3)
+
+
+def model_method(model: Any) -> Method:
+    """Which uncertainty method a loaded model uses."""
+    if model.backend == "ensemble":
+        return "ensemble"
+    if model.bayes is None:
+        return "deterministic"
+    return getattr(model.bayes, "method", "blip")
+
+
+def read_labelled(path: str | Path, *, what: str = "evaluation data") -> tuple[list, list[dict]]:
+    """Frames of ``path`` with their reference labels.
+
+    Raises:
+        ValueError: a frame lacks energy or forces (the message names the file and frame).
+    """
+    from blip_ase.data.readers import frame_labels, read_frames
+
+    frames = read_frames(path)
+    labels = []
+    for k, atoms in enumerate(frames):
+        try:
+            labels.append(frame_labels(atoms, where=f"{what} {path} frame {k}"))
+        except ValueError as exc:
+            raise ValueError(f"{exc}: blip eval and blip calibrate need reference energies and forces") from exc
+    return frames, labels
+
+
+def predict(
+    model: Any,
+    frames: list,
+    labels: list[dict],
+    *,
+    n_samples: int = 100,
+    seed: int = 0,
+    device: str | None = None,
+) -> Predictions:
+    """Predict every frame with :class:`~blip_ase.BLIPCalculator` (no calibration applied).
+
+    Stochastic models run in MC mode with ``n_samples`` (an ensemble: its number of members,
+    sample = member) and the calculator seeded by ``seed``; deterministic ones in MAP mode.
+    """
+    from ase import Atoms
+
+    from blip_ase.calculator import BLIPCalculator
+
+    method = model_method(model)
+    mc = method != "deterministic"
+    if method == "ensemble":
+        n_samples = model.n_members
+    calc = BLIPCalculator(
+        model, mode="mc" if mc else "map", n_samples=n_samples, seed=seed, device=device, calibration={}
+    )
+    e_pred, f_pred, e_var, f_var = [], [], [], []
+    for atoms in frames:
+        bare = Atoms(atoms.numbers, atoms.positions, cell=atoms.cell, pbc=atoms.pbc)
+        if mc:
+            r = calc.monte_carlo(bare)
+            e_var.append(r["energy_variance"])
+            f_var.append(r["forces_variance"])
+        else:
+            calc.calculate(bare)
+            r = calc.results
+        e_pred.append(r["energy"])
+        f_pred.append(r["forces"])
+    return Predictions(
+        energy_true=np.array([lab["energy"] for lab in labels]),
+        energy_pred=np.array(e_pred),
+        forces_true=np.concatenate([lab["forces"] for lab in labels]),
+        forces_pred=np.concatenate(f_pred),
+        n_atoms=np.array([len(a) for a in frames]),
+        energy_variance=np.array(e_var) if mc else None,
+        forces_variance=np.concatenate(f_var) if mc else None,
+    )
+
+
+def compute_metrics(pred: Predictions, calibration: dict | None = None) -> dict[str, float | int | None]:
+    """Accuracy and uncertainty metrics of ``pred`` (definitions in :mod:`blip_ase.uq.metrics`).
+
+    Args:
+        calibration: checkpoint calibration dict (scales, optional isotonic maps); None = none.
+
+    Returns:
+        ``n_structures``, ``energy_mae``, ``energy_rmse`` (eV), ``forces_mae``, ``forces_rmse``
+        (eV/A) and the uncertainty keys :data:`UQ_KEYS` (None for a deterministic model):
+        ``forces_ece``, ``forces_nll`` (nats per component), ``forces_crps`` (eV/A),
+        ``forces_sharpness`` (eV/A), ``spearman``, ``energy_nll``, ``energy_crps`` (eV); with a
+        forces isotonic map also ``forces_ece_isotonic`` (ECE of the recalibrated CDF).
+    """
+    out: dict[str, Any] = {
+        "n_structures": int(len(pred.n_atoms)),
+        "energy_mae": m.mae(pred.energy_error),
+        "energy_rmse": m.rmse(pred.energy_error),
+        "forces_mae": m.mae(pred.forces_error),
+        "forces_rmse": m.rmse(pred.forces_error),
+        **dict.fromkeys(UQ_KEYS),
+    }
+    if not pred.has_uncertainty:
+        return out
+    calibration = calibration or {}
+    factors = variance_factors(calibration)
+    f_err, f_var = pred.forces_error.ravel(), pred.component_variance(factors["forces"])
+    e_var = factors["energy"] * pred.energy_variance
+    out.update(
+        forces_ece=m.expected_calibration_error(f_err, f_var),
+        forces_nll=m.gaussian_nll(f_err, f_var),
+        forces_crps=m.gaussian_crps(f_err, f_var),
+        forces_sharpness=m.sharpness(f_var),
+        spearman=m.spearman(pred.forces_error, pred.forces_variance, pred.n_atoms),
+        energy_nll=m.gaussian_nll(pred.energy_error, e_var),
+        energy_crps=m.gaussian_crps(pred.energy_error, e_var),
+    )
+    iso = calibration.get("forces_isotonic")
+    if iso is not None:
+        scaled = pred.component_variance(calibration.get("forces", 1.0))
+        out["forces_ece_isotonic"] = m.expected_calibration_error(f_err, scaled, cdf_map=lambda u: apply_isotonic(u, iso))
+    return out
+
+
+def structure_uncertainty(pred: Predictions, reduce: Literal["mean", "max"] = "mean") -> np.ndarray:
+    """``(F,)`` per-structure mean (or max) of the per-atom force std ``sqrt(v_i)``, eV/A."""
+    std = np.sqrt(pred.forces_variance)
+    return m.per_structure_mean(std, pred.n_atoms) if reduce == "mean" else m.per_structure_max(std, pred.n_atoms)
+
+
+def is_identity(calibration: dict | None) -> bool:
+    """True when ``calibration`` changes nothing (all scales 1, no isotonic map)."""
+    calibration = calibration or {}
+    scales = all(float(calibration.get(q, 1.0)) == 1.0 for q in ("energy", "forces", "stress"))
+    return scales and not any(k.endswith("_isotonic") and v is not None for k, v in calibration.items())
+
+
+def evaluate(
+    model_path: str | Path,
+    data_path: str | Path,
+    *,
+    ood_path: str | Path | None = None,
+    n_samples: int = 100,
+    seed: int = 0,
+    device: str | None = None,
+    out_dir: str | Path | None = None,
+    plots: bool = True,
+) -> dict:
+    """Metrics of the checkpoint at ``model_path`` on ``data_path`` (section ``id``) and, with
+    ``ood_path``, on out-of-distribution data (section ``ood``, top-level ``auroc``).
+
+    Sections ``id``/``ood`` use the checkpoint's calibration, as the calculator reports it;
+    when that calibration is not the identity, ``id_uncalibrated``/``ood_uncalibrated`` hold the
+    metrics before it. With ``out_dir``: writes ``metrics.json`` and (``plots``) PNG plots there.
+
+    Returns:
+        The ``metrics.json`` dict.
+    """
+    from blip_ase.models.checkpoint import load_checkpoint
+
+    model, ckpt = load_checkpoint(model_path, device=device or "cpu")
+    calibration = ckpt.get("calibration") or {}
+    method = model_method(model)
+    sets = {"id": data_path} | ({"ood": ood_path} if ood_path is not None else {})
+    preds = {name: predict(model, *read_labelled(path), n_samples=n_samples, seed=seed, device=device)
+             for name, path in sets.items()}
+    report: dict[str, Any] = {
+        "model": str(model_path),
+        "method": method,
+        "n_samples": None if method == "deterministic" else (model.n_members if method == "ensemble" else n_samples),
+        "seed": seed,
+        "units": {"energy": "eV", "forces": "eV/A", "nll": "nats per value"},
+        "data": {name: str(path) for name, path in sets.items()},
+        "calibration": {k: (v if not k.endswith("_isotonic") else "isotonic map") for k, v in calibration.items()},
+    }
+    for name, pred in preds.items():
+        report[name] = compute_metrics(pred, calibration)
+        if not is_identity(calibration):
+            report[f"{name}_uncalibrated"] = compute_metrics(pred, None)
+    report["auroc"] = report["auroc_max"] = None
+    if "ood" in preds and preds["id"].has_uncertainty:
+        for key, reduce in (("auroc", "mean"), ("auroc_max", "max")):
+            report[key] = m.auroc(structure_uncertainty(preds["id"], reduce), structure_uncertainty(preds["ood"], reduce))
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
+        if plots:
+            from blip_ase.uq.plots import write_plots
+
+            report["plots"] = write_plots(out_dir, preds, calibration)
+    return report
+
+
+def fit_calibration(pred: Predictions, *, isotonic: bool = False) -> dict:
+    """Variance scales (and optionally isotonic maps) fitted to ``pred`` (see
+    :mod:`blip_ase.uq.calibration`).
+
+    Raises:
+        ValueError: fewer than :data:`MIN_STRUCTURES` structures or a deterministic model.
+    """
+    if len(pred.n_atoms) < MIN_STRUCTURES:
+        raise ValueError(
+            f"the calibration set has {len(pred.n_atoms)} structures; at least {MIN_STRUCTURES} are needed"
+        )
+    if not pred.has_uncertainty:
+        raise ValueError("a deterministic model has no variances to calibrate")
+    f_err = pred.forces_error.ravel()
+    calibration: dict[str, Any] = {
+        "energy": fit_variance_scale(pred.energy_error, pred.energy_variance),
+        "forces": fit_variance_scale(f_err, pred.component_variance()),
+        "stress": 1.0,
+    }
+    if isotonic:
+        calibration["energy_isotonic"] = fit_isotonic(pred.energy_error, calibration["energy"] * pred.energy_variance)
+        calibration["forces_isotonic"] = fit_isotonic(f_err, pred.component_variance(calibration["forces"]))
+    return calibration
+
+
+def calibrate(
+    model_path: str | Path,
+    data_path: str | Path,
+    out_path: str | Path,
+    *,
+    isotonic: bool = False,
+    n_samples: int = 100,
+    seed: int = 0,
+    device: str | None = None,
+) -> dict:
+    """Fit calibration on the validation set ``data_path`` and write the calibrated checkpoint.
+
+    The fit starts from the uncalibrated variances (any calibration already in the checkpoint
+    is replaced). Everything else in the checkpoint is kept.
+
+    Returns:
+        ``{"calibration": scales (isotonic maps summarised), "before": metrics, "after": metrics}``
+        on the calibration set.
+
+    Raises:
+        ValueError: fewer than 5 structures, data without forces, a deterministic model.
+        FileExistsError: ``out_path`` is the input checkpoint.
+    """
+    from blip_ase.models.checkpoint import load_checkpoint, save_checkpoint
+
+    if Path(out_path).resolve() == Path(model_path).resolve():
+        raise FileExistsError(f"refusing to overwrite the input checkpoint {model_path}; choose another --out")
+    model, ckpt = load_checkpoint(model_path, device=device or "cpu")
+    if model_method(model) == "deterministic":
+        raise ValueError("a deterministic model has no variances to calibrate")
+    frames, labels = read_labelled(data_path, what="calibration data")
+    if len(frames) < MIN_STRUCTURES:
+        raise ValueError(f"the calibration set {data_path} has {len(frames)} structures; at least {MIN_STRUCTURES} are needed")
+    pred = predict(model, frames, labels, n_samples=n_samples, seed=seed, device=device)
+    calibration = fit_calibration(pred, isotonic=isotonic)
+    training = dict(ckpt.get("training") or {})
+    training["calibration_fit"] = {"data": str(data_path), "n_structures": len(frames), "n_samples": n_samples,
+                                   "seed": seed, "isotonic": isotonic}
+    save_checkpoint(out_path, model.cpu(), calibration=calibration, training=training)
+    summary = {k: (v if not k.endswith("_isotonic") else f"{len(v['x'])} knots") for k, v in calibration.items()}
+    return {"calibration": summary, "before": compute_metrics(pred), "after": compute_metrics(pred, calibration)}

@@ -1,0 +1,101 @@
+#!/usr/bin/env python
+"""Cost of uncertainty monitoring per MD step: MAP propagation + MC every k steps vs plain MAP MD.
+
+Runs the same seeded Langevin trajectory twice per repeat, once with plain MAP forces and once
+with an :class:`~blip_ase.md.UncertaintyMonitor` (``--n-samples`` Monte Carlo samples every
+``--uq-interval`` steps, writers and history included), alternating the two so that both see the
+same machine load. Prints one JSON object; ``ratio`` = monitored / plain time per step (best of
+``--repeats``), to be compared with ``limit`` (2.6 for S=16 every 10 steps)::
+
+    python md_scripts/bench_md.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from ase import Atoms
+
+from blip_ase.calculator import BLIPCalculator
+from blip_ase.md import ExtXYZFrameWriter, HDF5FrameWriter, Thresholds, UncertaintyMonitor, make_dynamics, thermalize
+from blip_ase.md.dynamics import read_structure, resolve_path
+
+LIMIT = 2.6
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="examples/ammonia/model.pt", help="BLIP checkpoint")
+    parser.add_argument("--structure", default="examples/ammonia/nh3.xyz", help="starting structure")
+    parser.add_argument("--steps", type=int, default=1000, help="MD steps per timed run")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs of each kind (best is used)")
+    parser.add_argument("--n-samples", type=int, default=16, help="Monte Carlo samples per check")
+    parser.add_argument("--uq-interval", type=int, default=10, help="steps between checks")
+    parser.add_argument("--temperature-K", type=float, default=300.0, help="Langevin temperature (K)")
+    parser.add_argument("--timestep-fs", type=float, default=0.5, help="time step (fs)")
+    parser.add_argument("--torch-threads", type=int, default=1, help="torch CPU threads (blip md's default)")
+    parser.add_argument("--device", default="cpu", help="torch device")
+    return parser.parse_args(argv)
+
+
+def timed_run(start: Atoms, calc: BLIPCalculator, args: argparse.Namespace, out: Path | None) -> float:
+    """Seconds per step of one seeded Langevin run, monitored when ``out`` is given."""
+    atoms = start.copy()
+    atoms.calc = calc
+    rng = np.random.default_rng(0)
+    thermalize(atoms, args.temperature_K, rng=rng)
+    dyn = make_dynamics(atoms, "nvt-langevin", timestep_fs=args.timestep_fs, temperature_K=args.temperature_K, rng=rng)
+    if out is not None:
+        writers = [ExtXYZFrameWriter(out / "flagged.extxyz"), HDF5FrameWriter(out / "flagged.h5")]
+        thresholds = Thresholds(force_std_flag=0.3, force_std_halt=None)
+        monitor = UncertaintyMonitor(dyn, thresholds=thresholds, writers=writers, n_samples=args.n_samples)
+        dyn.attach(monitor, interval=args.uq_interval)
+    dyn.run(5)  # warm-up: first graph, allocator, lazy imports
+    begin = time.perf_counter()
+    dyn.run(args.steps)
+    return (time.perf_counter() - begin) / args.steps
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.torch_threads)
+    model_path = resolve_path(args.model)
+    calc = BLIPCalculator.from_checkpoint(model_path, mode="map", n_samples=args.n_samples, seed=0, device=args.device)
+    start = read_structure(args.structure)
+    plain, monitored = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for _ in range(args.repeats):
+            plain.append(timed_run(start, calc, args, None))
+            monitored.append(timed_run(start, calc, args, Path(tmp)))
+    ratio = min(monitored) / min(plain)
+    result = {
+        "model": str(model_path),
+        "n_atoms": len(start),
+        "steps": args.steps,
+        "repeats": args.repeats,
+        "n_samples": args.n_samples,
+        "uq_interval": args.uq_interval,
+        "device": args.device,
+        "torch_threads": args.torch_threads,
+        "plain_ms_per_step": 1e3 * min(plain),
+        "monitored_ms_per_step": 1e3 * min(monitored),
+        "plain_ms_per_step_all": [round(1e3 * t, 3) for t in plain],
+        "monitored_ms_per_step_all": [round(1e3 * t, 3) for t in monitored],
+        "ratio": ratio,
+        "ratio_median": float(np.median(monitored) / np.median(plain)),
+        "limit": LIMIT,
+        "pass": ratio <= LIMIT,
+    }
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

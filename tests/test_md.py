@@ -1,0 +1,423 @@
+"""Uncertainty-monitored MD: policy, exports, halting, crash safety, integrators and ``blip md``.
+
+The halt test and the thermostat/NVE tests use the shipped ammonia model
+(examples/ammonia/model.pt); I/O and CLI tests use a tiny random model, which is faster.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from ase import Atoms
+from ase.io import read
+
+from blip_ase.bayes import BayesConfig
+from blip_ase.calculator import BLIPCalculator
+from blip_ase.cli import md as cli_md
+from blip_ase.cli.main import main as blip
+from blip_ase.md import (
+    ExtXYZFrameWriter,
+    FlaggedFrame,
+    HDF5FrameWriter,
+    MDConfig,
+    Thresholds,
+    evaluate_frame,
+    make_dynamics,
+    read_hdf5_frames,
+    read_history,
+    run_md,
+    thermalize,
+)
+from blip_ase.models import PaiNNConfig, PaiNNPotential, save_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED_MODEL = ROOT / "examples" / "ammonia" / "model.pt"
+NH3 = ROOT / "examples" / "ammonia" / "nh3.xyz"
+MO_CELL = Path(__file__).parent / "data" / "mo_cell.extxyz"
+HOT_K = 900.0  # NH3 leaves its training distribution (<= 5 kcal/mol above the minimum) but holds together
+NVE_MAX_DEVIATION_EV = 5e-3  # measured 1.4 meV (seed 0)
+NVE_MAX_DRIFT_EV_PER_PS = 5e-3  # measured 2.3 meV/ps (seed 0)
+
+
+@pytest.fixture(scope="module")
+def shipped_model() -> Path:
+    assert SHIPPED_MODEL.is_file(), f"the shipped model {SHIPPED_MODEL} is missing (train it: see README)"
+    return SHIPPED_MODEL
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    """Checkpoint of a tiny random Bayesian PaiNN for H and N (fast; forces are smooth)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = PaiNNPotential([1, 7], PaiNNConfig(n_features=16, n_interactions=2), BayesConfig(p_init=0.1))
+    path = tmp_path_factory.mktemp("models") / "tiny.pt"
+    save_checkpoint(path, model)
+    return path
+
+
+def stats_for(forces_std: list[float], forces: np.ndarray | None = None, energy_std: float = 0.0) -> dict:
+    n = len(forces_std)
+    return {
+        "energy": 0.0,
+        "forces": np.zeros((n, 3)) if forces is None else forces,
+        "forces_variance": np.square(forces_std),
+        "energy_variance": energy_std**2,
+    }
+
+
+# --- policy -------------------------------------------------------------------------------------
+
+
+def test_flag_above_halt_is_rejected_with_a_clear_message():
+    with pytest.raises(ValueError, match=r"flag threshold 2 is above the halt threshold 1"):
+        Thresholds(force_std_flag=2.0, force_std_halt=1.0)
+    with pytest.raises(ValueError, match="energy std per atom"):
+        Thresholds(energy_std_flag=0.5, energy_std_halt=0.1)
+    with pytest.raises(ValueError, match="unknown element 'Xx'"):
+        Thresholds(per_element={"Xx": (0.1, 0.2)})
+
+
+def test_levels_follow_the_trust_band_with_per_element_thresholds():
+    """Strictly above flag -> flag; above halt -> halt; an element's own thresholds win."""
+    atoms = Atoms("NHHH", positions=np.arange(12.0).reshape(4, 3))
+    policy = Thresholds(force_std_flag=0.2, force_std_halt=1.0, per_element={"H": (0.5, 2.0)})
+    ok = evaluate_frame(stats_for([0.2, 0.5, 0.1, 0.1]), atoms, policy)
+    assert ok.level == 0 and ok.reason == "" and not ok.flagged_atoms.any()
+    flagged = evaluate_frame(stats_for([0.1, 0.6, 0.1, 0.1]), atoms, policy)
+    assert flagged.level == 1 and flagged.flagged_atoms.tolist() == [False, True, False, False]
+    assert flagged.reason.startswith("flag: max_force_std 0.6 > 0.5 (atom 1 H)")
+    halted = evaluate_frame(stats_for([1.1, 1.5, 0.1, 0.1]), atoms, policy)  # H at 1.5 < 2 halts nothing
+    assert halted.level == 2 and "atom 0 N" in halted.reason and halted.max_force_std == pytest.approx(1.5)
+
+
+def test_relative_and_energy_metrics_are_defined_as_documented():
+    atoms = Atoms("NH", positions=[[0, 0, 0], [1, 0, 0]])
+    forces = np.array([[3.0, 0.0, 4.0], [0.0, 0.0, 0.0]])  # |F| = 5 and 0
+    policy = Thresholds(relative_flag=0.2, relative_nu=1.0, energy_std_flag=0.05, energy_std_halt=0.1)
+    report = evaluate_frame(stats_for([1.2, 0.1], forces, energy_std=0.3), atoms, policy)
+    np.testing.assert_allclose(report.relative_force_std, [1.2 / 6.0, 0.1 / 1.0])
+    assert report.energy_std_per_atom == pytest.approx(0.15)
+    assert report.level == 2 and "energy_std_per_atom 0.15 > 0.1" in report.reason
+    assert report.flagged_atoms.tolist() == [False, False]  # 0.2 is not strictly above 0.2
+
+
+# --- exports ------------------------------------------------------------------------------------
+
+
+def make_frame(step: int, n: int = 4, periodic: bool = False) -> FlaggedFrame:
+    rng = np.random.default_rng(step)
+    atoms = Atoms("N" + "H" * (n - 1), positions=rng.normal(size=(n, 3)), cell=4 * np.eye(3), pbc=periodic)
+    return FlaggedFrame(
+        atoms=atoms,
+        step=step,
+        time_fs=0.5 * step,
+        reason=f"flag: max_force_std {step} > 0.1 (atom 1 H)",
+        flagged_atoms=np.arange(n) == 1,
+        energy=-1.5 * step,
+        energy_variance=0.01 * step,
+        forces=rng.normal(size=(n, 3)),
+        forces_variance=rng.uniform(size=n),
+        stress=rng.normal(size=6) if periodic else None,
+        stress_variance=rng.uniform(size=6) if periodic else None,
+    )
+
+
+@pytest.mark.parametrize("periodic", [False, True])
+def test_both_exports_round_trip_with_prefixed_keys_that_never_collide_with_labels(tmp_path, periodic):
+    frames = [make_frame(step, periodic=periodic) for step in (10, 20, 30)]
+    xyz, h5 = ExtXYZFrameWriter(tmp_path / "f.extxyz"), HDF5FrameWriter(tmp_path / "f.h5")
+    for frame in frames:
+        xyz.write(frame)
+        h5.write(frame)
+    for read_back in (read(tmp_path / "f.extxyz", ":"), read_hdf5_frames(tmp_path / "f.h5")):
+        assert len(read_back) == 3
+        for atoms, frame in zip(read_back, frames):
+            assert atoms.calc is None and "energy" not in atoms.info and "forces" not in atoms.arrays
+            assert atoms.info["step"] == frame.step and atoms.info["time"] == frame.time_fs
+            assert atoms.info["reason"] == frame.reason
+            assert atoms.info["blip_energy"] == pytest.approx(frame.energy)
+            assert atoms.info["blip_energy_variance"] == pytest.approx(frame.energy_variance)
+            np.testing.assert_allclose(atoms.positions, frame.atoms.positions, atol=1e-7)
+            np.testing.assert_allclose(atoms.arrays["blip_forces"], frame.forces, atol=1e-7)
+            np.testing.assert_allclose(atoms.arrays["blip_forces_variance"], frame.forces_variance, atol=1e-7)
+            assert atoms.arrays["flagged_atoms"].tolist() == frame.flagged_atoms.tolist()
+            assert ("blip_stress" in atoms.info) == periodic
+
+
+def test_restart_truncation_drops_frames_after_the_restart_step(tmp_path):
+    xyz, h5 = ExtXYZFrameWriter(tmp_path / "f.extxyz"), HDF5FrameWriter(tmp_path / "f.h5")
+    for step in (10, 20, 30):
+        xyz.write(make_frame(step))
+        h5.write(make_frame(step))
+    reopened = [ExtXYZFrameWriter(tmp_path / "f.extxyz", append=True), HDF5FrameWriter(tmp_path / "f.h5", append=True)]
+    for writer in reopened:
+        writer.truncate_after(20)
+        writer.write(make_frame(25))
+    assert [a.info["step"] for a in read(tmp_path / "f.extxyz", ":")] == [10, 20, 25]
+    assert [a.info["step"] for a in read_hdf5_frames(tmp_path / "f.h5")] == [10, 20, 25]
+
+
+# --- halting with the shipped model ---------------------------------------------------------------
+
+
+def test_md_halts_at_the_first_checked_frame_above_halt_and_exports_exactly_the_frames_above_flag(
+    shipped_model, tmp_path
+):
+    """Thresholds come from a first (seeded) run's own history, so the test does not depend on the
+    model's exact numbers: the halt lies between the running maximum and the next new maximum."""
+    base = dict(
+        model=str(shipped_model),
+        structure=str(NH3),
+        steps=300,
+        temperature_K=HOT_K,
+        uq_interval=10,
+        n_samples=8,
+        seed=2,
+        plot=False,
+    )
+    run_md(MDConfig(out=str(tmp_path / "probe"), thresholds=Thresholds(force_std_halt=5.0), **base))  # stop blow-ups
+    probe = read_history(tmp_path / "probe" / "uncertainty.csv")
+    stds = [r["max_force_std"] for r in probe]
+    j = next((k for k in range(8, len(stds)) if stds[k] > max(stds[:k]) * 1.001), None)
+    assert j is not None, f"no new maximum of the force std after the eighth check: {stds}"
+    flag, halt = float(np.median(stds[:j])), 0.5 * (max(stds[:j]) + stds[j])
+    summary = run_md(
+        MDConfig(out=str(tmp_path / "run"), thresholds=Thresholds(force_std_flag=flag, force_std_halt=halt), **base)
+    )
+    halt_step = probe[j]["step"]
+    assert summary["status"] == "halted" and summary["halt_step"] == halt_step == summary["final_step"]
+    assert summary["stop_reason"].startswith(f"step {halt_step}: halt: max_force_std")
+    history = read_history(tmp_path / "run" / "uncertainty.csv")
+    assert [r["max_force_std"] for r in history] == stds[: j + 1]  # same seed, same trajectory
+    expected = [r["step"] for r in probe[: j + 1] if r["max_force_std"] > flag]
+    xyz = read(tmp_path / "run" / "flagged.extxyz", ":")
+    h5 = read_hdf5_frames(tmp_path / "run" / "flagged.h5")
+    assert [a.info["step"] for a in xyz] == [a.info["step"] for a in h5] == expected
+    assert summary["n_flagged"] == len(expected) and 3 < len(expected) <= j + 1
+    assert xyz[-1].info["reason"].startswith("halt:") and all(a.info["reason"].startswith("flag:") for a in xyz[:-1])
+    last = read(tmp_path / "run" / "md.traj", -1)
+    assert last.info["step"] == halt_step
+    np.testing.assert_allclose(last.positions, xyz[-1].positions, atol=1e-6)
+
+
+def test_sigkill_during_blip_md_leaves_every_export_readable(tiny_model, tmp_path):
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "blip_ase.cli.main", "md", "--model", str(tiny_model), "--structure", str(NH3)]
+    cmd += ["--out", str(out), "--steps", "1000000", "--uq-interval", "2", "--flag-force-std-eV-per-A", "0"]
+    cmd += ["--halt-force-std-eV-per-A", "none", "--no-progress", "--no-plot", "--traj-interval", "5"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=tmp_path)
+    deadline = time.monotonic() + 60
+    try:
+        while len(read_hdf5_frames_or_none(out / "flagged.h5") or []) < 5:
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.monotonic() < deadline, "no flagged frames within 60 s"
+            time.sleep(0.1)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    xyz = read(out / "flagged.extxyz", ":")
+    h5 = read_hdf5_frames(out / "flagged.h5")
+    assert len(h5) >= 5 and len(xyz) in (len(h5), len(h5) + 1)  # killed between the two writes at most
+    assert [a.info["step"] for a in h5] == [a.info["step"] for a in xyz[: len(h5)]]
+    assert [a.info["step"] for a in xyz] == list(range(0, 2 * len(xyz), 2))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "running" and summary["n_flagged"] >= 1
+    history = read_history(out / "uncertainty.csv")
+    assert len(history) >= len(xyz)
+    assert len(read(out / "md.traj", ":")) >= 1
+
+
+def read_hdf5_frames_or_none(path: Path):
+    """Frames of an HDF5 export that may not exist yet or be open for writing right now."""
+    try:
+        return read_hdf5_frames(path)
+    except Exception:  # absent, or caught in the middle of a write (readers take no lock)
+        return None
+
+
+# --- integrators ----------------------------------------------------------------------------------
+
+
+def test_nve_with_map_forces_conserves_energy_on_ammonia(shipped_model):
+    """400 steps of 0.5 fs from 300 K (seed 0). Measured with the shipped model: max |E - E0| =
+    1.4 meV and a drift of 2.3 meV/ps (seeds 1 and 2: 1.9 and 5.8 meV, -0.3 and 0.7 meV/ps)."""
+    atoms = read(NH3)
+    atoms.calc = BLIPCalculator.from_checkpoint(shipped_model, mode="map", device="cpu")
+    thermalize(atoms, 300.0, rng=np.random.default_rng(0))
+    dyn = make_dynamics(atoms, "nve", timestep_fs=0.5)
+    energies = []
+    dyn.attach(lambda: energies.append(atoms.get_total_energy()), interval=1)
+    dyn.run(400)
+    energies = np.array(energies)
+    t_ps = 0.5e-3 * np.arange(len(energies))
+    assert np.abs(energies - energies[0]).max() < NVE_MAX_DEVIATION_EV
+    assert abs(np.polyfit(t_ps, energies, 1)[0]) < NVE_MAX_DRIFT_EV_PER_PS
+
+
+def test_langevin_holds_the_average_temperature(shipped_model):
+    """Eight NH3 molecules 10 A apart (no edges between them: cutoff 5 A) give 96 degrees of freedom.
+    Measured means over 300 fs: 301.5, 313.7, 297.5, 288.7 K for seeds 0-3."""
+    molecule = read(NH3)
+    atoms = Atoms()
+    for k in range(8):
+        copy = molecule.copy()
+        copy.translate(10.0 * np.array([k % 2, (k // 2) % 2, k // 4]))
+        atoms += copy
+    atoms.calc = BLIPCalculator.from_checkpoint(shipped_model, mode="map", device="cpu")
+    rng = np.random.default_rng(0)
+    thermalize(atoms, 300.0, rng=rng)
+    dyn = make_dynamics(atoms, "nvt-langevin", timestep_fs=0.5, temperature_K=300.0, friction_per_fs=0.05, rng=rng)
+    dyn.run(100)  # equilibrate
+    temperatures = []
+    dyn.attach(lambda: temperatures.append(atoms.get_temperature()), interval=2)
+    dyn.run(600)
+    assert np.mean(temperatures) == pytest.approx(300.0, rel=0.1)
+
+
+def embedded_atom_mo_model() -> PaiNNPotential:
+    """A PaiNN set by hand to an embedded-atom potential with its minimum at the DFT bcc cell.
+
+    ``E_i = depth * silu(c * rho_i + b)``, ``rho_i = sum_j sin(pi r/rc)/r * fcut(r)`` (one sine
+    basis function, one interaction, no vector features): ``silu`` has its minimum at x = -1.2785,
+    placed at the density of the perfect lattice (a = 3.1698 A). Random weights do not do here:
+    their bcc lattice is usually not a minimum, so NPT runs of them melt or collapse.
+    """
+    model = PaiNNPotential([42], PaiNNConfig(n_features=4, n_interactions=1, cutoff=5.0), BayesConfig(p_init=0.1))
+    a, rc = 3.16977584, 5.0
+    shells = ((8, a * 3**0.5 / 2), (6, a), (12, a * 2**0.5))  # neighbours within the cutoff
+    rho0 = sum(n * math.sin(math.pi * r / rc) / r * 0.5 * (math.cos(math.pi * r / rc) + 1) for n, r in shells)
+    with torch.no_grad():
+        for p in model.net.parameters():
+            p.zero_()
+        model.net.filter_net.weight[0, 0] = 1.0
+        model.net.interactions[0].context_net[2].bias[0] = 1.0
+        model.net.readout[0].weight[0, 0] = 4.0 / rho0
+        model.net.readout[0].bias[0] = -1.2784645 - 4.0
+        model.net.readout[2].weight[0, 0] = 3.0  # bulk modulus about 200 GPa
+    return model.eval()
+
+
+@pytest.mark.parametrize("ensemble", ["npt-mtk-isotropic", "npt-mtk", "npt-berendsen"])
+def test_npt_on_periodic_mo_changes_the_volume_and_stays_stable(ensemble):
+    """At 5 GPa the cell (zero pressure at the start) shrinks by ~2.5 %; 100 steps of 2 fs."""
+    atoms = read(MO_CELL).repeat(2)
+    atoms.calc = BLIPCalculator(embedded_atom_mo_model(), mode="map", device="cpu")
+    assert abs(atoms.get_stress()[:3].mean()) < 1e-4  # the model's own equilibrium
+    rng = np.random.default_rng(0)
+    thermalize(atoms, 300.0, rng=rng)
+    dyn = make_dynamics(
+        atoms,
+        ensemble,
+        timestep_fs=2.0,
+        temperature_K=300.0,
+        pressure_bar=5e4,
+        pdamp_fs=200.0 if ensemble != "npt-berendsen" else 100.0,
+        compressibility_per_bar=5e-7,
+        rng=rng,
+    )
+    v0 = atoms.get_volume()
+    volumes, temperatures = [], []
+    dyn.attach(lambda: (volumes.append(atoms.get_volume() / v0), temperatures.append(atoms.get_temperature())))
+    dyn.run(100)
+    assert np.isfinite(atoms.positions).all() and np.isfinite(atoms.get_potential_energy())
+    assert 0.9 < min(volumes) and max(volumes) < 1.02
+    assert np.mean(volumes[50:]) < 0.99
+    assert 100.0 < np.mean(temperatures) < 600.0
+
+
+# --- blip md: bad input, help, restart ------------------------------------------------------------
+
+
+def run_cli(capsys, *args: str) -> tuple[int, str]:
+    code = blip(["md", *args, "--no-progress", "--no-plot"])
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err
+
+
+def test_npt_for_a_molecule_fails_before_the_run(tiny_model, tmp_path, capsys):
+    args = ("--model", str(tiny_model), "--structure", str(NH3), "--out", str(tmp_path / "o"), "--ensemble", "npt-mtk")
+    code, text = run_cli(capsys, *args)
+    assert code == 2 and "blip md: error: npt-mtk needs a periodic cell" in text
+    assert not (tmp_path / "o" / "md.traj").exists()
+
+
+def test_npt_with_a_model_without_stress_fails_before_the_run():
+    model = embedded_atom_mo_model()
+    model.implements_stress = False
+    atoms = read(MO_CELL)
+    atoms.calc = BLIPCalculator(model, mode="map", device="cpu")
+    with pytest.raises(ValueError, match=r"npt-berendsen needs stress, but the model \(PaiNNPotential\) does not"):
+        make_dynamics(atoms, "npt-berendsen")
+
+
+def test_flag_above_halt_is_a_cli_error(tiny_model, tmp_path, capsys):
+    code, text = run_cli(
+        capsys,
+        *("--model", str(tiny_model), "--out", str(tmp_path / "o")),
+        *("--flag-force-std-eV-per-A", "2", "--halt-force-std-eV-per-A", "1"),
+    )
+    assert code == 2 and "flag threshold 2 is above the halt threshold 1" in text
+
+
+def test_an_unreadable_structure_file_is_named(tiny_model, tmp_path, capsys):
+    bad = tmp_path / "broken.xyz"
+    bad.write_text("4\nnot a comment line\nN 0 0\n")
+    code, text = run_cli(capsys, "--model", str(tiny_model), "--structure", str(bad), "--out", str(tmp_path / "o"))
+    assert code == 2 and f"cannot read structure file {bad}" in text
+    missing = tmp_path / "missing.xyz"
+    code, text = run_cli(capsys, "--model", str(tiny_model), "--structure", str(missing), "--out", str(tmp_path / "p"))
+    assert code == 2 and f"structure file {missing} does not exist" in text
+
+
+def test_an_existing_output_directory_is_refused_unless_overwrite_or_restart(tiny_model, tmp_path, capsys):
+    common = ("--model", str(tiny_model), "--structure", str(NH3), "--out", str(tmp_path / "o"), "--steps", "20")
+    assert run_cli(capsys, *common)[0] == 0
+    code, text = run_cli(capsys, *common)
+    assert code == 2 and "already exists; pass --overwrite or --restart" in text
+    assert run_cli(capsys, *common, "--overwrite")[0] == 0
+    code, text = run_cli(capsys, *common, "--overwrite", "--restart")
+    assert code == 2 and "exclude each other" in text
+
+
+def test_restart_continues_from_the_last_written_frame(tiny_model, tmp_path, capsys):
+    common = ("--model", str(tiny_model), "--structure", str(NH3), "--out", str(tmp_path / "o"))
+    common += ("--uq-interval", "5", "--traj-interval", "10", "--flag-force-std-eV-per-A", "0")
+    assert run_cli(capsys, *common, "--steps", "30")[0] == 0
+    assert run_cli(capsys, *common, "--steps", "60", "--restart")[0] == 0
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert (summary["start_step"], summary["final_step"], summary["status"]) == (30, 60, "completed")
+    steps = [r["step"] for r in read_history(tmp_path / "o" / "uncertainty.csv")]
+    assert steps == list(range(0, 65, 5))
+    assert summary["n_checked"] == summary["n_flagged"] == len(steps)
+    assert [a.info["step"] for a in read(tmp_path / "o" / "flagged.extxyz", ":")] == steps
+    assert [a.info["step"] for a in read(tmp_path / "o" / "md.traj", ":")] == [0, 10, 20, 30, 40, 50, 60]
+
+
+def test_blip_md_help_documents_every_option_with_its_default(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        blip(["md", "--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    parser = argparse.ArgumentParser()
+    cli_md.add_arguments(parser)
+    options = [a for a in parser._actions if a.option_strings and a.dest != "help"]
+    assert len(options) >= 30
+    for action in options:
+        name = max(action.option_strings, key=len)
+        assert name in text
+        assert action.help and action.help != argparse.SUPPRESS
+    assert text.count("(default:") == len(options)
+    for unit in ("--temperature-K", "--pressure-bar", "--timestep-fs", "--flag-force-std-eV-per-A"):
+        assert unit in text

@@ -1,0 +1,306 @@
+"""MC dropout and deep ensembles pass the calculator tests of BLIP (same interface, same keys),
+plus what is specific to each baseline: masks, members, checkpoints, training, bad input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from ase import Atoms
+from ase.calculators.fd import calculate_numerical_forces, calculate_numerical_stress
+from ase.md.verlet import VelocityVerlet
+
+from blip_ase import BLIPCalculator
+from blip_ase.bayes import BayesConfig, DropoutLinear, NoiseSource, dropoutize
+from blip_ase.models import PaiNNConfig, PaiNNPotential, load_checkpoint, save_checkpoint
+from blip_ase.models.ensemble import EnsemblePotential
+
+KINDS = ["blip", "mc_dropout", "ensemble"]
+MC_KEYS = {"energy", "free_energy", "forces", "energy_variance", "forces_variance"}
+DROPOUT = BayesConfig(method="mc_dropout", dropout_p=0.2)
+N_MEMBERS = 3
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "ammonia"
+
+
+def build(kind: str, make_potential):
+    """A tiny float64 model of each kind on H, N, Mo (conftest's ``make_potential``)."""
+    if kind == "blip":
+        model = make_potential()
+    elif kind == "mc_dropout":
+        model = make_potential(DROPOUT)
+    else:
+        model = EnsemblePotential([make_potential(None, seed=k) for k in range(N_MEMBERS)])
+    with torch.no_grad():  # nonzero reference energies, as in test_calculator
+        for m in model.members if kind == "ensemble" else [model]:
+            m.reference_energies.copy_(-torch.arange(1.0, 4.0, dtype=torch.float64))
+    return model.eval()
+
+
+@pytest.fixture(params=KINDS)
+def kind(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def model(kind, make_potential):
+    return build(kind, make_potential)
+
+
+@pytest.fixture
+def nh3() -> Atoms:
+    from ase.build import molecule
+
+    atoms = molecule("NH3")
+    atoms.rattle(0.05, seed=3)
+    return atoms
+
+
+# --- the calculator tests of BLIP, for every kind ----------------------------------------------
+
+
+def test_map_forces_and_stress_equal_numerical_derivatives(model, mo_cell):
+    mo_cell.calc = BLIPCalculator(model, mode="map")
+    np.testing.assert_allclose(mo_cell.get_forces(), calculate_numerical_forces(mo_cell, 1e-5), atol=1e-7)
+    np.testing.assert_allclose(mo_cell.get_stress(), calculate_numerical_stress(mo_cell, 1e-6), atol=1e-9)
+
+
+def test_forces_of_each_sample_are_derivatives_of_its_energy_for_a_fixed_seed(model, nh3):
+    """A fresh calculator with the same seed redraws the same noise (masks, members) at every
+    displaced geometry, so each sample's forces are -dE/dr of that sample's energy."""
+
+    def samples(atoms):
+        return BLIPCalculator(model, n_samples=4, seed=5, keep_samples=True).monte_carlo(atoms)
+
+    forces = samples(nh3)["forces_samples"]
+    numerical = np.zeros_like(forces)
+    h = 1e-5
+    for a in range(len(nh3)):
+        for k in range(3):
+            energies = []
+            for sign in (1, -1):
+                moved = nh3.copy()
+                moved.positions[a, k] += sign * h
+                energies.append(samples(moved)["energy_samples"])
+            numerical[:, a, k] = -(energies[0] - energies[1]) / (2 * h)
+    np.testing.assert_allclose(forces, numerical, atol=1e-7)
+    assert forces.std(axis=0).max() > 1e-4  # samples differ
+
+
+def test_mc_statistics_equal_the_raw_model_samples_with_calibration(model, mo_cell):
+    scales = {"energy": 2.0, "forces": 3.0, "stress": 0.5}
+    calc = BLIPCalculator(model, n_samples=6, seed=7, calibration=scales)
+    calc.calculate(mo_cell)
+    graph = model.build_graph(mo_cell)
+    noise = NoiseSource.spawn(torch.Generator().manual_seed(7), 6)
+    out = model(graph, coefficients=model.coefficients(graph), noise=noise, compute_stress=True)
+    energy, forces = out["energy"][:, 0].detach().numpy(), out["forces"].detach().numpy()
+    r = calc.results
+    assert r["energy"] == pytest.approx(energy.mean(), abs=1e-12)
+    assert r["energy_variance"] == pytest.approx(2.0 * energy.var(ddof=1), rel=1e-10)
+    np.testing.assert_allclose(r["forces"], forces.mean(0), atol=1e-12)
+    np.testing.assert_allclose(r["forces_variance"], 3.0 * forces.var(0, ddof=1).sum(-1), rtol=1e-10)
+    assert r["stress_variance"].shape == (6,) and r["energy_variance"] > 0 and (r["forces_variance"] > 0).all()
+
+
+def test_chunking_by_max_batch_atoms_does_not_change_the_samples(model, nh3):
+    one_per_chunk = BLIPCalculator(model, n_samples=6, seed=1, keep_samples=True, max_batch_atoms=len(nh3))
+    all_at_once = BLIPCalculator(model, n_samples=6, seed=1, keep_samples=True)
+    a, b = one_per_chunk.monte_carlo(nh3), all_at_once.monte_carlo(nh3)
+    np.testing.assert_allclose(a["forces_samples"], b["forces_samples"], atol=1e-12)
+    np.testing.assert_allclose(a["energy_samples"], b["energy_samples"], atol=1e-12)
+
+
+def test_mc_results_have_the_documented_keys_shapes_and_types(model, nh3, mo_cell):
+    calc = BLIPCalculator(model, n_samples=4, seed=0, keep_samples=True)
+    calc.calculate(nh3)
+    r = calc.results
+    assert set(r) == MC_KEYS | {"energy_samples", "forces_samples"}
+    assert isinstance(r["energy"], float) and isinstance(r["energy_variance"], float)
+    assert r["forces"].shape == (4, 3) and r["forces_variance"].shape == (4,)
+    assert r["energy_samples"].shape == (4,) and r["forces_samples"].shape == (4, 4, 3)
+    calc.calculate(mo_cell)
+    assert set(calc.results) == MC_KEYS | {"stress", "stress_variance", "energy_samples", "forces_samples"}
+    for key in calc.results:
+        assert key in BLIPCalculator.implemented_properties
+        np.testing.assert_array_equal(calc.get_property(key, mo_cell), calc.results[key])
+
+
+def test_same_seed_gives_the_same_sequence_and_other_seeds_differ(kind, model, nh3):
+    """An ensemble's samples are its members, so for it the seed changes nothing."""
+
+    def sequence(seed):
+        calc = BLIPCalculator(model, n_samples=4, seed=seed)
+        return [calc.monte_carlo(nh3)["forces"] for _ in range(2)]
+
+    a, b, c = sequence(3), sequence(3), sequence(4)
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])
+    if kind == "ensemble":
+        np.testing.assert_array_equal(a[0], c[0])
+    else:
+        assert not np.allclose(a[0], a[1]) and not np.allclose(a[0], c[0])
+
+
+def test_rotating_a_molecule_rotates_forces_and_keeps_energy_and_variances(model, nh3, rotation):
+    moved = nh3.copy()
+    moved.positions = nh3.positions @ rotation.T + np.array([1.3, -0.7, 2.1])
+    r0, r1 = (BLIPCalculator(model, n_samples=5, seed=2).monte_carlo(a) for a in (nh3, moved))
+    assert r1["energy"] == pytest.approx(r0["energy"], abs=1e-10)
+    assert r1["energy_variance"] == pytest.approx(r0["energy_variance"], rel=1e-8)
+    np.testing.assert_allclose(r1["forces"], r0["forces"] @ rotation.T, atol=1e-9)
+    np.testing.assert_allclose(r1["forces_variance"], r0["forces_variance"], rtol=1e-7, atol=1e-14)
+
+
+def test_atoms_are_not_modified(model, mo_cell):
+    before = mo_cell.copy()
+    mo_cell.calc = BLIPCalculator(model, n_samples=3, seed=0)
+    mo_cell.get_forces()
+    mo_cell.calc.monte_carlo()
+    assert mo_cell == before and mo_cell.info == before.info and set(mo_cell.arrays) == set(before.arrays)
+
+
+def test_a_checkpoint_round_trip_gives_identical_results_and_loads_weights_only(model, nh3, tmp_path):
+    save_checkpoint(tmp_path / "model.pt", model, calibration={"forces": 2.0})
+    torch.load(tmp_path / "model.pt", weights_only=True)
+    loaded = BLIPCalculator.from_checkpoint(tmp_path / "model.pt", n_samples=4, seed=9, device="cpu")
+    assert loaded.model.backend == model.backend and loaded.calibration["forces"] == 2.0
+    direct = BLIPCalculator(model, n_samples=4, seed=9, calibration={"forces": 2.0})
+    a, b = loaded.monte_carlo(nh3), direct.monte_carlo(nh3)
+    np.testing.assert_array_equal(a["forces"], b["forces"])
+    np.testing.assert_array_equal(a["forces_variance"], b["forces_variance"])
+
+
+def test_uncertainty_monitored_md_runs_with_every_kind(model, nh3):
+    from blip_ase.md import UncertaintyMonitor
+
+    nh3.calc = BLIPCalculator(model, mode="map", n_samples=4, seed=0)
+    dyn = VelocityVerlet(nh3, timestep=0.5)
+    monitor = UncertaintyMonitor(dyn)
+    dyn.attach(monitor, interval=2)
+    dyn.run(4)
+    assert monitor.n_checked == 3 and all(np.isfinite(h["max_force_std"]) and h["max_force_std"] > 0 for h in monitor.history)
+
+
+# --- MC dropout --------------------------------------------------------------------------------
+
+
+def test_dropout_wraps_the_blip_layers_and_keeps_the_state_dict_of_the_plain_model(make_potential):
+    model, plain = make_potential(DROPOUT), make_potential(None)
+    wrapped = [n for n, m in model.net.named_modules() if isinstance(m, DropoutLinear)]
+    assert wrapped and all(("context_net" in n) or ("update_net" in n) for n in wrapped)
+    assert model.posterior is None and model.state_dict().keys() == plain.state_dict().keys()
+
+
+def test_dropout_map_equals_the_plain_model_with_the_same_weights(make_potential, mo_cell):
+    model, plain = make_potential(DROPOUT), make_potential(None)
+    plain.load_state_dict(model.state_dict())
+    g = model.build_graph(mo_cell)
+    a, b = model(g, compute_stress=True), plain(g, compute_stress=True)
+    for key in ("energy", "forces", "stress"):
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+
+
+def test_dropout_batched_samples_equal_sequential_passes_with_the_same_generators(make_potential, mo_cell):
+    model = make_potential(DROPOUT)
+    g = model.build_graph(mo_cell)
+    c = model.coefficients(g)
+    batched = model(g, coefficients=c, noise=NoiseSource.from_seeds([1, 2, 3]))
+    for s, seed in enumerate([1, 2, 3]):
+        single = model(g, coefficients=c, noise=NoiseSource.from_seeds([seed]))
+        torch.testing.assert_close(single["forces"][0], batched["forces"][s], rtol=1e-10, atol=1e-12)
+
+
+def test_dropout_masks_drop_a_fraction_p_of_inputs_and_rescale_the_rest():
+    linear = torch.nn.Linear(400, 1, bias=False)
+    torch.nn.init.ones_(linear.weight)
+    container = torch.nn.Sequential(linear)
+    dropoutize(container, edge_pattern="0", node_pattern="none", p=0.25)
+    layer = container[0]
+    layer.noise = NoiseSource.from_seeds([0])
+    out = layer(torch.ones(500, 400, dtype=torch.float32))  # (#kept inputs) / 0.75 per row
+    kept_fraction = (out * 0.75 / 400).mean().item()
+    assert kept_fraction == pytest.approx(0.75, abs=0.005)  # 200000 Bernoulli draws: std 0.001
+    layer.noise = None
+    torch.testing.assert_close(layer(torch.ones(2, 400)), torch.full((2, 1), 400.0))
+
+
+def test_zero_dropout_gives_samples_equal_to_map_and_a_bad_rate_is_rejected(make_potential, nh3):
+    model = make_potential(BayesConfig(method="mc_dropout", dropout_p=0.0))
+    r = BLIPCalculator(model, n_samples=3, seed=0).monte_carlo(nh3)
+    nh3.calc = BLIPCalculator(model, mode="map")
+    np.testing.assert_allclose(r["forces"], nh3.get_forces(), atol=1e-12)
+    assert np.all(r["forces_variance"] == 0)
+    with pytest.raises(ValueError, match=r"dropout probability must be in \[0, 1\)"):
+        make_potential(BayesConfig(method="mc_dropout", dropout_p=1.0))
+
+
+# --- deep ensemble -----------------------------------------------------------------------------
+
+
+def test_ensemble_samples_are_its_members_and_its_statistics_those_of_the_members(make_potential, nh3):
+    model = build("ensemble", make_potential)
+    per_member = []
+    for member in model.members:
+        nh3.calc = BLIPCalculator(member, mode="map")
+        per_member.append((nh3.get_potential_energy(), nh3.get_forces()))
+    energies = np.array([e for e, _ in per_member])
+    forces = np.stack([f for _, f in per_member])
+    r = BLIPCalculator(model, n_samples=N_MEMBERS, seed=0, keep_samples=True).monte_carlo(nh3)
+    np.testing.assert_allclose(r["energy_samples"], energies, atol=1e-12)
+    assert r["energy_variance"] == pytest.approx(energies.var(ddof=1), rel=1e-10)
+    np.testing.assert_allclose(r["forces_variance"], forces.var(0, ddof=1).sum(-1), rtol=1e-10)
+    nh3.calc = BLIPCalculator(model, mode="map")  # MAP: the members' mean
+    assert nh3.get_potential_energy() == pytest.approx(energies.mean(), abs=1e-12)
+    cyclic = BLIPCalculator(model, n_samples=7, seed=0, keep_samples=True).monte_carlo(nh3)["energy_samples"]
+    np.testing.assert_allclose(cyclic, energies[np.arange(7) % N_MEMBERS], atol=1e-12)
+
+
+def test_ensemble_members_must_agree_on_elements_and_backend(make_potential):
+    h_n = PaiNNPotential([1, 7], PaiNNConfig(n_features=8, n_interactions=1, n_rbf=6, cutoff=4.0))
+    with pytest.raises(ValueError, match=r"disagree on the elements: member 0 knows \[1, 7, 42\], member 1 knows \[1, 7\]"):
+        EnsemblePotential([make_potential(None), h_n])
+
+    class Other(PaiNNPotential):
+        backend = "orb"
+
+    other = Other([1, 7, 42], PaiNNConfig(n_features=8, n_interactions=1, n_rbf=6, cutoff=4.0))
+    with pytest.raises(ValueError, match=r"disagree on the backend: \['painn', 'orb'\]"):
+        EnsemblePotential([make_potential(None), other])
+    with pytest.raises(ValueError, match="at least 2 members"):
+        EnsemblePotential([make_potential(None)])
+
+
+def test_blip_train_ensemble_trains_seeded_members_and_writes_an_ensemble_checkpoint(tmp_path):
+    from blip_ase.cli.main import main as blip
+
+    (tmp_path / "config.yaml").write_text(
+        "painn: {n_features: 8, n_interactions: 1, n_rbf: 6, cutoff: 4.0}\n"
+        "deterministic: true\nepochs: 2\nbatch_size: 32\nseed: 5\nprogress: false\n"
+    )
+    args = ["train", str(tmp_path / "config.yaml"), "--train", str(EXAMPLE / "val.extxyz"),
+            "--val", str(EXAMPLE / "val.extxyz"), "--out", str(tmp_path / "run"), "--ensemble", "2"]
+    assert blip(args) == 0
+    model, ckpt = load_checkpoint(tmp_path / "run" / "model.pt")
+    assert ckpt["backend"] == "ensemble" and model.n_members == 2 and ckpt["elements"] == [1, 7]
+    seeds = [load_checkpoint(tmp_path / "run" / f"member_{k}" / "model.pt")[1]["training"]["config"]["seed"]
+             for k in range(2)]
+    assert seeds == [5, 6]
+    assert not torch.equal(model.members[0].net.embedding.weight, model.members[1].net.embedding.weight)
+
+
+def test_mc_dropout_training_uses_masks_and_no_kl(tmp_path):
+    from blip_ase.training import load_config, train
+
+    (tmp_path / "config.yaml").write_text(
+        "painn: {n_features: 8, n_interactions: 1, n_rbf: 6, cutoff: 4.0}\n"
+        "bayes: {method: mc_dropout, dropout_p: 0.1}\nepochs: 2\nbatch_size: 32\nprogress: false\n"
+    )
+    train(load_config(tmp_path / "config.yaml"), EXAMPLE / "val.extxyz", EXAMPLE / "val.extxyz", tmp_path / "run")
+    model, ckpt = load_checkpoint(tmp_path / "run" / "model.pt")
+    assert ckpt["config"]["bayes"]["method"] == "mc_dropout" and model.posterior is None
+    assert any(isinstance(m, DropoutLinear) for m in model.modules())
+    log = (tmp_path / "run" / "log.csv").read_text().splitlines()
+    kl = log[0].split(",").index("train_kl")
+    assert all(float(row.split(",")[kl]) == 0.0 for row in log[1:])
