@@ -279,3 +279,16 @@ def test_moving_one_structure_of_a_batch_leaves_the_samples_of_the_others_unchan
     assert (after["energy"][:, 0] - before["energy"][:, 0]).abs().max() > 1e-5
     torch.testing.assert_close(after["energy"][:, 1], before["energy"][:, 1], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(after["forces"][:, n_nh3:], before["forces"][:, n_nh3:], rtol=1e-10, atol=1e-12)
+
+
+def test_the_cached_lone_atom_output_follows_new_weights_in_eval_mode(make_potential, bayesian_potential):
+    """MAP dynamics cache the lone-atom term; loading other weights must not reuse a stale one."""
+    from ase import Atoms
+
+    model = bayesian_potential.eval()
+    graph = model.build_graph(Atoms("Mo"))
+    model(graph)
+    other = make_potential(seed=1).eval()
+    model.load_state_dict(other.state_dict())
+    torch.testing.assert_close(model.lone_atom_output(), other.lone_atom_output(), rtol=0, atol=0)
+    assert float(model(graph)["energy"]) == pytest.approx(float(model.reference_energies[2]), abs=1e-12)

@@ -182,10 +182,24 @@ class PaiNNPotential(Potential):
         return self.posterior(graph.species, graph.edge_index, vectors)
 
     def lone_atom_output(self) -> torch.Tensor:
-        """``(n_elements,)`` MAP network output of one atom of each element with no neighbours."""
+        """``(n_elements,)`` MAP network output of one atom of each element with no neighbours.
+
+        In eval mode it is cached until a parameter changes (in place or by ``to()``), so MAP
+        dynamics pay for it once; in training mode it is recomputed (it depends on the weights).
+        """
+        key = None
+        if not self.training:
+            key = tuple((p.data_ptr(), p._version) for p in self.net.parameters())
+            cached = getattr(self, "_lone_cache", None)
+            if cached is not None and cached[0] == key:
+                return cached[1]
         species = torch.arange(len(self.elements), device=self.device)
         no_edges = torch.zeros(2, 0, dtype=torch.long, device=self.device)
-        return self.net(species, no_edges, torch.zeros(0, 3, dtype=self.dtype, device=self.device))
+        with torch.set_grad_enabled(self.training and torch.is_grad_enabled()):
+            out = self.net(species, no_edges, torch.zeros(0, 3, dtype=self.dtype, device=self.device))
+        if key is not None:
+            self._lone_cache = (key, out)
+        return out
 
     def forward(
         self,
