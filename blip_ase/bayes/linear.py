@@ -118,12 +118,14 @@ class BayesianLinear(nn.Linear):
                 f"Bayesian {self.role} layer got {h.shape[0]} input rows but {self.coefficient.shape[0]} "
                 f"{self.role} coefficients: the layer must be applied once per {self.role}"
             )
-        var = self.coefficient * F.linear(h * h, self.weight * self.weight)
+        # std = sqrt(alpha) * sqrt((h*h) @ (theta*theta).T). sqrt has an infinite derivative at 0,
+        # so the per-row sqrt(alpha) is taken only where alpha > 0 (alpha = 0 gives exactly MAP)
+        # and the per-activation variance is floored far below any float32 resolution.
+        c = self.coefficient
+        sqrt_c = torch.where(c > 0, c.clamp_min(1e-30).sqrt(), torch.zeros_like(c))
+        std = sqrt_c * F.linear(h * h, self.weight * self.weight).clamp_min(1e-30).sqrt()
         eps = self.noise.draw(h.shape[0], self.out_features, dtype=h.dtype, device=h.device)
-        # sqrt has an infinite derivative at 0: take it only where the variance is positive.
-        positive = var > 0
-        std = torch.sqrt(torch.where(positive, var, torch.ones_like(var))) * positive
-        return mean + std * eps
+        return torch.addcmul(mean, std, eps)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, role={self.role}, column={self.column}"
