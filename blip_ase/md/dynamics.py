@@ -17,11 +17,10 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 from ase import Atoms, units
-from ase.md.md import MolecularDynamics
 
 from blip_ase.md.monitor import FrameReport, Thresholds, UncertaintyMonitor
 from blip_ase.md.writers import (
@@ -49,6 +48,9 @@ OUTPUT_FILES = (
     "uncertainty.png",
     "summary.json",
 )
+if TYPE_CHECKING:
+    from ase.md.md import MolecularDynamics
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 _APPENDABLE = {"flagged.extxyz": ExtXYZFrameWriter, "flagged.h5": HDF5FrameWriter, "uncertainty.csv": HistoryCSV}
 
