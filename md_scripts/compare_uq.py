@@ -61,7 +61,8 @@ def methods(seeds: list[int], members: int, dropout_ps: list[float]) -> list[dic
     jobs = [{"method": "ensemble", "seed": s, "train_seed": members * s, "deterministic": True, "ensemble": members}
             for s in seeds]
     jobs += [{"method": "blip", "seed": s, "train_seed": s} for s in seeds]
-    jobs += [{"method": f"mc_dropout_p{p:g}", "seed": s, "train_seed": s, "dropout_p": p} for p in dropout_ps for s in seeds]
+    jobs += [{"method": f"mc_dropout_p{p:g}", "seed": s, "train_seed": s, "dropout_p": p}
+             for p in dropout_ps for s in seeds]
     return jobs
 
 
@@ -75,7 +76,8 @@ def run_job(job: dict, data: dict[str, Path], out: Path, epochs: int | None, n_s
 
     cfg = load_config(EXAMPLE / "config.yaml", progress=False, seed=job["train_seed"], epochs=epochs)
     if "dropout_p" in job:
-        cfg = dataclasses.replace(cfg, bayes=dataclasses.replace(cfg.bayes, method="mc_dropout", dropout_p=job["dropout_p"]))
+        dropout = dataclasses.replace(cfg.bayes, method="mc_dropout", dropout_p=job["dropout_p"])
+        cfg = dataclasses.replace(cfg, bayes=dropout)
     cfg = dataclasses.replace(cfg, deterministic=job.get("deterministic", False), ensemble=job.get("ensemble", 1))
     run_dir = out / "runs" / f"{job['method']}_seed{job['seed']}"
     start = time.perf_counter()

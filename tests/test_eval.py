@@ -11,13 +11,17 @@ import torch
 from ase.io import read, write
 
 from blip_ase import BLIPCalculator
+from blip_ase.bayes import BayesConfig
 from blip_ase.cli.main import main as blip
 from blip_ase.models import PaiNNConfig, PaiNNPotential, save_checkpoint
-from blip_ase.uq.evaluate import evaluate
+from blip_ase.models.ensemble import EnsemblePotential
+from blip_ase.uq.evaluate import calibrate, evaluate
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "ammonia"
 SHIPPED = EXAMPLE / "model.pt"
-ID_KEYS = {"energy_mae", "forces_mae", "energy_rmse", "forces_rmse", "forces_ece", "forces_nll", "forces_crps", "spearman"}
+ID_KEYS = {
+    "energy_mae", "forces_mae", "energy_rmse", "forces_rmse", "forces_ece", "forces_nll", "forces_crps", "spearman"
+}
 PNG = b"\x89PNG"
 
 
@@ -43,9 +47,16 @@ def run_blip(*args) -> int:
     return blip([str(a) for a in args])
 
 
+def tiny(bayes=None, seed: int = 0) -> PaiNNPotential:
+    """A tiny PaiNN on H and N (deterministic with ``bayes=None``)."""
+    torch.manual_seed(seed)
+    return PaiNNPotential([1, 7], PaiNNConfig(n_features=8, n_interactions=1, n_rbf=6, cutoff=4.0), bayes)
+
+
 def test_blip_eval_writes_metrics_json_plots_and_a_table_for_the_shipped_model(data, tmp_path, capsys):
     out = tmp_path / "eval"
-    assert run_blip("eval", "--model", SHIPPED, "--data", data["id"], "--ood", data["ood"], "--n-samples", 8, "--out", out) == 0
+    args = ("--model", SHIPPED, "--data", data["id"], "--ood", data["ood"], "--n-samples", 8, "--out", out)
+    assert run_blip("eval", *args) == 0
     report = json.loads((out / "metrics.json").read_text())
     assert report["method"] == "blip" and report["n_samples"] == 8
     for section in ("id", "ood"):
@@ -73,9 +84,7 @@ def test_eval_metrics_are_those_of_the_calculator_predictions(data):
 
 
 def test_a_deterministic_model_is_evaluated_for_accuracy_only(data, tmp_path):
-    torch.manual_seed(0)
-    model = PaiNNPotential([1, 7], PaiNNConfig(n_features=8, n_interactions=1, n_rbf=6, cutoff=4.0))
-    save_checkpoint(tmp_path / "det.pt", model)
+    save_checkpoint(tmp_path / "det.pt", tiny())
     assert run_blip("eval", "--model", tmp_path / "det.pt", "--data", data["id"], "--ood", data["ood"],
                     "--out", tmp_path / "out") == 0
     report = json.loads((tmp_path / "out" / "metrics.json").read_text())
@@ -83,6 +92,21 @@ def test_a_deterministic_model_is_evaluated_for_accuracy_only(data, tmp_path):
     assert report["id"]["forces_mae"] > 0 and report["id"]["forces_ece"] is None and report["ood"]["spearman"] is None
     assert (tmp_path / "out" / "forces_parity.png").is_file()
     assert not (tmp_path / "out" / "calibration_curve.png").exists()
+
+
+@pytest.mark.parametrize("method", ["mc_dropout", "ensemble"])
+def test_eval_and_calibrate_work_for_the_baselines(data, tmp_path, method):
+    if method == "ensemble":
+        model = EnsemblePotential([tiny(seed=k) for k in range(3)])
+    else:
+        model = tiny(BayesConfig(method="mc_dropout", dropout_p=0.2))
+    save_checkpoint(tmp_path / "model.pt", model)
+    calibration = calibrate(tmp_path / "model.pt", data["cal"], tmp_path / "cal.pt", n_samples=4)
+    assert calibration["calibration"]["forces"] > 0
+    report = evaluate(tmp_path / "cal.pt", data["id"], ood_path=data["ood"], n_samples=4)
+    assert report["method"] == method and report["n_samples"] == (3 if method == "ensemble" else 4)
+    assert all(np.isfinite(report[s][k]) for s in ("id", "ood", "id_uncalibrated") for k in ID_KEYS)
+    assert 0.0 <= report["auroc"] <= 1.0
 
 
 def test_calibration_on_validation_data_lowers_the_nll_on_held_out_data(data, tmp_path, capsys):
@@ -97,7 +121,8 @@ def test_calibration_on_validation_data_lowers_the_nll_on_held_out_data(data, tm
     ckpt = torch.load(calibrated, weights_only=True)
     scale = ckpt["calibration"]["forces"]
     assert 0.1 < scale < 0.6 and ckpt["training"]["calibration_fit"]["n_structures"] == 9
-    assert run_blip("eval", "--model", calibrated, "--data", data["held"], "--n-samples", 32, "--out", tmp_path / "e") == 0
+    args = ("--model", calibrated, "--data", data["held"], "--n-samples", 32, "--out", tmp_path / "e")
+    assert run_blip("eval", *args) == 0
     report = json.loads((tmp_path / "e" / "metrics.json").read_text())
     assert report["id"]["forces_nll"] < report["id_uncalibrated"]["forces_nll"]
     assert report["id"]["energy_mae"] == report["id_uncalibrated"]["energy_mae"]
@@ -135,8 +160,7 @@ def test_a_calibration_set_with_fewer_than_5_structures_is_rejected(data, tmp_pa
 
 
 def test_calibrate_refuses_deterministic_models_and_overwriting_its_input(data, tmp_path, capsys):
-    torch.manual_seed(0)
-    save_checkpoint(tmp_path / "det.pt", PaiNNPotential([1, 7], PaiNNConfig(n_features=8, n_interactions=1)))
+    save_checkpoint(tmp_path / "det.pt", tiny())
     assert run_blip("calibrate", "--model", tmp_path / "det.pt", "--data", data["cal"], "--out", tmp_path / "c.pt") == 2
     assert "deterministic model has no variances" in capsys.readouterr().err
     assert run_blip("calibrate", "--model", SHIPPED, "--data", data["cal"], "--out", SHIPPED) == 2

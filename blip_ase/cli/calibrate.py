@@ -12,10 +12,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="checkpoint to calibrate (BLIP, MC dropout or ensemble)")
     parser.add_argument("--data", required=True, help="validation data with energies and forces (>= 5 structures)")
     parser.add_argument("--out", required=True, help="path of the calibrated checkpoint (not the input)")
-    parser.add_argument("--isotonic", action="store_true", help="also fit isotonic recalibration (Kuleshov et al. 2018)")
+    parser.add_argument(
+        "--isotonic", action="store_true", help="also fit isotonic recalibration (Kuleshov et al. 2018)"
+    )
     parser.add_argument("--n-samples", type=int, default=100, help="Monte Carlo samples (an ensemble uses its members)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the Monte Carlo noise")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--device", default=None, help="torch device, cpu or cuda (None: cuda when available)")
 
 
 def run(args: argparse.Namespace) -> int:

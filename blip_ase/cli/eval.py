@@ -28,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n-samples", type=int, default=100, help="Monte Carlo samples (an ensemble uses its members)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the Monte Carlo noise")
     parser.add_argument("--out", required=True, help="output directory for metrics.json and the PNG plots")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--device", default=None, help="torch device, cpu or cuda (None: cuda when available)")
     parser.add_argument("--no-plots", action="store_true", help="write metrics.json only")
 
 

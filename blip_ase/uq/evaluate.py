@@ -181,7 +181,8 @@ def compute_metrics(pred: Predictions, calibration: dict | None = None) -> dict[
     iso = calibration.get("forces_isotonic")
     if iso is not None:
         scaled = pred.component_variance(calibration.get("forces", 1.0))
-        out["forces_ece_isotonic"] = m.expected_calibration_error(f_err, scaled, cdf_map=lambda u: apply_isotonic(u, iso))
+        recalibrate = lambda u: apply_isotonic(u, iso)  # noqa: E731
+        out["forces_ece_isotonic"] = m.expected_calibration_error(f_err, scaled, cdf_map=recalibrate)
     return out
 
 
@@ -243,7 +244,8 @@ def evaluate(
     report["auroc"] = report["auroc_max"] = None
     if "ood" in preds and preds["id"].has_uncertainty:
         for key, reduce in (("auroc", "mean"), ("auroc_max", "max")):
-            report[key] = m.auroc(structure_uncertainty(preds["id"], reduce), structure_uncertainty(preds["ood"], reduce))
+            scores = [structure_uncertainty(preds[s], reduce) for s in ("id", "ood")]
+            report[key] = m.auroc(*scores)
     if out_dir is not None:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -312,11 +314,14 @@ def calibrate(
         raise ValueError("a deterministic model has no variances to calibrate")
     frames, labels = read_labelled(data_path, what="calibration data")
     if len(frames) < MIN_STRUCTURES:
-        raise ValueError(f"the calibration set {data_path} has {len(frames)} structures; at least {MIN_STRUCTURES} are needed")
+        raise ValueError(
+            f"the calibration set {data_path} has {len(frames)} structures; at least {MIN_STRUCTURES} are needed"
+        )
     pred = predict(model, frames, labels, n_samples=n_samples, seed=seed, device=device)
     calibration = fit_calibration(pred, isotonic=isotonic)
     training = dict(ckpt.get("training") or {})
-    training["calibration_fit"] = {"data": str(data_path), "n_structures": len(frames), "n_samples": n_samples,
+    used = model.n_members if model_method(model) == "ensemble" else n_samples
+    training["calibration_fit"] = {"data": str(data_path), "n_structures": len(frames), "n_samples": used,
                                    "seed": seed, "isotonic": isotonic}
     save_checkpoint(out_path, model.cpu(), calibration=calibration, training=training)
     summary = {k: (v if not k.endswith("_isotonic") else f"{len(v['x'])} knots") for k, v in calibration.items()}
