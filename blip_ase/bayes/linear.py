@@ -63,10 +63,10 @@ class NoiseSource:
         if rows % self.n_samples:
             raise ValueError(f"{rows} rows cannot be split into {self.n_samples} samples")
         per = rows // self.n_samples
-        blocks = [
-            torch.randn(per, cols, generator=g, dtype=dtype, device=g.device).to(device) for g in self.generators
-        ]
-        return torch.cat(blocks) if len(blocks) > 1 else blocks[0]
+        out = torch.empty(rows, cols, dtype=dtype, device=self.generators[0].device)
+        for k, g in enumerate(self.generators):
+            out[k * per : (k + 1) * per].normal_(generator=g)
+        return out.to(device)
 
 
 class BayesianLinear(nn.Linear):
