@@ -156,7 +156,10 @@ def test_inference_network_clamps_dropout_probability_to_p_min_p_max():
         assert p.min() < 0.05 + 1e-9 or p.max() > 0.5 - 1e-9, "clamp should be active for such large logits"
 
 
-def test_inference_network_output_is_rotation_invariant_and_detached():
+def test_inference_network_output_is_rotation_invariant_and_its_jacobian_is_exact():
+    """alpha depends on each edge's own vector; edge_jacobian gives d alpha / d vector."""
+    from blip_ase.bayes import edge_jacobian
+
     net = _posterior(p_init=0.2)
     nn.init.normal_(net.edge_head[-1].weight, std=0.5)
     species, edge_index, vectors = _edges()
@@ -165,8 +168,15 @@ def test_inference_network_output_is_rotation_invariant_and_detached():
     c = net(species, edge_index, vectors)
     torch.testing.assert_close(net(species, edge_index, vectors @ q.T).edge, c.edge)
     assert c.edge.std() > 1e-4, "alpha should vary per edge here"
-    with pytest.raises(RuntimeError):
-        torch.autograd.grad(c.edge.sum(), vectors)
+    jac = edge_jacobian(c.edge, vectors, create_graph=False)
+    h = 1e-6
+    for k in range(3):
+        step = torch.zeros_like(vectors)
+        step[:, k] = h
+        with torch.no_grad():
+            numeric = (net(species, edge_index, vectors + step).edge - net(species, edge_index, vectors - step).edge) / (2 * h)
+        torch.testing.assert_close(jac[:, :, k], numeric, rtol=1e-6, atol=1e-9)
+    assert jac.abs().max() > 1e-4
 
 
 @pytest.mark.parametrize("p_min, p_init, p_max", [(0.3, 0.2, 0.8), (0.0, 0.9, 0.8), (0.0, 0.5, 1.0)])

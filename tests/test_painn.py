@@ -19,7 +19,10 @@ def _noise(seeds):
 
 
 def _energy(model, graph: AtomGraph, coefficients, seeds) -> torch.Tensor:
-    """``(S,)`` energies of the first structure with fresh generators for ``seeds``."""
+    """``(S,)`` energies of the first structure with fresh generators for ``seeds``;
+    ``coefficients="recompute"`` runs the inference network on this very geometry."""
+    if isinstance(coefficients, str):
+        coefficients = model.coefficients(graph)
     out = model(graph, coefficients=coefficients, noise=_noise(seeds), compute_forces=False)
     return out["energy"][:, 0].detach()
 
@@ -292,3 +295,16 @@ def test_the_cached_lone_atom_output_follows_new_weights_in_eval_mode(make_poten
     model.load_state_dict(other.state_dict())
     torch.testing.assert_close(model.lone_atom_output(), other.lone_atom_output(), rtol=0, atol=0)
     assert float(model(graph)["energy"]) == pytest.approx(float(model.reference_energies[2]), abs=1e-12)
+
+
+def test_sample_forces_and_stress_are_full_derivatives_when_alpha_is_recomputed(bayesian_potential, mo_cell):
+    """A sample's energy as a function of positions includes alpha(positions): the analytic
+    forces and stress (inference network run once) equal differences that rerun it."""
+    model = bayesian_potential
+    graph = model.build_graph(mo_cell)
+    c = model.coefficients(graph)
+    assert c.edge_jacobian.abs().max() > 1e-4, "alpha must depend on the geometry for this test"
+    out = model(graph, coefficients=c, noise=_noise(SEEDS[:2]), compute_stress=True)
+    torch.testing.assert_close(out["forces"], _numerical_forces(model, graph, "recompute", SEEDS[:2]), rtol=0, atol=1e-7)
+    numerical = _numerical_stress(model, graph, "recompute", SEEDS[:2])
+    torch.testing.assert_close(out["stress"][:, 0], numerical, rtol=0, atol=1e-8)

@@ -69,12 +69,12 @@ def test_map_forces_and_stress_equal_numerical_derivatives(model):
     assert np.abs(cell.get_stress()).max() > 1e-4
 
 
-@pytest.mark.parametrize("kind", ["mc_dropout", "ensemble"])
+@pytest.mark.parametrize("kind", ["blip", "mc_dropout", "ensemble"])
 def test_forces_of_each_sample_are_derivatives_of_its_energy_for_a_fixed_seed(model, nh3):
     """A fresh calculator with the same seed redraws the same noise (masks, members) at every
-    displaced geometry, so each sample's forces are -dE/dr of that sample's energy. (Not BLIP:
-    its forces are derivatives at fixed alpha/beta, which the calculator recomputes per geometry;
-    tests/test_painn.py checks them with the coefficients held fixed.)"""
+    displaced geometry, so each sample's forces are -dE/dr of that sample's energy. For BLIP the
+    calculator recomputes alpha/beta at every displaced geometry: the forces include the
+    derivative of alpha with respect to positions (kept by the inference network's Jacobian)."""
 
     def samples(atoms):
         return BLIPCalculator(model, n_samples=4, seed=5, keep_samples=True).monte_carlo(atoms)

@@ -23,14 +23,48 @@ class Coefficients:
     Attributes:
         edge: ``(n_edges, n_edge_layers)`` alpha, one column per message-function layer.
         node: ``(n_nodes, n_node_layers)`` beta, one column per update-function layer.
+        edge_vector: ``(n_edges, 3)`` the edge vectors alpha was computed from (A), or None.
+        edge_jacobian: ``(n_edges, n_edge_layers, 3)`` d alpha / d edge_vector (alpha of an edge
+            depends on that edge's vector only), or None. With both set, :meth:`edge_at` gives
+            alpha at displaced vectors to first order, exactly at the computed configuration, so
+            forces and stress of a sample are the full derivatives of its energy although the
+            inference network ran once.
     """
 
     edge: torch.Tensor
     node: torch.Tensor
+    edge_vector: torch.Tensor | None = None
+    edge_jacobian: torch.Tensor | None = None
 
     def repeat(self, n_samples: int) -> Coefficients:
         """Coefficients of ``n_samples`` stacked copies of the configuration (sample-major)."""
-        return Coefficients(self.edge.repeat(n_samples, 1), self.node.repeat(n_samples, 1))
+        rep = None if self.edge_vector is None else self.edge_vector.repeat(n_samples, 1)
+        jac = None if self.edge_jacobian is None else self.edge_jacobian.repeat(n_samples, 1, 1)
+        return Coefficients(self.edge.repeat(n_samples, 1), self.node.repeat(n_samples, 1), rep, jac)
+
+    def edge_at(self, edge_vector: torch.Tensor) -> Coefficients:
+        """Coefficients whose alpha carries the derivative with respect to ``edge_vector``.
+
+        ``edge_vector (n_edges, 3)`` must equal :attr:`edge_vector` in value (the same
+        configuration, possibly as a function of strained or replicated positions); the value of
+        alpha is unchanged, its gradient is ``edge_jacobian``.
+        """
+        if self.edge_jacobian is None or self.edge_vector is None or not self.edge.numel():
+            return self
+        shift = torch.einsum("elk,ek->el", self.edge_jacobian, edge_vector - self.edge_vector)
+        return Coefficients(self.edge + shift, self.node, edge_vector, self.edge_jacobian)
+
+
+def edge_jacobian(alpha: torch.Tensor, edge_vector: torch.Tensor, *, create_graph: bool) -> torch.Tensor:
+    """``(E, L, 3)`` d alpha[e, l] / d edge_vector[e] for alpha ``(E, L)`` computed edge-wise
+    from ``edge_vector (E, 3)`` (a tensor that requires grad); one backward per column."""
+    if alpha.shape[1] == 0:
+        return edge_vector.new_zeros(edge_vector.shape[0], 0, 3)
+    columns = [
+        torch.autograd.grad(alpha[:, col].sum(), edge_vector, create_graph=create_graph, retain_graph=True)[0]
+        for col in range(alpha.shape[1])
+    ]
+    return torch.stack(columns, dim=1)
 
 
 def gaussian_rbf(distance: torch.Tensor, n_rbf: int, cutoff: float) -> torch.Tensor:
@@ -102,12 +136,11 @@ class InferenceNetwork(nn.Module):
         """Args:
             species: ``(N,)`` element indices.
             edge_index: ``(2, E)`` (receiver i, sender j).
-            edge_vector: ``(E, 3)`` r_j - r_i in Angstrom; treated as a constant (detached).
+            edge_vector: ``(E, 3)`` r_j - r_i in Angstrom.
 
         Returns:
             :class:`Coefficients` with ``edge (E, n_edge_layers)`` and ``node (N, n_node_layers)``.
         """
-        edge_vector = edge_vector.detach()
         distance = edge_vector.norm(dim=-1)
         emb = self.embedding(species)
         parts = [gaussian_rbf(distance, self.n_rbf, self.cutoff), emb[edge_index[0]], emb[edge_index[1]]]

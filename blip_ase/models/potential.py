@@ -27,6 +27,7 @@ from blip_ase.bayes import (
     NoiseSource,
     bayesianize,
     dropoutize,
+    edge_jacobian,
     no_coefficients,
     noise_context,
 )
@@ -178,8 +179,16 @@ class PaiNNPotential(Potential):
             if self.bayes is None:
                 return None
             return no_coefficients(graph.edge_index.shape[1], len(graph.species), like=graph.positions)
-        vectors = self.edge_vectors(graph, graph.positions, graph.cell)
-        return self.posterior(graph.species, graph.edge_index, vectors)
+        # alpha depends on the edge vectors: keep d alpha / d vector so that forward() can give
+        # every sample the full derivative of its energy (the network still runs once).
+        with torch.enable_grad():
+            vectors = self.edge_vectors(graph, graph.positions, graph.cell).detach().requires_grad_(True)
+            coefficients = self.posterior(graph.species, graph.edge_index, vectors)
+            jacobian = edge_jacobian(coefficients.edge, vectors, create_graph=self.training)
+        if not (self.training and torch.is_grad_enabled()):
+            coefficients = Coefficients(coefficients.edge.detach(), coefficients.node.detach())
+            jacobian = jacobian.detach()
+        return Coefficients(coefficients.edge, coefficients.node, vectors.detach(), jacobian)
 
     def lone_atom_output(self) -> torch.Tensor:
         """``(n_elements,)`` MAP network output of one atom of each element with no neighbours.
@@ -236,7 +245,9 @@ class PaiNNPotential(Potential):
             cell = cell + torch.bmm(cell, strain)
             inputs.append(strain)
         vectors = self.edge_vectors(g, positions, cell)
-        with noise_context(self.net, coefficients.repeat(n_samples) if sampling else None, noise if sampling else None):
+        if sampling:
+            coefficients = coefficients.repeat(n_samples).edge_at(vectors)
+        with noise_context(self.net, coefficients if sampling else None, noise if sampling else None):
             y = self.net(g.species, g.edge_index, vectors)
         atom_energy = self.scale * (y - self.lone_atom_output()[g.species]) + self.reference_energies[g.species]
         energy = scatter(atom_energy, g.batch, 0, dim_size=g.n_graphs, reduce="sum")
