@@ -325,7 +325,16 @@ class BLIPCalculator(Calculator):
         return results
 
     def _monte_carlo(self, prepared: _Prepared, n_samples: int) -> dict[str, Any]:
-        """MC means and calibrated unbiased variances over ``n_samples`` samples."""
+        """MC means and calibrated unbiased variances over ``n_samples`` samples.
+
+        For a model whose samples are a fixed set (a deep ensemble: ``sample_period`` members),
+        exactly one sample per member is taken whatever ``n_samples`` says, so the mean and the
+        unbiased variance are the ensemble's own (repeating members would shrink the variance by
+        ``S (N - 1) / (N (S - 1))`` and weight members unequally when ``N`` does not divide ``S``).
+        """
+        period = int(getattr(self.model, "sample_period", 1))
+        if period > 1:
+            n_samples = period
         noise = NoiseSource.spawn(self.generator, n_samples, device=self.model.device)
         raw = self._evaluate(prepared, noise)
         scale = self._variance_factors

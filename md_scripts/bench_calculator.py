@@ -81,10 +81,12 @@ def cycle(calc_fn: Callable[[Atoms], object], configs: list[Atoms]) -> Callable[
     return call
 
 
-def measure(model: PaiNNPotential, atoms: Atoms, n_samples: int, *, number: int, repeat: int) -> dict:
+def measure(
+    model: PaiNNPotential, atoms: Atoms, n_samples: int, *, number: int, repeat: int, max_batch_atoms: int | None = None
+) -> dict:
     """Timings of MAP and MC calls, their parts, and ``n_samples`` sequential stochastic passes."""
     configs = rattled(atoms, 16, seed=1)
-    mc = BLIPCalculator(model, n_samples=n_samples, mode="mc", device="cpu", seed=0)
+    mc = BLIPCalculator(model, n_samples=n_samples, mode="mc", device="cpu", seed=0, max_batch_atoms=max_batch_atoms)
     map_ = BLIPCalculator(model, mode="map", device="cpu", seed=0)
     stress = bool(atoms.pbc.all())
     graph = model.build_graph(atoms)
@@ -135,6 +137,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--checkpoint", default=None, help="trained H/N model for the NH3 case")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch default)")
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument(
+        "--mo-max-batch-atoms", type=int, default=None,
+        help="max_batch_atoms of the Mo MC calculator (None: the CPU default, 256, i.e. one sample per pass; "
+        "2000: all 8 samples in one batched pass)",
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -147,8 +154,8 @@ def main(argv: list[str] | None = None) -> dict:
     mo_model = PaiNNPotential([42], config, bayes)
     nh3 = measure(nh3_model.eval(), molecule("NH3"), 32, number=20, repeat=args.repeat)
     mo_atoms = bulk("Mo", "bcc", a=3.147, cubic=True) * (5, 5, 5)
-    mo = measure(mo_model.eval(), mo_atoms, 8, number=2, repeat=args.repeat)
-    mo_batch = BLIPCalculator(mo_model, device="cpu").max_batch_atoms
+    mo = measure(mo_model.eval(), mo_atoms, 8, number=2, repeat=args.repeat, max_batch_atoms=args.mo_max_batch_atoms)
+    mo_batch = BLIPCalculator(mo_model, device="cpu", max_batch_atoms=args.mo_max_batch_atoms).max_batch_atoms
     report = {
         "device": "cpu",
         "torch_threads": torch.get_num_threads(),

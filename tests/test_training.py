@@ -181,3 +181,10 @@ def test_the_shipped_ammonia_model_loads_and_predicts_near_equilibrium_forces():
     frames = read(EXAMPLE / "val.extxyz", ":")
     errors = [np.abs(model(model.build_graph(a))["forces"][0].detach().numpy() - a.get_forces()).mean() for a in frames]
     assert float(np.mean(errors)) < 0.08  # measured 0.059 eV/A (best epoch, MAP)
+
+
+def test_a_config_value_outside_its_choices_is_rejected_with_the_choices(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("backend: schnet\n")
+    with pytest.raises(ValueError, match=r"bad.yaml.backend must be one of \['painn', 'orb'\], got 'schnet'"):
+        load_config(path)

@@ -18,6 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n-samples", type=int, default=100, help="Monte Carlo samples (an ensemble uses its members)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the Monte Carlo noise")
     parser.add_argument("--device", default=None, help="torch device, cpu or cuda (None: cuda when available)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -25,7 +26,7 @@ def run(args: argparse.Namespace) -> int:
 
     result = calibrate(
         args.model, args.data, args.out, isotonic=args.isotonic, n_samples=args.n_samples, seed=args.seed,
-        device=args.device,
+        device=args.device, overwrite=args.overwrite,
     )
     print(f"calibration: {json.dumps(result['calibration'])}")
     print(f"{'on the calibration set':<24}{'before':>12}{'after':>12}")

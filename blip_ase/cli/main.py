@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     args = cmd_parser.parse_args(argv[1:])
     try:
         return int(module.run(args) or 0)
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as exc:
+    except (ValueError, FileNotFoundError, FileExistsError) as exc:
         print(f"blip {argv[0]}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -370,6 +370,10 @@ def run_md(config: MDConfig) -> dict:
     calc, model_path = _load_calculator(config)
     rng = np.random.default_rng(config.seed)
     atoms, start = _initial_state(config, out, rng)
+    if start > 0:  # a restart continues with fresh streams, not a replay of those from step 0
+        stream = np.random.SeedSequence([config.seed, start])
+        rng = np.random.default_rng(stream)
+        calc.generator.manual_seed(int(stream.generate_state(1, dtype=np.uint64)[0] >> 1))
     atoms.calc = calc
     check_ensemble(atoms, config.ensemble)
     dyn = make_dynamics(

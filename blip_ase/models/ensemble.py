@@ -2,10 +2,9 @@
 
 A Monte Carlo "sample" of an ensemble is a member: with a noise source of ``S`` samples,
 sample ``s`` is member ``s % N`` (members are evaluated in MAP mode, each once per pass, and the
-noise generators are not used). With ``S = N`` (or a multiple of ``N``) the calculator's mean and
-variance are the ensemble's mean and (unbiased, for ``S = N``) variance; other ``S`` weight the
-members unequally, so use ``n_samples = N``. The calculator starts every chunk of a batched
-pass at a multiple of :attr:`EnsemblePotential.sample_period`, so chunking keeps the assignment.
+noise generators are not used). ``BLIPCalculator`` always asks for ``S = N`` (one sample per
+member), so its mean and unbiased variance are the ensemble's own. The calculator starts every
+chunk of a batched pass at a multiple of :attr:`EnsemblePotential.sample_period`.
 MAP mode (no noise) returns the members' mean.
 
 An ensemble is saved as an ordinary checkpoint (backend ``ensemble``; config holds every

@@ -119,6 +119,8 @@ def from_dict(cls: type, data: dict, where: str = "config") -> Any:
     kwargs = {}
     for key, value in data.items():
         tp = hints[key]
+        if typing.get_origin(tp) is Literal and value not in typing.get_args(tp):
+            raise ValueError(f"{where}.{key} must be one of {list(typing.get_args(tp))}, got {value!r}")
         if _is_dataclass_type(tp):
             value = from_dict(tp, value or {}, f"{where}.{key}")
         elif isinstance(tp, types.UnionType) and value is not None:

@@ -291,6 +291,7 @@ def calibrate(
     n_samples: int = 100,
     seed: int = 0,
     device: str | None = None,
+    overwrite: bool = False,
 ) -> dict:
     """Fit calibration on the validation set ``data_path`` and write the calibrated checkpoint.
 
@@ -303,12 +304,14 @@ def calibrate(
 
     Raises:
         ValueError: fewer than 5 structures, data without forces, a deterministic model.
-        FileExistsError: ``out_path`` is the input checkpoint.
+        FileExistsError: ``out_path`` is the input checkpoint, or exists and ``overwrite`` is False.
     """
     from blip_ase.models.checkpoint import load_checkpoint, save_checkpoint
 
     if Path(out_path).resolve() == Path(model_path).resolve():
         raise FileExistsError(f"refusing to overwrite the input checkpoint {model_path}; choose another --out")
+    if Path(out_path).exists() and not overwrite:
+        raise FileExistsError(f"{out_path} exists; pass --overwrite to replace it")
     model, ckpt = load_checkpoint(model_path, device=device or "cpu")
     if model_method(model) == "deterministic":
         raise ValueError("a deterministic model has no variances to calibrate")
