@@ -421,3 +421,16 @@ def test_blip_md_help_documents_every_option_with_its_default(capsys):
     assert text.count("(default:") == len(options)
     for unit in ("--temperature-K", "--pressure-bar", "--timestep-fs", "--flag-force-std-eV-per-A"):
         assert unit in text
+
+
+def test_the_main_job_finds_the_shipped_model_and_structure_from_any_directory(tmp_path):
+    """README's main job names neither model nor structure; run it (shortened) elsewhere."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "blip_ase.cli.main", "md", "--temperature-K", "1200", "--steps", "20", "--no-progress"]
+    done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    summary = json.loads((tmp_path / "md_out" / "summary.json").read_text())
+    assert Path(summary["model"]) == SHIPPED_MODEL.resolve() and summary["n_checked"] == 3
+    assert summary["status"] == "completed" and (tmp_path / "md_out" / "uncertainty.png").is_file()
