@@ -176,19 +176,19 @@ def test_normaliser_statistics_stay_frozen_in_training_mode():
 
 class FixedSample(Calculator):
     """ASE calculator over an ORB potential: MAP, or the sample of one fixed noise seed with
-    alpha/beta held at those of the first configuration (forces treat them as constants)."""
+    alpha/beta of the first configuration (``recompute=False``) or of every configuration."""
 
     implemented_properties = ["energy", "free_energy", "forces", "stress"]
 
-    def __init__(self, model: OrbPotential, seed: int | None):
+    def __init__(self, model: OrbPotential, seed: int | None, recompute: bool = False):
         super().__init__()
-        self.model, self.seed, self.coefficients = model, seed, None
+        self.model, self.seed, self.coefficients, self.recompute = model, seed, None, recompute
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
         super().calculate(atoms, properties, system_changes)
         graph = self.model.build_graph(self.atoms)
         sampling = self.seed is not None
-        if sampling and self.coefficients is None:
+        if sampling and (self.coefficients is None or self.recompute):
             self.coefficients = self.model.coefficients(graph)
         out = self.model(
             graph,
@@ -205,16 +205,17 @@ class FixedSample(Calculator):
         }
 
 
-@pytest.mark.parametrize("seed", [None, 11])
-def test_conservative_forces_and_stress_match_finite_differences(seed):
-    """Also for a fixed noise draw (seed 11): a sample is a smooth function of the positions."""
+@pytest.mark.parametrize("seed, recompute", [(None, False), (11, False), (11, True)])
+def test_conservative_forces_and_stress_match_finite_differences(seed, recompute):
+    """Also for a fixed noise draw (seed 11): a sample is a smooth function of the positions,
+    including alpha(positions) when the inference network reruns at every displaced geometry."""
     atoms = bulk("Mo", "bcc", a=3.15) * (2, 1, 1)
     atoms.rattle(stdev=0.05, seed=1)
     # Away from the cell faces: an atom wrapped across a face changes its edges' lattice-shift
     # labels, hence their order and which noise row each edge gets (MAP is unaffected).
     atoms.translate(0.2 * atoms.cell.sum(axis=0))
     atoms.wrap()
-    atoms.calc = FixedSample(make_orb("conservative"), seed)
+    atoms.calc = FixedSample(make_orb("conservative"), seed, recompute)
     forces, stress = atoms.get_forces(), atoms.get_stress()
     assert np.abs(forces).max() > 1e-4 and np.abs(stress).max() > 1e-4
     np.testing.assert_allclose(forces, calculate_numerical_forces(atoms, eps=1e-4), atol=1e-7)

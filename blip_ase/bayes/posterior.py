@@ -132,6 +132,22 @@ class InferenceNetwork(nn.Module):
         p = torch.sigmoid(logit).clamp(self.p_min, self.p_max)
         return p / (1.0 - p)
 
+    def with_jacobian(
+        self, species: torch.Tensor, edge_index: torch.Tensor, edge_vector: torch.Tensor, *, create_graph: bool = False
+    ) -> Coefficients:
+        """:meth:`forward` plus ``edge_vector`` and ``edge_jacobian``, once per configuration.
+
+        With ``create_graph`` (training) alpha, beta and the Jacobian stay differentiable with
+        respect to the network's parameters; otherwise they are detached.
+        """
+        with torch.enable_grad():
+            vectors = edge_vector.detach().requires_grad_(True)
+            c = self(species, edge_index, vectors)
+            jacobian = edge_jacobian(c.edge, vectors, create_graph=create_graph)
+        if not create_graph:
+            c, jacobian = Coefficients(c.edge.detach(), c.node.detach()), jacobian.detach()
+        return Coefficients(c.edge, c.node, vectors.detach(), jacobian)
+
     def forward(self, species: torch.Tensor, edge_index: torch.Tensor, edge_vector: torch.Tensor) -> Coefficients:
         """Args:
             species: ``(N,)`` element indices.

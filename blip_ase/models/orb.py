@@ -251,7 +251,11 @@ class OrbPotential(Potential):
         """alpha per edge and beta per node of ``graph`` (None for a deterministic model)."""
         if self.posterior is None:
             return None
-        return self.posterior(graph.species, graph.edge_index(), graph.graphs.edge_features["vectors"])
+        vectors = graph.graphs.edge_features["vectors"]
+        if not self.conservative:  # forces come from a head: no derivative of alpha is needed
+            return self.posterior(graph.species, graph.edge_index(), vectors)
+        create_graph = self.training and torch.is_grad_enabled()
+        return self.posterior.with_jacobian(graph.species, graph.edge_index(), vectors, create_graph=create_graph)
 
     @torch.no_grad()
     def fit_normalisation(self, frames: list[Atoms], energies: np.ndarray, forces: np.ndarray) -> None:
@@ -321,10 +325,14 @@ class OrbPotential(Potential):
         batch = replicate(graph, n_samples).graphs
         if compute_stress and not self.implements_stress:
             raise ValueError("this direct ORB model has no stress head (has_stress: false)")
-        with noise_context(self.net, coefficients.repeat(n_samples) if sampling else None, noise if sampling else None):
-            if self.conservative:
-                energy, forces, stress = self._conservative(batch, compute_forces, compute_stress, create_graph)
-            else:
+        coefficients = coefficients.repeat(n_samples) if sampling else None
+        noise = noise if sampling else None
+        if self.conservative:
+            energy, forces, stress = self._conservative(
+                batch, coefficients, noise, compute_forces, compute_stress, create_graph
+            )
+        else:
+            with noise_context(self.net, coefficients, noise):
                 energy, forces, stress = self._direct(batch, compute_stress)
         g = graph.n_graphs
         out = {"energy": energy.view(n_samples, g)}
@@ -347,8 +355,10 @@ class OrbPotential(Potential):
             stress = torch.stack([xx, xy, xz, xy, yy, yz, xz, yz, zz], dim=-1).view(-1, 3, 3)
         return energy, forces, stress
 
-    def _conservative(self, batch, compute_forces: bool, compute_stress: bool, create_graph: bool):
-        """Energy ``(S*G,)``; forces ``-dE/dr`` and stress ``(1/V) dE/d(strain)`` by one backward."""
+    def _conservative(self, batch, coefficients, noise, compute_forces: bool, compute_stress: bool, create_graph: bool):
+        """Energy ``(S*G,)``; forces ``-dE/dr`` and stress ``(1/V) dE/d(strain)`` by one backward
+        (alpha carries its derivative with respect to the edge vectors, so a sample's forces
+        are the full derivative of its energy)."""
         net = self.net
         positions = batch.node_features["positions"].detach().requires_grad_(compute_forces)
         cell = batch.system_features["cell"]
@@ -368,7 +378,10 @@ class OrbPotential(Potential):
             edge_features={**batch.edge_features, "vectors": vectors},
         )
         head = net.heads["energy"]
-        energy = head.denormalize(head(net.model(batch)["node_features"], batch), batch)
+        if coefficients is not None:
+            coefficients = coefficients.edge_at(vectors)
+        with noise_context(net, coefficients, noise):
+            energy = head.denormalize(head(net.model(batch)["node_features"], batch), batch)
         if net.pair_repulsion:
             energy = energy + net.pair_repulsion_fn(batch)["energy"]
         forces = stress = None

@@ -27,7 +27,6 @@ from blip_ase.bayes import (
     NoiseSource,
     bayesianize,
     dropoutize,
-    edge_jacobian,
     no_coefficients,
     noise_context,
 )
@@ -181,14 +180,9 @@ class PaiNNPotential(Potential):
             return no_coefficients(graph.edge_index.shape[1], len(graph.species), like=graph.positions)
         # alpha depends on the edge vectors: keep d alpha / d vector so that forward() can give
         # every sample the full derivative of its energy (the network still runs once).
-        with torch.enable_grad():
-            vectors = self.edge_vectors(graph, graph.positions, graph.cell).detach().requires_grad_(True)
-            coefficients = self.posterior(graph.species, graph.edge_index, vectors)
-            jacobian = edge_jacobian(coefficients.edge, vectors, create_graph=self.training)
-        if not (self.training and torch.is_grad_enabled()):
-            coefficients = Coefficients(coefficients.edge.detach(), coefficients.node.detach())
-            jacobian = jacobian.detach()
-        return Coefficients(coefficients.edge, coefficients.node, vectors.detach(), jacobian)
+        vectors = self.edge_vectors(graph, graph.positions, graph.cell)
+        create_graph = self.training and torch.is_grad_enabled()
+        return self.posterior.with_jacobian(graph.species, graph.edge_index, vectors, create_graph=create_graph)
 
     def lone_atom_output(self) -> torch.Tensor:
         """``(n_elements,)`` MAP network output of one atom of each element with no neighbours.
