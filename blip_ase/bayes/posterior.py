@@ -57,14 +57,15 @@ class Coefficients:
 
 def edge_jacobian(alpha: torch.Tensor, edge_vector: torch.Tensor, *, create_graph: bool) -> torch.Tensor:
     """``(E, L, 3)`` d alpha[e, l] / d edge_vector[e] for alpha ``(E, L)`` computed edge-wise
-    from ``edge_vector (E, 3)`` (a tensor that requires grad); one backward per column."""
-    if alpha.shape[1] == 0:
-        return edge_vector.new_zeros(edge_vector.shape[0], 0, 3)
-    columns = [
-        torch.autograd.grad(alpha[:, col].sum(), edge_vector, create_graph=create_graph, retain_graph=True)[0]
-        for col in range(alpha.shape[1])
-    ]
-    return torch.stack(columns, dim=1)
+    from ``edge_vector (E, 3)`` (a tensor that requires grad); one batched backward."""
+    n_edges, n_cols = alpha.shape
+    if n_cols == 0 or n_edges == 0:
+        return edge_vector.new_zeros(n_edges, n_cols, 3)
+    seeds = torch.eye(n_cols, dtype=alpha.dtype, device=alpha.device)[:, None, :].expand(n_cols, n_edges, n_cols)
+    (jacobian,) = torch.autograd.grad(
+        alpha, edge_vector, grad_outputs=seeds, create_graph=create_graph, is_grads_batched=True
+    )
+    return jacobian.permute(1, 0, 2)
 
 
 def gaussian_rbf(distance: torch.Tensor, n_rbf: int, cutoff: float) -> torch.Tensor:
