@@ -16,7 +16,6 @@ to say "sample". Outside a noise context the layer is exactly ``nn.Linear`` (MAP
 
 from __future__ import annotations
 
-import re
 from statistics import NormalDist
 
 import torch
@@ -25,7 +24,7 @@ from torch.nn import functional as F
 
 from blip_ase.bayes.linear import BayesianLinear, Role
 from blip_ase.bayes.posterior import Coefficients
-from blip_ase.bayes.wrap import _replace
+from blip_ase.bayes.wrap import bayesianize
 
 
 class DropoutLinear(BayesianLinear):
@@ -68,22 +67,12 @@ def dropoutize(model: nn.Module, *, edge_pattern: str, node_pattern: str, p: flo
     Raises:
         ValueError: no linear matches, a name matches both patterns, or ``p`` is not in [0, 1).
     """
-    edge_names, node_names = [], []
-    for name, module in list(model.named_modules()):
-        if not isinstance(module, nn.Linear) or isinstance(module, BayesianLinear):
-            continue
-        is_edge = re.fullmatch(edge_pattern, name) is not None
-        is_node = re.fullmatch(node_pattern, name) is not None
-        if is_edge and is_node:
-            raise ValueError(f"linear {name!r} matches both the edge and the node pattern")
-        if is_edge or is_node:
-            names = edge_names if is_edge else node_names
-            role = "edge" if is_edge else "node"
-            _replace(model, name, DropoutLinear.from_linear(module, role=role, column=len(names), p=p))
-            names.append(name)
-    if not edge_names and not node_names:
-        raise ValueError(f"no nn.Linear of the model matches {edge_pattern!r} or {node_pattern!r}")
-    return edge_names, node_names
+    return bayesianize(
+        model,
+        edge_pattern=edge_pattern,
+        node_pattern=node_pattern,
+        make=lambda linear, role, column: DropoutLinear.from_linear(linear, role=role, column=column, p=p),
+    )
 
 
 def no_coefficients(n_edges: int, n_nodes: int, *, like: torch.Tensor) -> Coefficients:

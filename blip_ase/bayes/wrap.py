@@ -8,12 +8,12 @@ Wrapping keeps parameter objects and state_dict keys unchanged.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from torch import nn
 
-from blip_ase.bayes.linear import BayesianLinear, NoiseSource
+from blip_ase.bayes.linear import BayesianLinear, NoiseSource, Role
 from blip_ase.bayes.posterior import Coefficients
 
 
@@ -23,13 +23,21 @@ def _replace(model: nn.Module, name: str, layer: nn.Module) -> None:
     setattr(parent, child, layer)
 
 
-def bayesianize(model: nn.Module, *, edge_pattern: str, node_pattern: str) -> tuple[list[str], list[str]]:
+def bayesianize(
+    model: nn.Module,
+    *,
+    edge_pattern: str,
+    node_pattern: str,
+    make: Callable[[nn.Linear, Role, int], BayesianLinear] | None = None,
+) -> tuple[list[str], list[str]]:
     """Replace matching ``nn.Linear`` modules of ``model`` (in place) by :class:`BayesianLinear`.
 
     Args:
         model: any module; its parameters are shared, not copied.
         edge_pattern: regex (``re.fullmatch``) for message-function linears (alpha per edge).
         node_pattern: regex for update-function linears (beta per node).
+        make: ``make(linear, role, column)`` builds the replacement (default
+            :meth:`BayesianLinear.from_linear`; MC dropout passes its own layer).
 
     Returns:
         ``(edge_names, node_names)``; a layer's column in the inference network output is its
@@ -48,7 +56,8 @@ def bayesianize(model: nn.Module, *, edge_pattern: str, node_pattern: str) -> tu
             raise ValueError(f"linear {name!r} matches both the edge and the node pattern")
         if is_edge or is_node:
             names = edge_names if is_edge else node_names
-            layer = BayesianLinear.from_linear(module, role="edge" if is_edge else "node", column=len(names))
+            role: Role = "edge" if is_edge else "node"
+            layer = make(module, role, len(names)) if make else BayesianLinear.from_linear(module, role=role, column=len(names))
             _replace(model, name, layer)
             names.append(name)
     if not edge_names and not node_names:
