@@ -57,7 +57,10 @@ def bayesianize(
         if is_edge or is_node:
             names = edge_names if is_edge else node_names
             role: Role = "edge" if is_edge else "node"
-            layer = make(module, role, len(names)) if make else BayesianLinear.from_linear(module, role=role, column=len(names))
+            if make is None:
+                layer = BayesianLinear.from_linear(module, role=role, column=len(names))
+            else:
+                layer = make(module, role, len(names))
             _replace(model, name, layer)
             names.append(name)
     if not edge_names and not node_names:

@@ -17,7 +17,8 @@ blip_energy_variance, step, time, reason, flagged_atoms), uncertainty.csv and un
 threshold is exported and stops the run at that step (summary status "halted", exit code 0).
 """
 
-# Defaults for the shipped ammonia model (examples/ammonia/model.pt): see the "Uncertainty-monitored molecular dynamics" section of README.md.
+# Defaults for the shipped ammonia model (examples/ammonia/model.pt): see README.md,
+# section "Uncertainty-monitored molecular dynamics".
 DEFAULT_FLAG = 0.45
 DEFAULT_HALT = 1.0
 
