@@ -434,3 +434,20 @@ def test_the_main_job_finds_the_shipped_model_and_structure_from_any_directory(t
     summary = json.loads((tmp_path / "md_out" / "summary.json").read_text())
     assert Path(summary["model"]) == SHIPPED_MODEL.resolve() and summary["n_checked"] == 3
     assert summary["status"] == "completed" and (tmp_path / "md_out" / "uncertainty.png").is_file()
+
+
+def test_the_readme_monitor_example_runs(tmp_path, monkeypatch):
+    """The Python block of README's MD section, as written (its export goes to tmp_path)."""
+    import re
+
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("In Python the monitor attaches to any ASE dynamics") :]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    code = code.replace('"flagged.extxyz"', repr(str(tmp_path / "flagged.extxyz")))
+    monkeypatch.chdir(ROOT)
+    namespace: dict = {"__name__": "readme_md_example"}
+    exec(compile(code, "README.md:md example", "exec"), namespace)
+    monitor = namespace["monitor"]
+    assert monitor.n_checked >= 1 and len(monitor.history) == monitor.n_checked
+    if monitor.n_flagged:
+        assert len(read(tmp_path / "flagged.extxyz", ":")) == monitor.n_flagged
