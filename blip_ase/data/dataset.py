@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+
+from typing import Any
 
 import numpy as np
 import torch
 from ase import Atoms
 
-from blip_ase.data.graph import AtomGraph, atoms_to_graph, batch_graphs
+from blip_ase.data.graph import AtomGraph
 from blip_ase.data.readers import frame_labels
 
 
@@ -43,27 +45,35 @@ def voigt_to_matrix(stress: np.ndarray) -> np.ndarray:
 
 
 class GraphDataset:
-    """Structures with labels, converted to graphs once.
+    """Structures with labels, converted to a backend's graphs once.
 
     Args:
         frames: labelled structures (energy and forces required; stress if ``use_stress``).
-        cutoff: neighbour cutoff in Angstrom. elements: model's atomic numbers.
+        to_graph: ``Atoms -> graph`` of the backend (it validates the structure).
+        collate: ``list[graph] -> batched graph``.
         use_stress: also require and batch stress labels.
         name: used in error messages (e.g. the file name).
     """
 
-    def __init__(self, frames: list[Atoms], *, cutoff: float, elements: list[int], use_stress: bool = False, name: str = "data"):
-        self.frames = frames
-        self.graphs: list[AtomGraph] = []
+    def __init__(
+        self,
+        frames: list[Atoms],
+        *,
+        to_graph: Callable[[Atoms], Any],
+        collate: Callable[[list[Any]], Any],
+        use_stress: bool = False,
+        name: str = "data",
+    ):
+        self.frames, self.collate, self.use_stress = frames, collate, use_stress
+        self.graphs: list[Any] = []
         self.labels = []
         for k, atoms in enumerate(frames):
             where = f"{name}: frame {k}"
             self.labels.append(frame_labels(atoms, need_stress=use_stress, where=where))
             try:
-                self.graphs.append(atoms_to_graph(atoms, cutoff=cutoff, elements=elements))
+                self.graphs.append(to_graph(atoms))
             except ValueError as exc:
                 raise ValueError(f"{where}: {exc}") from exc
-        self.use_stress = use_stress
 
     def __len__(self) -> int:
         return len(self.graphs)
@@ -74,7 +84,7 @@ class GraphDataset:
         if self.use_stress:
             stress = torch.tensor(np.stack([voigt_to_matrix(lab["stress"]) for lab in labels]))
         return Batch(
-            graph=batch_graphs([self.graphs[k] for k in indices]),
+            graph=self.collate([self.graphs[k] for k in indices]),
             energy=torch.tensor([lab["energy"] for lab in labels], dtype=torch.float64),
             forces=torch.tensor(np.concatenate([lab["forces"] for lab in labels])),
             stress=stress,

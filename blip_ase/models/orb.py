@@ -33,7 +33,8 @@ from blip_ase.data.dataset import fit_reference_energies
 from blip_ase.models.potential import Potential
 
 if TYPE_CHECKING:  # orb-models is imported when a model is built, not with this module
-    from blip_ase.models.orb_graph import OrbDataset, OrbGraph
+    from blip_ase.data.dataset import GraphDataset
+    from blip_ase.models.orb_graph import OrbGraph
 
 EDGE_PATTERN = r"model\.gnn_stacks\.\d+\._edge_mlp\.mlp\.NN-\d+"
 NODE_PATTERN = r"model\.gnn_stacks\.\d+\._node_mlp\.mlp\.NN-\d+"
@@ -241,11 +242,15 @@ class OrbPotential(Potential):
             atoms, system_config=self.system_config, elements=self.elements, device=self.device, dtype=self.dtype
         )
 
-    def make_dataset(self, frames: list[Atoms], *, use_stress: bool = False, name: str = "data") -> OrbDataset:
+    def make_dataset(self, frames: list[Atoms], *, use_stress: bool = False, name: str = "data") -> GraphDataset:
         """Labelled orb-models graphs of ``frames`` for training."""
-        from blip_ase.models.orb_graph import OrbDataset
+        from blip_ase.data.dataset import GraphDataset
+        from blip_ase.models.orb_graph import atoms_to_orb_graph, batch_orb_graphs
 
-        return OrbDataset(frames, system_config=self.system_config, elements=self.elements, use_stress=use_stress, name=name)
+        def to_graph(atoms: Atoms) -> OrbGraph:
+            return atoms_to_orb_graph(atoms, system_config=self.system_config, elements=self.elements)
+
+        return GraphDataset(frames, to_graph=to_graph, collate=batch_orb_graphs, use_stress=use_stress, name=name)
 
     def coefficients(self, graph: OrbGraph) -> Coefficients | None:
         """alpha per edge and beta per node of ``graph`` (None for a deterministic model)."""

@@ -17,9 +17,7 @@ from ase import Atoms
 from orb_models.forcefield import base
 from orb_models.forcefield.atomic_system import SystemConfig, ase_atoms_to_atom_graphs
 
-from blip_ase.data.dataset import Batch, GraphDataset, voigt_to_matrix
 from blip_ase.data.graph import species_index, validate_atoms
-from blip_ase.data.readers import frame_labels
 
 
 @dataclass
@@ -114,48 +112,3 @@ def batch_orb_graphs(graphs: list[OrbGraph]) -> OrbGraph:
 def replicate(graph: OrbGraph, n_copies: int) -> OrbGraph:
     """``n_copies`` copies of the whole batch as one disjoint graph (copy-major order)."""
     return batch_orb_graphs([graph] * n_copies)
-
-
-class OrbDataset(GraphDataset):
-    """Labelled structures converted once to orb-models graphs (same interface as
-    :class:`~blip_ase.data.dataset.GraphDataset`: ``frames``, ``labels``, ``batches``).
-
-    Args:
-        frames: labelled structures (energy and forces; stress if ``use_stress``).
-        system_config: the model's neighbour radius and maximum neighbour count.
-        elements: the model's atomic numbers. use_stress: also batch stress labels.
-        name: used in error messages (e.g. the file name).
-    """
-
-    def __init__(
-        self,
-        frames: list[Atoms],
-        *,
-        system_config: SystemConfig,
-        elements: list[int],
-        use_stress: bool = False,
-        name: str = "data",
-    ):
-        self.frames = frames
-        self.graphs = []
-        self.labels = []
-        for k, atoms in enumerate(frames):
-            where = f"{name}: frame {k}"
-            self.labels.append(frame_labels(atoms, need_stress=use_stress, where=where))
-            try:
-                self.graphs.append(atoms_to_orb_graph(atoms, system_config=system_config, elements=elements))
-            except ValueError as exc:
-                raise ValueError(f"{where}: {exc}") from exc
-        self.use_stress = use_stress
-
-    def batch(self, indices: list[int] | np.ndarray) -> Batch:
-        labels = [self.labels[k] for k in indices]
-        stress = None
-        if self.use_stress:
-            stress = torch.tensor(np.stack([voigt_to_matrix(lab["stress"]) for lab in labels]))
-        return Batch(
-            graph=batch_orb_graphs([self.graphs[k] for k in indices]),  # type: ignore[arg-type]
-            energy=torch.tensor([lab["energy"] for lab in labels], dtype=torch.float64),
-            forces=torch.tensor(np.concatenate([lab["forces"] for lab in labels])),
-            stress=stress,
-        )

@@ -81,8 +81,12 @@ class Potential(nn.Module):
             A :class:`~blip_ase.data.dataset.GraphDataset` (or one with the same interface).
         """
         from blip_ase.data.dataset import GraphDataset
+        from blip_ase.data.graph import batch_graphs
 
-        return GraphDataset(frames, cutoff=self.cutoff, elements=self.elements, use_stress=use_stress, name=name)
+        def to_graph(atoms: Atoms) -> AtomGraph:
+            return atoms_to_graph(atoms, cutoff=self.cutoff, elements=self.elements)
+
+        return GraphDataset(frames, to_graph=to_graph, collate=batch_graphs, use_stress=use_stress, name=name)
 
     def fit_normalisation(self, frames: list[Atoms], energies: np.ndarray, forces: np.ndarray) -> None:
         """Set data-dependent constants (reference energies, scales) from the training set.
