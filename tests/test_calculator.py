@@ -1,5 +1,6 @@
 """BLIPCalculator: finite differences, agreement with the raw model, results contract, seeds,
-caching, bad input and the README example. Tiny float64 PaiNN models keep this file fast."""
+caching, bad input and the README example, for BLIP, MC dropout and a deep ensemble alike.
+Tiny float64 PaiNN models keep this file fast."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from ase.calculators.fd import calculate_numerical_forces, calculate_numerical_s
 from blip_ase import BLIPCalculator
 from blip_ase.bayes import BayesConfig, NoiseSource
 from blip_ase.models import PaiNNConfig, PaiNNPotential, save_checkpoint
+from blip_ase.models.ensemble import EnsemblePotential
 
 ROOT = Path(__file__).resolve().parents[1]
 MC_KEYS = {"energy", "free_energy", "forces", "energy_variance", "forces_variance"}
@@ -35,9 +37,31 @@ def make_model(elements=(1, 7, 42), bayesian: bool = True, seed: int = 0) -> Pai
     return model.double().eval()
 
 
+def make_kind(kind: str) -> PaiNNPotential | EnsemblePotential:
+    """BLIP, MC dropout or a 3-member deep ensemble, all tiny (the calculator tests run on each)."""
+    if kind == "blip":
+        return make_model()
+    if kind == "mc_dropout":
+        model = make_model(bayesian=False)
+        dropout = PaiNNPotential(model.elements, model.config, BayesConfig(method="mc_dropout", dropout_p=0.2))
+        dropout.load_state_dict(model.state_dict())
+        return dropout.double().eval()
+    return EnsemblePotential([make_model(bayesian=False, seed=k) for k in range(3)]).eval()
+
+
+@pytest.fixture(params=["blip", "mc_dropout", "ensemble"])
+def model_kind(request) -> str:
+    return request.param
+
+
 @pytest.fixture
-def model() -> PaiNNPotential:
-    return make_model()
+def model(model_kind):
+    """Every calculator test runs on each kind of uncertainty model unless marked BLIP_ONLY."""
+    return make_kind(model_kind)
+
+
+# Ensemble samples are its members: they are the same at every call and for every seed.
+RANDOM_SAMPLES = pytest.mark.parametrize("model_kind", ["blip", "mc_dropout"], indirect=True)
 
 
 @pytest.fixture
@@ -55,18 +79,28 @@ def mo() -> Atoms:
     return atoms
 
 
-def count_calls(monkeypatch, model: PaiNNPotential) -> dict[str, int]:
-    """Count neighbour-list builds and inference-network runs of ``model``."""
+def count_calls(monkeypatch, model) -> dict[str, int]:
+    """Count neighbour-list builds and inference-network runs (``coefficients``) of ``model``."""
     counts = {"build_graph": 0, "posterior": 0}
-    build = model.build_graph
 
-    def counting_build(atoms):
-        counts["build_graph"] += 1
-        return build(atoms)
+    def counting(name: str, key: str):
+        original = getattr(model, name)
 
-    monkeypatch.setattr(model, "build_graph", counting_build)
-    model.posterior.register_forward_hook(lambda *_: counts.__setitem__("posterior", counts["posterior"] + 1))
+        def wrapper(*args, **kwargs):
+            counts[key] += 1
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(model, name, wrapper)
+
+    counting("build_graph", "build_graph")
+    counting("coefficients", "posterior")
     return counts
+
+
+def samples_of(model, n_samples: int) -> int:
+    """Samples an MC call takes: ``n_samples``, or one per member for an ensemble."""
+    period = getattr(model, "sample_period", 1)
+    return period if period > 1 else n_samples
 
 
 def voigt(stress: torch.Tensor) -> np.ndarray:
@@ -106,7 +140,7 @@ def test_mc_statistics_equal_the_raw_model_samples_with_calibration(model, mo):
     calc = BLIPCalculator(model, n_samples=5, seed=7, calibration=scales)
     calc.calculate(mo)
     graph = model.build_graph(mo)
-    noise = NoiseSource.spawn(torch.Generator().manual_seed(7), 5)
+    noise = NoiseSource.spawn(torch.Generator().manual_seed(7), samples_of(model, 5))
     out = model(graph, coefficients=model.coefficients(graph), noise=noise, compute_stress=True)
     energy, forces = out["energy"][:, 0].detach().numpy(), out["forces"].detach().numpy()
     stress = np.stack([voigt(s) for s in out["stress"][:, 0]])
@@ -139,7 +173,8 @@ def test_mc_results_have_the_documented_keys_shapes_and_types(model, nh3, mo):
     assert isinstance(r["energy"], float) and isinstance(r["energy_variance"], float)
     assert r["free_energy"] == r["energy"]
     assert r["forces"].shape == (4, 3) and r["forces_variance"].shape == (4,)
-    assert r["energy_samples"].shape == (4,) and r["forces_samples"].shape == (4, 4, 3)
+    n = samples_of(model, 4)
+    assert r["energy_samples"].shape == (n,) and r["forces_samples"].shape == (n, 4, 3)
     np.testing.assert_allclose(r["forces_variance"], r["forces_samples"].var(0, ddof=1).sum(-1), rtol=1e-12)
     calc.calculate(mo)
     assert set(calc.results) == MC_KEYS | {"stress", "stress_variance", "energy_samples", "forces_samples"}
@@ -183,7 +218,8 @@ def test_one_atom_has_unsqueezed_forces_and_an_isolated_atom_feels_no_force(mode
     single.calc = BLIPCalculator(model, mode="map")
     assert single.get_forces().shape == (1, 3)
     e_h = single.get_potential_energy()
-    assert e_h == pytest.approx(float(model.reference_energies[0]), abs=1e-12)
+    references = [float(m.reference_energies[0]) for m in getattr(model, "members", [model])]
+    assert e_h == pytest.approx(np.mean(references), abs=1e-12)  # an ensemble: its members' mean
     far = nh3 + Atoms("H", positions=[[20.0, 0.0, 0.0]])
     far.calc = BLIPCalculator(model, mode="map")
     nh3.calc = BLIPCalculator(model, mode="map")
@@ -212,6 +248,7 @@ def test_float32_option_casts_the_model_and_results_stay_float64(nh3):
 # --- seeds ----------------------------------------------------------------------------------
 
 
+@RANDOM_SAMPLES
 def test_same_seed_gives_the_same_sequence_and_other_seeds_differ(model, nh3):
     def sequence(seed):
         calc = BLIPCalculator(model, n_samples=4, seed=seed)
@@ -237,7 +274,8 @@ def test_map_then_monte_carlo_builds_the_neighbour_list_and_runs_the_posterior_o
     first, second = calc.monte_carlo(), calc.monte_carlo(mo)
     assert counts == {"build_graph": 1, "posterior": 1}
     assert set(first) == MC_KEYS | {"stress", "stress_variance"}
-    assert not np.allclose(first["forces"], second["forces"])  # fresh samples each call
+    if samples_of(model, 4) == 4:  # not an ensemble: fresh samples each call
+        assert not np.allclose(first["forces"], second["forces"])
     assert calc.results.keys() == results.keys() and all(calc.results[k] is results[k] for k in results)
     np.testing.assert_array_equal(mo.get_forces(), forces)
 

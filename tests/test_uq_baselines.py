@@ -1,5 +1,6 @@
-"""MC dropout and deep ensembles pass the calculator tests of BLIP (same interface, same keys),
-plus what is specific to each baseline: masks, members, checkpoints, training, bad input."""
+"""What is specific to the baselines (MC dropout masks, ensemble members, checkpoints, training,
+bad input) and a few checks run on every kind. The calculator test suite itself
+(tests/test_calculator.py) runs on BLIP, MC dropout and ensembles alike."""
 
 from __future__ import annotations
 
@@ -9,8 +10,7 @@ import numpy as np
 import pytest
 import torch
 from ase import Atoms
-from ase.build import bulk, molecule
-from ase.calculators.fd import calculate_numerical_forces, calculate_numerical_stress
+from ase.build import molecule
 from ase.md.verlet import VelocityVerlet
 
 from blip_ase import BLIPCalculator
@@ -65,16 +65,6 @@ def nh3() -> Atoms:
 # --- the calculator tests of BLIP, for every kind ----------------------------------------------
 
 
-def test_map_forces_and_stress_equal_numerical_derivatives(model):
-    cell = bulk("Mo", "bcc", a=3.0, cubic=True)  # 2 atoms, sheared and rattled: cheap differences
-    cell.set_cell(cell.cell.array @ (np.eye(3) + [[0.02, 0.03, 0.0], [0.0, -0.01, 0.02], [0.0, 0.0, 0.01]]), True)
-    cell.rattle(0.05, seed=1)
-    cell.calc = BLIPCalculator(model, mode="map")
-    np.testing.assert_allclose(cell.get_forces(), calculate_numerical_forces(cell, 1e-5), atol=1e-7)
-    np.testing.assert_allclose(cell.get_stress(), calculate_numerical_stress(cell, 1e-6), atol=1e-9)
-    assert np.abs(cell.get_stress()).max() > 1e-4
-
-
 @pytest.mark.parametrize("kind", ["blip", "mc_dropout", "ensemble"])
 def test_forces_of_each_sample_are_derivatives_of_its_energy_for_a_fixed_seed(model, nh3):
     """A fresh calculator with the same seed redraws the same noise (masks, members) at every
@@ -100,62 +90,6 @@ def test_forces_of_each_sample_are_derivatives_of_its_energy_for_a_fixed_seed(mo
     assert forces.std(axis=0).max() > 1e-4  # samples differ
 
 
-def test_mc_statistics_equal_the_raw_model_samples_with_calibration(model, mo_cell):
-    scales = {"energy": 2.0, "forces": 3.0, "stress": 0.5}
-    calc = BLIPCalculator(model, n_samples=6, seed=7, calibration=scales)
-    calc.calculate(mo_cell)
-    graph = model.build_graph(mo_cell)
-    noise = NoiseSource.spawn(torch.Generator().manual_seed(7), _samples(model, 6))
-    out = model(graph, coefficients=model.coefficients(graph), noise=noise, compute_stress=True)
-    energy, forces = out["energy"][:, 0].detach().numpy(), out["forces"].detach().numpy()
-    r = calc.results
-    assert r["energy"] == pytest.approx(energy.mean(), abs=1e-12)
-    assert r["energy_variance"] == pytest.approx(2.0 * energy.var(ddof=1), rel=1e-10)
-    np.testing.assert_allclose(r["forces"], forces.mean(0), atol=1e-12)
-    np.testing.assert_allclose(r["forces_variance"], 3.0 * forces.var(0, ddof=1).sum(-1), rtol=1e-10)
-    assert r["stress_variance"].shape == (6,) and r["energy_variance"] > 0 and (r["forces_variance"] > 0).all()
-
-
-def test_chunking_by_max_batch_atoms_does_not_change_the_samples(model, nh3):
-    one_per_chunk = BLIPCalculator(model, n_samples=6, seed=1, keep_samples=True, max_batch_atoms=len(nh3))
-    all_at_once = BLIPCalculator(model, n_samples=6, seed=1, keep_samples=True)
-    a, b = one_per_chunk.monte_carlo(nh3), all_at_once.monte_carlo(nh3)
-    np.testing.assert_allclose(a["forces_samples"], b["forces_samples"], atol=1e-12)
-    np.testing.assert_allclose(a["energy_samples"], b["energy_samples"], atol=1e-12)
-
-
-def test_mc_results_have_the_documented_keys_shapes_and_types(model, nh3, mo_cell):
-    calc = BLIPCalculator(model, n_samples=4, seed=0, keep_samples=True)
-    calc.calculate(nh3)
-    r = calc.results
-    assert set(r) == MC_KEYS | {"energy_samples", "forces_samples"}
-    assert isinstance(r["energy"], float) and isinstance(r["energy_variance"], float)
-    assert r["forces"].shape == (4, 3) and r["forces_variance"].shape == (4,)
-    n = _samples(model, 4)
-    assert r["energy_samples"].shape == (n,) and r["forces_samples"].shape == (n, 4, 3)
-    calc.calculate(mo_cell)
-    assert set(calc.results) == MC_KEYS | {"stress", "stress_variance", "energy_samples", "forces_samples"}
-    for key in calc.results:
-        assert key in BLIPCalculator.implemented_properties
-        np.testing.assert_array_equal(calc.get_property(key, mo_cell), calc.results[key])
-
-
-def test_same_seed_gives_the_same_sequence_and_other_seeds_differ(kind, model, nh3):
-    """An ensemble's samples are its members, so for it the seed changes nothing."""
-
-    def sequence(seed):
-        calc = BLIPCalculator(model, n_samples=4, seed=seed)
-        return [calc.monte_carlo(nh3)["forces"] for _ in range(2)]
-
-    a, b, c = sequence(3), sequence(3), sequence(4)
-    np.testing.assert_array_equal(a[0], b[0])
-    np.testing.assert_array_equal(a[1], b[1])
-    if kind == "ensemble":
-        np.testing.assert_array_equal(a[0], c[0])
-    else:
-        assert not np.allclose(a[0], a[1]) and not np.allclose(a[0], c[0])
-
-
 def test_rotating_a_molecule_rotates_forces_and_keeps_energy_and_variances(model, nh3, rotation):
     moved = nh3.copy()
     moved.positions = nh3.positions @ rotation.T + np.array([1.3, -0.7, 2.1])
@@ -164,14 +98,6 @@ def test_rotating_a_molecule_rotates_forces_and_keeps_energy_and_variances(model
     assert r1["energy_variance"] == pytest.approx(r0["energy_variance"], rel=1e-8)
     np.testing.assert_allclose(r1["forces"], r0["forces"] @ rotation.T, atol=1e-9)
     np.testing.assert_allclose(r1["forces_variance"], r0["forces_variance"], rtol=1e-7, atol=1e-14)
-
-
-def test_atoms_are_not_modified(model, mo_cell):
-    before = mo_cell.copy()
-    mo_cell.calc = BLIPCalculator(model, n_samples=3, seed=0)
-    mo_cell.get_forces()
-    mo_cell.calc.monte_carlo()
-    assert mo_cell == before and mo_cell.info == before.info and set(mo_cell.arrays) == set(before.arrays)
 
 
 def test_a_checkpoint_round_trip_gives_identical_results_and_loads_weights_only(model, nh3, tmp_path):
