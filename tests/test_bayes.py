@@ -102,6 +102,26 @@ def test_noise_source_draws_sample_blocks_from_their_own_generator():
     assert torch.equal(both, torch.cat([first, second]))
 
 
+def test_prepared_noise_is_handed_out_in_pieces_and_stays_per_sample():
+    """Prepared draws (one generator call per sample) still equal the samples drawn one by one,
+    all pieces differ, and a draw beyond the prepared share is filled on its own."""
+    cpu = torch.device("cpu")
+
+    def pieces(seeds):
+        src = NoiseSource.from_seeds(seeds)
+        src.prepare(5 * 2 + 1 * 3, dtype=torch.float64)
+        s = len(seeds)
+        return [src.draw(5 * s, 2, dtype=torch.float64, device=cpu), src.draw(s, 3, dtype=torch.float64, device=cpu),
+                src.draw(2 * s, 4, dtype=torch.float64, device=cpu)]  # the last one is not prepared
+
+    both, first, second = pieces([4, 9]), pieces([4]), pieces([9])
+    for b, f, s in zip(both, first, second):
+        n = f.shape[0]
+        assert torch.equal(b, torch.cat([f, s])) and b.shape == (2 * n, f.shape[1])
+    numbers = torch.cat([p.flatten() for p in both])
+    assert len(torch.unique(numbers)) == numbers.numel()
+
+
 def test_noise_source_rejects_no_generators_and_rows_not_divisible_by_samples():
     with pytest.raises(ValueError, match="at least one generator"):
         NoiseSource([])

@@ -171,7 +171,9 @@ def test_zero_dropout_gives_samples_equal_to_map_and_a_bad_rate_is_rejected(make
     r = BLIPCalculator(model, n_samples=3, seed=0).monte_carlo(nh3)
     nh3.calc = BLIPCalculator(model, mode="map")
     np.testing.assert_allclose(r["forces"], nh3.get_forces(), atol=1e-12)
-    assert np.all(r["forces_variance"] == 0)
+    # equal samples up to float64 rounding: with index_add in PaiNN the copies of a batched pass
+    # differ by ~1e-17 eV/A (variance 6e-33 seen); any dropped unit gives a variance above 1e-6
+    assert np.all(r["forces_variance"] < 1e-24)
     with pytest.raises(ValueError, match=r"dropout probability must be in \[0, 1\)"):
         make_potential(BayesConfig(method="mc_dropout", dropout_p=1.0))
 

@@ -47,6 +47,10 @@ class DropoutLinear(BayesianLinear):
         layer.p = float(p)
         return layer
 
+    @property
+    def noise_columns(self) -> int:
+        return self.in_features
+
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """Args: h: ``(rows, in_features)``; rows are ``S`` sample-major blocks while sampling."""
         if self.noise is None or self.p == 0.0:

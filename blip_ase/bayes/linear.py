@@ -30,6 +30,12 @@ class NoiseSource:
     Sample ``s`` of a batched pass draws its noise from ``generators[s]`` only, so S samples
     in one batched forward equal S sequential forwards that use the same generators.
 
+    A pass may :meth:`prepare` the noise it will use: each generator then fills its sample's
+    whole share in one call (one call per layer and sample costs more than the numbers on CPU),
+    and :meth:`draw` hands out consecutive pieces of it. A draw that does not fit is filled on
+    its own. Either way a sample's numbers depend only on its generator and on the sequence of
+    per-sample sizes, which is the same batched or sequential.
+
     Args:
         generators: one :class:`torch.Generator` per Monte Carlo sample.
     """
@@ -38,6 +44,8 @@ class NoiseSource:
         if not generators:
             raise ValueError("NoiseSource needs at least one generator")
         self.generators = list(generators)
+        self._tape: torch.Tensor | None = None  # (S, numbers prepared per sample)
+        self._offset = 0
 
     @classmethod
     def from_seeds(cls, seeds: list[int], device: torch.device | str = "cpu") -> NoiseSource:
@@ -58,15 +66,27 @@ class NoiseSource:
         """Source for samples ``start:stop`` (used to chunk a batched pass)."""
         return NoiseSource(self.generators[start:stop])
 
+    def _fill(self, per_sample: int, dtype: torch.dtype) -> torch.Tensor:
+        tape = torch.empty(self.n_samples, per_sample, dtype=dtype, device=self.generators[0].device)
+        for row, g in zip(tape, self.generators):
+            row.normal_(generator=g)
+        return tape
+
+    def prepare(self, per_sample: int, *, dtype: torch.dtype) -> None:
+        """Draw the ``per_sample`` numbers each sample's coming draws will take, in one call per sample."""
+        self._tape, self._offset = self._fill(per_sample, dtype), 0
+
     def draw(self, rows: int, cols: int, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """Noise of shape ``(rows, cols)``; rows are ``n_samples`` equal blocks, one per sample."""
         if rows % self.n_samples:
             raise ValueError(f"{rows} rows cannot be split into {self.n_samples} samples")
-        per = rows // self.n_samples
-        out = torch.empty(rows, cols, dtype=dtype, device=self.generators[0].device)
-        for k, g in enumerate(self.generators):
-            out[k * per : (k + 1) * per].normal_(generator=g)
-        return out.to(device)
+        size = rows // self.n_samples * cols
+        tape = self._tape
+        if tape is None or tape.dtype != dtype or self._offset + size > tape.shape[1]:
+            tape, self._offset = self._fill(size, dtype), 0
+        block = tape[:, self._offset : self._offset + size]
+        self._offset += size
+        return block.reshape(rows, cols).to(device)
 
 
 class BayesianLinear(nn.Linear):
@@ -107,6 +127,11 @@ class BayesianLinear(nn.Linear):
         layer.role, layer.column = role, column
         layer.coefficient, layer.noise = None, None
         return layer
+
+    @property
+    def noise_columns(self) -> int:
+        """Standard normals this layer draws per input row while sampling."""
+        return self.out_features
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """Args: h: ``(rows, in_features)``. Returns ``(rows, out_features)``."""

@@ -78,10 +78,12 @@ def noise_context(model: nn.Module, coefficients: Coefficients | None, noise: No
     """Within the block, Bayesian layers of ``model`` sample with these coefficients and noise.
 
     With ``coefficients`` or ``noise`` None the layers run in MAP mode (plain linears).
-    ``coefficients`` must already be repeated to the number of samples in ``noise``.
+    ``coefficients`` must already be repeated to the number of samples in ``noise``. The noise
+    of a pass that applies each Bayesian layer once (to every edge or node) is drawn up front.
     """
     layers = bayesian_layers(model)
     try:
+        per_sample = 0
         for layer in layers:
             if coefficients is None or noise is None:
                 layer.coefficient, layer.noise = None, None
@@ -89,6 +91,9 @@ def noise_context(model: nn.Module, coefficients: Coefficients | None, noise: No
             block = coefficients.edge if layer.role == "edge" else coefficients.node
             layer.coefficient = block[:, layer.column : layer.column + 1]
             layer.noise = noise
+            per_sample += block.shape[0] // noise.n_samples * layer.noise_columns
+        if per_sample:
+            noise.prepare(per_sample, dtype=coefficients.edge.dtype)
         yield
     finally:
         for layer in layers:

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch_geometric.utils import scatter
 
 EDGE_PATTERN = r"interactions\.\d+\.context_net\.\d+"
 NODE_PATTERN = r"updates\.\d+\.update_net\.\d+"
@@ -61,11 +60,11 @@ class Interaction(nn.Module):
     def forward(self, s, v, filters, unit, edge_index):
         i, j = edge_index
         f = s.shape[-1]
-        x = self.context_net(s[j]) * filters  # (E, 3F), per edge
+        # index_select / index_add: several times faster than advanced indexing and scatter on CPU
+        x = self.context_net(s.index_select(0, j)) * filters  # (E, 3F), per edge
         ds, dv_r, dv_v = torch.split(x, f, dim=-1)
-        dv = dv_r[:, None, :] * unit[:, :, None] + dv_v[:, None, :] * v[j]  # (E, 3, F)
-        n = s.shape[0]
-        return s + scatter(ds, i, 0, dim_size=n, reduce="sum"), v + scatter(dv, i, 0, dim_size=n, reduce="sum")
+        dv = dv_r[:, None, :] * unit[:, :, None] + dv_v[:, None, :] * v.index_select(0, j)  # (E, 3, F)
+        return s.index_add(0, i, ds), v.index_add(0, i, dv)
 
 
 class Update(nn.Module):

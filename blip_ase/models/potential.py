@@ -174,7 +174,8 @@ class PaiNNPotential(Potential):
     def edge_vectors(graph: AtomGraph, positions: torch.Tensor, cell: torch.Tensor) -> torch.Tensor:
         """``(E, 3)`` vectors r_j - r_i + shift @ cell for the given positions and cells."""
         i, j = graph.edge_index
-        return positions[j] - positions[i] + torch.einsum("ek,ekl->el", graph.cell_shifts, cell[graph.batch[i]])
+        shift = torch.einsum("ek,ekl->el", graph.cell_shifts, cell.index_select(0, graph.batch.index_select(0, i)))
+        return positions.index_select(0, j) - positions.index_select(0, i) + shift
 
     def coefficients(self, graph: AtomGraph) -> Coefficients | None:
         """alpha per edge and beta per node of ``graph`` (None for a deterministic model)."""
