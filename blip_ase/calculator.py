@@ -37,7 +37,7 @@ import torch
 from ase import Atoms
 from ase.calculators.calculator import Calculator, all_changes
 
-from blip_ase.bayes import NoiseSource
+from blip_ase.bayes import NoiseSource, input_gradients_only
 from blip_ase.data.graph import species_index, validate_atoms
 from blip_ase.models.checkpoint import DEFAULT_CALIBRATION, load_checkpoint
 from blip_ase.models.potential import Potential
@@ -300,13 +300,14 @@ class BLIPCalculator(Calculator):
             chunks = [noise.split(a, min(a + size, noise.n_samples)) for a in range(0, noise.n_samples, size)]
         parts: dict[str, list[torch.Tensor]] = {}
         for chunk in chunks:
-            out = self.model(
-                prepared.graph,
-                coefficients=coefficients,
-                noise=chunk,
-                compute_forces=True,
-                compute_stress=compute_stress,
-            )
+            with input_gradients_only():
+                out = self.model(
+                    prepared.graph,
+                    coefficients=coefficients,
+                    noise=chunk,
+                    compute_forces=True,
+                    compute_stress=compute_stress,
+                )
             for key, value in out.items():
                 parts.setdefault(key, []).append(value.detach())
         result = {"energy": torch.cat(parts["energy"])[:, 0], "forces": torch.cat(parts["forces"])}

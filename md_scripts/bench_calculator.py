@@ -36,7 +36,7 @@ from ase import Atoms
 from ase.build import bulk, molecule
 
 from blip_ase import BLIPCalculator
-from blip_ase.bayes import BayesConfig, NoiseSource
+from blip_ase.bayes import BayesConfig, NoiseSource, input_gradients_only
 from blip_ase.models import PaiNNConfig, PaiNNPotential, load_checkpoint
 
 
@@ -96,7 +96,8 @@ def measure(
 
     def single_pass() -> object:
         noise = NoiseSource.spawn(generator, 1)
-        return model(graph, coefficients=coefficients, noise=noise, compute_stress=stress)
+        with input_gradients_only():  # as the calculator evaluates
+            return model(graph, coefficients=coefficients, noise=noise, compute_stress=stress)
 
     def posterior() -> object:
         with torch.no_grad():

@@ -16,6 +16,7 @@ from blip_ase.bayes import (
     NoiseSource,
     bayesian_layers,
     bayesianize,
+    input_gradients_only,
     kl_divergence,
     kl_per_coefficient,
     noise_context,
@@ -72,6 +73,37 @@ def test_bayesian_linear_state_dict_keys_equal_nn_linear(bias):
     wrapped = BayesianLinear.from_linear(plain, role="node", column=0)
     assert wrapped.state_dict().keys() == plain.state_dict().keys()
     assert wrapped.weight is plain.weight, "from_linear must share parameters, not copy them"
+
+
+def test_hand_written_backward_equals_autograd_and_refuses_second_derivatives():
+    """Within input_gradients_only the layer's output, d/dh and d/d alpha (through the
+    coefficient, as for position-dependent alpha) equal autograd's, rows with alpha = 0 included;
+    parameters get no gradient and a second derivative raises."""
+    layer = _layer()
+    gen = torch.Generator().manual_seed(1)
+    h = torch.randn(6, 5, dtype=torch.float64, generator=gen)
+    alpha = torch.tensor([[0.3], [0.0], [1.2], [0.05], [0.7], [0.0]], dtype=torch.float64)
+    upstream = torch.randn(6, 4, dtype=torch.float64, generator=gen)
+
+    def run():
+        x, a = h.clone().requires_grad_(), alpha.clone().requires_grad_()
+        with noise_context(layer, Coefficients(a, torch.zeros(0, 1)), NoiseSource.from_seeds([5, 6, 7])):
+            z = layer(x)
+        return (z, *torch.autograd.grad((z * upstream).sum(), (x, a), create_graph=torch.is_grad_enabled()))
+
+    reference = run()
+    with input_gradients_only():
+        fused = run()
+    for got, want in zip(fused, reference):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert fused[2][[1, 5]].abs().max() == 0 and reference[2][[0, 2, 3, 4]].abs().min() > 0
+    x = h.clone().requires_grad_()
+    with input_gradients_only(), noise_context(layer, Coefficients(alpha, torch.zeros(0, 1)), NoiseSource.from_seeds([0])):
+        z = layer(x)
+    assert layer.weight.grad is None
+    (grad,) = torch.autograd.grad(z.sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="does not require grad|once_differentiable"):
+        grad.sum().backward()
 
 
 def test_coefficient_rows_must_match_input_rows():
