@@ -196,7 +196,10 @@ def test_same_seed_gives_identical_samples_and_another_seed_different_ones(bayes
     assert (first["energy"][0] - first["energy"][1]).abs() > 1e-6, "samples within a pass must differ"
 
 
-def test_batched_samples_equal_sequential_passes_with_the_same_noise(bayesian_potential, mo_cell):
+@pytest.mark.parametrize("prepared", [True, False], ids=["noise-drawn-up-front", "noise-drawn-per-layer"])
+def test_batched_samples_equal_sequential_passes_with_the_same_noise(bayesian_potential, mo_cell, prepared, monkeypatch):
+    if not prepared:  # as for a structure too large to draw its noise up front
+        monkeypatch.setattr("blip_ase.bayes.wrap.PREPARE_LIMIT", 0)
     model = bayesian_potential
     graph = model.build_graph(mo_cell)
     c = model.coefficients(graph)

@@ -17,6 +17,9 @@ from blip_ase.bayes.linear import BayesianLinear, NoiseSource, Role
 from blip_ase.bayes.posterior import Coefficients
 
 
+PREPARE_LIMIT = 1 << 18  # standard normals per sample (1 MiB in float32)
+
+
 def _replace(model: nn.Module, name: str, layer: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -78,8 +81,10 @@ def noise_context(model: nn.Module, coefficients: Coefficients | None, noise: No
     """Within the block, Bayesian layers of ``model`` sample with these coefficients and noise.
 
     With ``coefficients`` or ``noise`` None the layers run in MAP mode (plain linears).
-    ``coefficients`` must already be repeated to the number of samples in ``noise``. The noise
-    of a pass that applies each Bayesian layer once (to every edge or node) is drawn up front.
+    ``coefficients`` must already be repeated to the number of samples in ``noise``. For a small
+    structure (at most :data:`PREPARE_LIMIT` numbers per sample) the noise of a pass that applies
+    each Bayesian layer once is drawn up front; a large one draws per layer, which bounds memory.
+    The choice depends on the per-sample size only, so batched and sequential samples agree.
     """
     layers = bayesian_layers(model)
     try:
@@ -92,7 +97,7 @@ def noise_context(model: nn.Module, coefficients: Coefficients | None, noise: No
             layer.coefficient = block[:, layer.column : layer.column + 1]
             layer.noise = noise
             per_sample += block.shape[0] // noise.n_samples * layer.noise_columns
-        if per_sample:
+        if 0 < per_sample <= PREPARE_LIMIT:
             noise.prepare(per_sample, dtype=coefficients.edge.dtype)
         yield
     finally:
