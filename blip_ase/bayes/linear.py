@@ -37,8 +37,8 @@ def input_gradients_only() -> Iterator[None]:
     and alpha only (forces, stress): no parameter gradients, no derivatives of derivatives.
 
     Their backward is then written by hand and keeps two ``(rows, out)`` tensors where autograd
-    keeps a chain of them (about 0.7 ms of a 15 ms NH3 S=32 pass on CPU). The calculator
-    predicts in this mode; training must not (it raises on a second derivative).
+    keeps a chain of them, which saves memory traffic. The calculator predicts in this mode;
+    training must not (a second derivative raises).
     """
     token = _INPUT_GRADIENTS_ONLY.set(True)
     try:
