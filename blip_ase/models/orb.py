@@ -310,19 +310,9 @@ class OrbPotential(Potential):
         compute_stress: bool = False,
         create_graph: bool = False,
     ) -> dict[str, torch.Tensor]:
-        """Energies, forces and stresses of ``S = noise.n_samples`` samples in one pass.
-
-        Args:
-            graph: batch of ``G`` structures with ``N`` atoms in total.
-            coefficients: from :meth:`coefficients` of the same graph (computed once, reused).
-            noise: Monte Carlo noise; None (or no coefficients) = MAP, ``S = 1``.
-            compute_forces, compute_stress: what to return (direct models always have forces).
-            create_graph: keep the graph of the derivatives (conservative models, training).
-
-        Returns:
-            ``energy (S, G)`` eV; ``forces (S, N, 3)`` eV/A; ``stress (S, G, 3, 3)`` eV/A^3
-            (``dE/d(strain) / V``).
-        """
+        """:meth:`Potential.forward`. A direct model always returns forces (its head predicts
+        them) and raises ``ValueError`` if asked for stress without a stress head; a
+        conservative one differentiates its energy."""
         from blip_ase.models.orb_graph import replicate
 
         sampling = noise is not None and coefficients is not None

@@ -71,6 +71,31 @@ class Potential(nn.Module):
     def coefficients(self, graph: Any) -> Coefficients | None:
         raise NotImplementedError
 
+    def forward(
+        self,
+        graph: Any,
+        *,
+        coefficients: Coefficients | None = None,
+        noise: NoiseSource | None = None,
+        compute_forces: bool = True,
+        compute_stress: bool = False,
+        create_graph: bool = False,
+    ) -> dict[str, torch.Tensor]:
+        """Energies, forces and stresses of ``S = noise.n_samples`` samples in one pass.
+
+        Args:
+            graph: batch of ``G`` structures with ``N`` atoms in total, from :meth:`build_graph`.
+            coefficients: from :meth:`coefficients` of the same graph (computed once, reused).
+            noise: Monte Carlo noise; None (or no coefficients) = MAP, ``S = 1``.
+            compute_forces, compute_stress: what to return (stress needs periodic cells).
+            create_graph: keep the graph of the derivatives (training on forces).
+
+        Returns:
+            ``energy (S, G)`` eV; ``forces (S, N, 3)`` eV/A; ``stress (S, G, 3, 3)`` eV/A^3
+            (``dE/d(strain) / V``).
+        """
+        raise NotImplementedError
+
     def config_dict(self) -> dict:
         raise NotImplementedError
 
@@ -219,19 +244,7 @@ class PaiNNPotential(Potential):
         compute_stress: bool = False,
         create_graph: bool = False,
     ) -> dict[str, torch.Tensor]:
-        """Energies, forces and stresses of ``S = noise.n_samples`` samples in one pass.
-
-        Args:
-            graph: batch of ``G`` structures with ``N`` atoms in total.
-            coefficients: from :meth:`coefficients` of the same graph (computed once, reused).
-            noise: Monte Carlo noise; None (or no coefficients) = MAP, ``S = 1``.
-            compute_forces, compute_stress: what to differentiate (stress needs periodic cells).
-            create_graph: keep the graph of the derivatives (training on forces).
-
-        Returns:
-            ``energy (S, G)`` eV; ``forces (S, N, 3)`` eV/A; ``stress (S, G, 3, 3)`` eV/A^3
-            (``dE/d(strain) / V``).
-        """
+        """:meth:`Potential.forward`; forces and stress are derivatives of each sample's energy."""
         sampling = noise is not None and coefficients is not None
         n_samples = noise.n_samples if sampling else 1
         g = graph.replicate(n_samples)
