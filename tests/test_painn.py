@@ -311,3 +311,19 @@ def test_sample_forces_and_stress_are_full_derivatives_when_alpha_is_recomputed(
     torch.testing.assert_close(out["forces"], _numerical_forces(model, graph, "recompute", SEEDS[:2]), rtol=0, atol=1e-7)
     numerical = _numerical_stress(model, graph, "recompute", SEEDS[:2])
     torch.testing.assert_close(out["stress"][:, 0], numerical, rtol=0, atol=1e-8)
+
+
+def test_training_mode_reruns_the_inference_network_inside_the_pass_with_exact_forces(bayesian_potential, ammonia):
+    """Training differentiates forces once more; there the network runs on the pass's own
+    edge vectors instead of carrying its Jacobian, and sample forces stay full derivatives."""
+    model = bayesian_potential.train()
+    graph = model.build_graph(ammonia)
+    c = model.coefficients(graph)
+    assert c.edge_jacobian is None
+    out = model(graph, coefficients=c, noise=_noise(SEEDS[:2]), create_graph=True)
+    assert out["forces"].requires_grad
+    numerical = _numerical_forces(model, graph, "recompute", SEEDS[:2])
+    torch.testing.assert_close(out["forces"].detach(), numerical, rtol=0, atol=1e-7)
+    model.eval()
+    c_eval = model.coefficients(graph)
+    torch.testing.assert_close(c_eval.edge, c.edge.detach(), rtol=1e-12, atol=1e-14)

@@ -4,7 +4,7 @@ from blip_ase.bayes.config import BayesConfig
 from blip_ase.bayes.dropout import DropoutLinear, dropoutize, no_coefficients
 from blip_ase.bayes.kl import kl_divergence, kl_per_coefficient
 from blip_ase.bayes.linear import BayesianLinear, NoiseSource, input_gradients_only
-from blip_ase.bayes.posterior import Coefficients, InferenceNetwork, edge_jacobian
+from blip_ase.bayes.posterior import Coefficients, InferenceNetwork, PosteriorInputs, edge_jacobian
 from blip_ase.bayes.wrap import bayesian_layers, bayesianize, noise_context
 
 __all__ = [
@@ -14,6 +14,7 @@ __all__ = [
     "DropoutLinear",
     "InferenceNetwork",
     "NoiseSource",
+    "PosteriorInputs",
     "bayesian_layers",
     "bayesianize",
     "dropoutize",

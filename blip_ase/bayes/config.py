@@ -19,6 +19,9 @@ class BayesConfig:
         n_hidden: number of hidden (swish) layers of each head.
         n_rbf: Gaussian radial basis functions of the edge length fed to the edge head.
         unit_vector: also feed the unit edge vector to the edge head (non-equivariant models).
+        neighbourhood: the node head also sees a radial sum over the atom's neighbours, so beta
+            depends on the geometry (and the noise-contrastive prior can act on it), not only on
+            the element.
         edge_pattern, node_pattern: regexes (``re.fullmatch`` on module names) of the
             message (alpha per edge) and update (beta per node) linears; None = backend default.
         method: ``blip`` (variational adaptive dropout: the inference network, prior and KL
@@ -37,6 +40,7 @@ class BayesConfig:
     n_hidden: int = 2
     n_rbf: int = 20
     unit_vector: bool = False
+    neighbourhood: bool = False
     edge_pattern: str | None = None
     node_pattern: str | None = None
     method: Literal["blip", "mc_dropout"] = "blip"

@@ -17,6 +17,23 @@ from torch import nn
 
 
 @dataclass
+class PosteriorInputs:
+    """What the inference network sees of a (batched) configuration.
+
+    Attributes:
+        species: ``(N,)`` element indices. edge_index: ``(2, E)`` (receiver i, sender j).
+        edge_vector: ``(E, 3)`` edge vectors in Angstrom (the backend's sign convention).
+        atom_graph: ``(N,)`` index of each atom's structure. n_graphs: number of structures.
+    """
+
+    species: torch.Tensor
+    edge_index: torch.Tensor
+    edge_vector: torch.Tensor
+    atom_graph: torch.Tensor
+    n_graphs: int
+
+
+@dataclass
 class Coefficients:
     """Variational adaptive dropout coefficients of one (batched) configuration.
 
@@ -29,18 +46,28 @@ class Coefficients:
             alpha at displaced vectors to first order, exactly at the computed configuration, so
             forces and stress of a sample are the full derivatives of its energy although the
             inference network ran once.
+        node_jacobian: ``(n_edges, n_node_layers, 3)`` d beta[receiver[e]] / d edge_vector[e]
+            when beta depends on the atom's neighbourhood (a sum over its edges), else None.
+        receiver: ``(n_edges,)`` receiving atom of each edge (with ``node_jacobian``).
     """
 
     edge: torch.Tensor
     node: torch.Tensor
     edge_vector: torch.Tensor | None = None
     edge_jacobian: torch.Tensor | None = None
+    node_jacobian: torch.Tensor | None = None
+    receiver: torch.Tensor | None = None
 
     def repeat(self, n_samples: int) -> Coefficients:
         """Coefficients of ``n_samples`` stacked copies of the configuration (sample-major)."""
         rep = None if self.edge_vector is None else self.edge_vector.repeat(n_samples, 1)
         jac = None if self.edge_jacobian is None else self.edge_jacobian.repeat(n_samples, 1, 1)
-        return Coefficients(self.edge.repeat(n_samples, 1), self.node.repeat(n_samples, 1), rep, jac)
+        node_jac = receiver = None
+        if self.node_jacobian is not None and self.receiver is not None:
+            node_jac = self.node_jacobian.repeat(n_samples, 1, 1)
+            offsets = torch.arange(n_samples, device=self.receiver.device) * self.node.shape[0]
+            receiver = (self.receiver[None, :] + offsets[:, None]).reshape(-1)
+        return Coefficients(self.edge.repeat(n_samples, 1), self.node.repeat(n_samples, 1), rep, jac, node_jac, receiver)
 
     def edge_at(self, edge_vector: torch.Tensor) -> Coefficients:
         """Coefficients whose alpha carries the derivative with respect to ``edge_vector``.
@@ -49,22 +76,37 @@ class Coefficients:
         configuration, possibly as a function of strained or replicated positions); the value of
         alpha is unchanged, its gradient is ``edge_jacobian``.
         """
-        if self.edge_jacobian is None or self.edge_vector is None or not self.edge.numel():
+        if self.edge_jacobian is None or self.edge_vector is None:
             return self
-        shift = torch.einsum("elk,ek->el", self.edge_jacobian, edge_vector - self.edge_vector)
-        return Coefficients(self.edge + shift, self.node, edge_vector, self.edge_jacobian)
+        step = edge_vector - self.edge_vector
+        edge, node = self.edge, self.node
+        if edge.numel():
+            edge = edge + torch.einsum("elk,ek->el", self.edge_jacobian, step)
+        if self.node_jacobian is not None and self.receiver is not None and node.numel():
+            node = node.index_add(0, self.receiver, torch.einsum("elk,ek->el", self.node_jacobian, step))
+        return Coefficients(edge, node, edge_vector, self.edge_jacobian, self.node_jacobian, self.receiver)
 
 
-def edge_jacobian(alpha: torch.Tensor, edge_vector: torch.Tensor, *, create_graph: bool) -> torch.Tensor:
+def edge_jacobian(
+    alpha: torch.Tensor, edge_vector: torch.Tensor, *, create_graph: bool, retain_graph: bool = False
+) -> torch.Tensor:
     """``(E, L, 3)`` d alpha[e, l] / d edge_vector[e] for alpha ``(E, L)`` computed edge-wise
-    from ``edge_vector (E, 3)`` (a tensor that requires grad); one batched backward."""
-    n_edges, n_cols = alpha.shape
-    if n_cols == 0 or n_edges == 0:
+    from ``edge_vector (E, 3)`` (a tensor that requires grad); one batched backward.
+
+    The same holds for any ``(rows, L)`` output in which each edge vector affects one row per
+    column (beta of the edge's receiver, for a neighbourhood-aware node head): column ``l`` of
+    the result is then the derivative of that row."""
+    n_rows, n_cols = alpha.shape
+    n_edges = edge_vector.shape[0]
+    if n_cols == 0 or n_edges == 0 or n_rows == 0:
         return edge_vector.new_zeros(n_edges, n_cols, 3)
-    seeds = torch.eye(n_cols, dtype=alpha.dtype, device=alpha.device)[:, None, :].expand(n_cols, n_edges, n_cols)
+    seeds = torch.eye(n_cols, dtype=alpha.dtype, device=alpha.device)[:, None, :].expand(n_cols, n_rows, n_cols)
     (jacobian,) = torch.autograd.grad(
-        alpha, edge_vector, grad_outputs=seeds, create_graph=create_graph, is_grads_batched=True
-    )
+        alpha, edge_vector, grad_outputs=seeds, create_graph=create_graph, retain_graph=retain_graph or create_graph,
+        is_grads_batched=True, allow_unused=True,
+    )  # fmt: skip
+    if jacobian is None:
+        return edge_vector.new_zeros(n_edges, n_cols, 3)
     return jacobian.permute(1, 0, 2)
 
 
@@ -96,6 +138,9 @@ class InferenceNetwork(nn.Module):
         unit_vector: also feed the unit edge vector (not rotation invariant; for ORB v3).
         p_min, p_max: clamp of the dropout probability.
         p_init: dropout probability the network starts from.
+        neighbourhood: the node head also sees the atom's neighbourhood, ``log(1 + sum_j
+            rbf(r_ij) fc(r_ij))`` over its edges (invariant), so beta can tell a crowded or
+            stretched environment from a normal one; otherwise beta depends on the element only.
     """
 
     def __init__(
@@ -113,16 +158,17 @@ class InferenceNetwork(nn.Module):
         p_min: float = 0.0,
         p_max: float = 0.8,
         p_init: float = 0.01,
+        neighbourhood: bool = False,
     ):
         super().__init__()
         if not 0.0 <= p_min <= p_init <= p_max < 1.0:
             raise ValueError(f"need 0 <= p_min <= p_init <= p_max < 1, got {p_min}, {p_init}, {p_max}")
         self.cutoff, self.n_rbf, self.unit_vector = cutoff, n_rbf, unit_vector
-        self.p_min, self.p_max = p_min, p_max
+        self.p_min, self.p_max, self.neighbourhood = p_min, p_max, neighbourhood
         self.embedding = nn.Embedding(n_elements, embedding_dim)
         n_edge_in = n_rbf + 2 * embedding_dim + (3 if unit_vector else 0)
         self.edge_head = _mlp(n_edge_in, hidden, n_hidden, max(n_edge_layers, 1))
-        self.node_head = _mlp(embedding_dim, hidden, n_hidden, max(n_node_layers, 1))
+        self.node_head = _mlp(embedding_dim + (n_rbf if neighbourhood else 0), hidden, n_hidden, max(n_node_layers, 1))
         self.n_edge_layers, self.n_node_layers = n_edge_layers, n_node_layers
         logit = math.log(p_init / (1.0 - p_init)) if p_init > 0 else -20.0
         for head in (self.edge_head, self.node_head):
@@ -144,10 +190,21 @@ class InferenceNetwork(nn.Module):
         with torch.enable_grad():
             vectors = edge_vector.detach().requires_grad_(True)
             c = self(species, edge_index, vectors)
-            jacobian = edge_jacobian(c.edge, vectors, create_graph=create_graph)
+            jacobian = edge_jacobian(c.edge, vectors, create_graph=create_graph, retain_graph=self.neighbourhood)
+            node_jacobian = edge_jacobian(c.node, vectors, create_graph=create_graph) if self.neighbourhood else None
         if not create_graph:
             c, jacobian = Coefficients(c.edge.detach(), c.node.detach()), jacobian.detach()
-        return Coefficients(c.edge, c.node, vectors.detach(), jacobian)
+            node_jacobian = None if node_jacobian is None else node_jacobian.detach()
+        receiver = edge_index[0] if node_jacobian is not None else None
+        return Coefficients(c.edge, c.node, vectors.detach(), jacobian, node_jacobian, receiver)
+
+    def neighbourhood_features(self, edge_index: torch.Tensor, edge_vector: torch.Tensor, n_nodes: int) -> torch.Tensor:
+        """``(N, n_rbf)`` ``log(1 + sum over the atom's edges of rbf(r) * fc(r))``, smooth in the
+        positions (cosine cutoff ``fc``) and invariant."""
+        distance = edge_vector.norm(dim=-1)
+        fc = 0.5 * (torch.cos(math.pi * distance / self.cutoff) + 1.0) * (distance < self.cutoff)
+        terms = gaussian_rbf(distance, self.n_rbf, self.cutoff) * fc[:, None]
+        return torch.log1p(terms.new_zeros(n_nodes, self.n_rbf).index_add(0, edge_index[0], terms))
 
     def forward(self, species: torch.Tensor, edge_index: torch.Tensor, edge_vector: torch.Tensor) -> Coefficients:
         """Args:
@@ -164,5 +221,8 @@ class InferenceNetwork(nn.Module):
         if self.unit_vector:
             parts.append(edge_vector / distance.clamp_min(1e-9)[:, None])
         edge = self._alpha(self.edge_head(torch.cat(parts, dim=-1)))[:, : self.n_edge_layers]
-        node = self._alpha(self.node_head(emb))[:, : self.n_node_layers]
+        node_in = emb
+        if self.neighbourhood:
+            node_in = torch.cat([emb, self.neighbourhood_features(edge_index, edge_vector, len(species))], dim=-1)
+        node = self._alpha(self.node_head(node_in))[:, : self.n_node_layers]
         return Coefficients(edge, node)

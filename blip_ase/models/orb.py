@@ -28,7 +28,9 @@ import numpy as np
 import torch
 from ase import Atoms
 
-from blip_ase.bayes import BayesConfig, Coefficients, InferenceNetwork, NoiseSource, bayesianize, noise_context
+from blip_ase.bayes import (
+    BayesConfig, Coefficients, InferenceNetwork, NoiseSource, PosteriorInputs, bayesianize, noise_context,
+)  # fmt: skip
 from blip_ase.data.dataset import fit_reference_energies
 from blip_ase.models.potential import Potential
 
@@ -212,7 +214,7 @@ class OrbPotential(Potential):
             self.posterior = InferenceNetwork(
                 len(self.elements), len(edge), len(node), cutoff=self.config.radius, hidden=bayes.hidden,
                 n_hidden=bayes.n_hidden, n_rbf=bayes.n_rbf, unit_vector=bayes.unit_vector,
-                p_min=bayes.p_min, p_max=bayes.p_max, p_init=bayes.p_init,
+                p_min=bayes.p_min, p_max=bayes.p_max, p_init=bayes.p_init, neighbourhood=bayes.neighbourhood,
             )  # fmt: skip
 
     @property
@@ -256,11 +258,16 @@ class OrbPotential(Potential):
         """alpha per edge and beta per node of ``graph`` (None for a deterministic model)."""
         if self.posterior is None:
             return None
-        vectors = graph.graphs.edge_features["vectors"]
+        x = self.posterior_inputs(graph)
         if not self.conservative:  # forces come from a head: no derivative of alpha is needed
-            return self.posterior(graph.species, graph.edge_index(), vectors)
+            return self.posterior(x.species, x.edge_index, x.edge_vector)
         create_graph = self.training and torch.is_grad_enabled()
-        return self.posterior.with_jacobian(graph.species, graph.edge_index(), vectors, create_graph=create_graph)
+        return self.posterior.with_jacobian(x.species, x.edge_index, x.edge_vector, create_graph=create_graph)
+
+    def posterior_inputs(self, graph: OrbGraph) -> PosteriorInputs:
+        n_node = graph.graphs.n_node
+        atom_graph = torch.repeat_interleave(torch.arange(len(n_node), device=n_node.device), n_node)
+        return PosteriorInputs(graph.species, graph.edge_index(), graph.graphs.edge_features["vectors"], atom_graph, len(n_node))
 
     @torch.no_grad()
     def fit_normalisation(self, frames: list[Atoms], energies: np.ndarray, forces: np.ndarray) -> None:

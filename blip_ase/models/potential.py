@@ -25,6 +25,7 @@ from blip_ase.bayes import (
     Coefficients,
     InferenceNetwork,
     NoiseSource,
+    PosteriorInputs,
     bayesianize,
     dropoutize,
     no_coefficients,
@@ -69,6 +70,11 @@ class Potential(nn.Module):
         raise NotImplementedError
 
     def coefficients(self, graph: Any) -> Coefficients | None:
+        raise NotImplementedError
+
+    def posterior_inputs(self, graph: Any) -> PosteriorInputs:
+        """What the inference network sees of ``graph`` (for the noise-contrastive prior, which
+        evaluates it at perturbed edge vectors)."""
         raise NotImplementedError
 
     def forward(
@@ -167,6 +173,7 @@ class PaiNNPotential(Potential):
                 p_min=bayes.p_min,
                 p_max=bayes.p_max,
                 p_init=bayes.p_init,
+                neighbourhood=bayes.neighbourhood,
             )
 
     def config_dict(self) -> dict:
@@ -208,11 +215,22 @@ class PaiNNPotential(Potential):
             if self.bayes is None:
                 return None
             return no_coefficients(graph.edge_index.shape[1], len(graph.species), like=graph.positions)
+        inputs = self.posterior_inputs(graph)
+        if self._rerun_posterior():  # training: forward() reruns the network on its own vectors
+            return self.posterior(inputs.species, inputs.edge_index, inputs.edge_vector)
         # alpha depends on the edge vectors: keep d alpha / d vector so that forward() can give
         # every sample the full derivative of its energy (the network still runs once).
+        return self.posterior.with_jacobian(inputs.species, inputs.edge_index, inputs.edge_vector)
+
+    def _rerun_posterior(self) -> bool:
+        """In training (grad enabled) the inference network runs inside :meth:`forward` on the
+        pass's own edge vectors: exact derivatives, and cheaper to differentiate twice than
+        the Jacobian of :meth:`InferenceNetwork.with_jacobian`."""
+        return self.posterior is not None and self.training and torch.is_grad_enabled()
+
+    def posterior_inputs(self, graph: AtomGraph) -> PosteriorInputs:
         vectors = self.edge_vectors(graph, graph.positions, graph.cell)
-        create_graph = self.training and torch.is_grad_enabled()
-        return self.posterior.with_jacobian(graph.species, graph.edge_index, vectors, create_graph=create_graph)
+        return PosteriorInputs(graph.species, graph.edge_index, vectors, graph.batch, graph.n_graphs)
 
     def lone_atom_output(self) -> torch.Tensor:
         """``(n_elements,)`` MAP network output of one atom of each element with no neighbours.
@@ -257,7 +275,9 @@ class PaiNNPotential(Potential):
             cell = cell + torch.bmm(cell, strain)
             inputs.append(strain)
         vectors = self.edge_vectors(g, positions, cell)
-        if sampling:
+        if sampling and self._rerun_posterior():
+            coefficients = self.posterior(g.species, g.edge_index, vectors)
+        elif sampling:
             coefficients = coefficients.repeat(n_samples).edge_at(vectors)
         with noise_context(self.net, coefficients if sampling else None, noise if sampling else None):
             y = self.net(g.species, g.edge_index, vectors)

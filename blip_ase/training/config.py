@@ -12,6 +12,7 @@ from typing import Any, Literal
 from blip_ase.bayes import BayesConfig
 from blip_ase.models.orb import OrbConfig
 from blip_ase.models.painn import PaiNNConfig
+from blip_ase.training.contrastive import ContrastiveConfig
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,13 @@ class TrainConfig:
         seed: seeds initialisation, shuffling and the training noise.
         dtype: ``float32`` or ``float64``. device: ``cpu``, ``cuda``, or None for auto.
         progress: show a progress bar.
+        contrastive: the noise-contrastive prior (KL on perturbed copies; weight 0 = off).
+        kl_warmup_epochs: both KL weights rise linearly from 0 over this many epochs (0: off).
+        select_by: which epoch's model is kept: ``val_loss`` (MAP validation data loss) or
+            ``mc_nll`` (Gaussian NLL of the validation forces under ``select_samples`` Monte
+            Carlo samples, after the NLL-optimal variance scale, so it rewards how well the
+            variances rank the errors, not their overall size; Bayesian models only).
+        select_samples: Monte Carlo samples for ``mc_nll`` (fixed seeds: the same draws every epoch).
         ensemble: number of independently seeded members (seeds ``seed, seed + 1, ...``); above 1,
             ``blip train`` trains each into ``OUT/member_<k>/`` and writes the ensemble checkpoint
             ``OUT/model.pt`` (a deep ensemble: with ``deterministic: true``).
@@ -96,6 +104,10 @@ class TrainConfig:
     dtype: Literal["float32", "float64"] = "float32"
     device: str | None = None
     progress: bool = True
+    contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)
+    kl_warmup_epochs: int = 0
+    select_by: Literal["val_loss", "mc_nll"] = "val_loss"
+    select_samples: int = 8
     ensemble: int = 1
 
 
@@ -129,6 +141,26 @@ def from_dict(cls: type, data: dict, where: str = "config") -> Any:
                 value = from_dict(inner[0], value, f"{where}.{key}")
         kwargs[key] = value
     return cls(**kwargs)
+
+
+def with_overrides(cfg: Any, overrides: dict, where: str = "overrides") -> Any:
+    """Copy of dataclass ``cfg`` with nested ``overrides`` (``{"bayes": {"kl_weight": 1.0}}``)
+    replaced; unknown keys are rejected like in :func:`from_dict`."""
+    names = [f.name for f in dataclasses.fields(cfg)]
+    unknown = sorted(set(overrides) - set(names))
+    if unknown:
+        raise ValueError(f"unknown key(s) {unknown} in {where}; allowed: {names}")
+    changes = {}
+    for key, value in overrides.items():
+        current = getattr(cfg, key)
+        if dataclasses.is_dataclass(current) and isinstance(value, dict):
+            value = with_overrides(current, value, f"{where}.{key}")
+        changes[key] = value
+    hints = typing.get_type_hints(type(cfg))
+    for key, value in changes.items():
+        if typing.get_origin(hints[key]) is Literal and value not in typing.get_args(hints[key]):
+            raise ValueError(f"{where}.{key} must be one of {list(typing.get_args(hints[key]))}, got {value!r}")
+    return dataclasses.replace(cfg, **changes)
 
 
 def load_config(path: str | Path, **overrides: Any) -> TrainConfig:

@@ -17,10 +17,11 @@ from blip_ase.data.readers import read_frames
 from blip_ase.models.checkpoint import save_checkpoint
 from blip_ase.models.potential import BACKENDS, Potential
 from blip_ase.training.config import TrainConfig
+from blip_ase.training.contrastive import contrastive_kl
 from blip_ase.training.loss import elbo_loss
 
-LOG_FIELDS = ["epoch", "lr", "train_loss", "train_energy", "train_forces", "train_kl", "val_loss",
-              "val_energy_mae", "val_forces_mae", "seconds"]
+LOG_FIELDS = ["epoch", "lr", "train_loss", "train_energy", "train_forces", "train_kl", "train_kl_contrastive",
+              "val_loss", "val_energy_mae", "val_forces_mae", "val_mc_nll", "seconds"]
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -88,15 +89,50 @@ def evaluate_map(model: Potential, data: GraphDataset, cfg: TrainConfig, device,
     return {"loss": sums["loss"] / n_e, "energy_mae": sums["energy_mae"] / n_e, "forces_mae": sums["forces_mae"] / n_f}
 
 
-def train_step(model, batch: Batch, cfg: TrainConfig, optimizer, generator, use_stress: bool) -> dict[str, float]:
+def kl_factor(epoch: int, warmup_epochs: int) -> float:
+    """Multiplier of the KL weights in ``epoch`` (0-based): linear from ``1/warmup`` to 1."""
+    return min(1.0, (epoch + 1) / warmup_epochs) if warmup_epochs > 0 else 1.0
+
+
+def evaluate_mc_nll(model: Potential, data: GraphDataset, cfg: TrainConfig, device, dtype) -> float:
+    """Gaussian NLL (nats per force component) of ``data`` under ``cfg.select_samples`` Monte
+    Carlo samples with seeds ``0 .. S-1`` (the same draws at every call), with the variances
+    multiplied by the NLL-optimal scale ``mean(err^2 / var)``: ``0.5 mean(log(2 pi s var)) + 0.5``.
+    Component variance: the atom's variance trace / 3, as in :mod:`blip_ase.uq.metrics`."""
+    sq_err, var = [], []
+    for batch in data.batches(cfg.batch_size):
+        batch = batch.to(device, dtype)
+        coefficients = model.coefficients(batch.graph)
+        noise = NoiseSource.from_seeds(list(range(cfg.select_samples)), device)
+        forces = model(batch.graph, coefficients=coefficients, noise=noise)["forces"].detach().double()
+        sq_err.append((forces.mean(0) - batch.forces.double()) ** 2)
+        var.append(forces.var(0).sum(-1, keepdim=True).expand(-1, 3) / 3.0)
+    err2, v = torch.cat(sq_err).flatten(), torch.cat(var).flatten().clamp_min(1e-12)
+    scale = float((err2 / v).mean())
+    return float(0.5 * torch.log(2 * math.pi * scale * v).mean() + 0.5)
+
+
+def train_step(
+    model, batch: Batch, cfg: TrainConfig, optimizer, generator, use_stress: bool,
+    *, kl_factor: float = 1.0, contrastive_generator: torch.Generator | None = None,
+) -> dict[str, float]:  # fmt: skip
+    """One optimiser step on ``batch`` with one Monte Carlo sample from ``generator``; the KL
+    weights are multiplied by ``kl_factor`` (warm-up); with ``cfg.contrastive.weight`` the KL of
+    perturbed copies (drawn from ``contrastive_generator``) is added."""
     coefficients = model.coefficients(batch.graph)
     noise = NoiseSource([generator]) if coefficients is not None else None
     out = model(batch.graph, coefficients=coefficients, noise=noise, compute_stress=use_stress, create_graph=True)
     bayes = model.bayes
+    p0 = bayes.p0 if bayes else 0.5
     loss, parts = elbo_loss(
-        out, batch, cfg.loss, coefficients=coefficients,
-        p0=bayes.p0 if bayes else 0.5, kl_weight=bayes.kl_weight if bayes else 0.0,
+        out, batch, cfg.loss, coefficients=coefficients, p0=p0, kl_weight=kl_factor * bayes.kl_weight if bayes else 0.0,
     )
+    if cfg.contrastive.weight and getattr(model, "posterior", None) is not None:
+        if contrastive_generator is None:
+            raise ValueError("contrastive.weight > 0 needs a contrastive_generator for the perturbations")
+        kl_c = contrastive_kl(model, batch.graph, cfg.contrastive, contrastive_generator, p0)
+        loss = loss + kl_factor * cfg.contrastive.weight * kl_c
+        parts["kl_contrastive"] = float(kl_c.detach())
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if cfg.optim.grad_clip:
@@ -142,14 +178,19 @@ def train(cfg: TrainConfig, train_path: str | Path, val_path: str | Path, out_di
     steps_per_epoch = math.ceil(len(train_data) / cfg.batch_size)
     scheduler, per_step = make_scheduler(optimizer, cfg, cfg.epochs * steps_per_epoch)
     rng = np.random.default_rng(cfg.seed)
-    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    generators = (
+        torch.Generator(device=device).manual_seed(cfg.seed),
+        torch.Generator(device=device).manual_seed(cfg.contrastive.seed + cfg.seed),
+    )
     out_dir.mkdir(parents=True, exist_ok=True)
-    return _fit(model, cfg, train_data, val_data, optimizer, scheduler, per_step, rng, generator, out_dir, device, dtype)
+    return _fit(model, cfg, train_data, val_data, optimizer, scheduler, per_step, rng, generators, out_dir, device, dtype)
 
 
-def _fit(model, cfg, train_data, val_data, optimizer, scheduler, per_step, rng, generator, out_dir, device, dtype) -> dict:
+def _fit(model, cfg, train_data, val_data, optimizer, scheduler, per_step, rng, generators, out_dir, device, dtype) -> dict:
     from tqdm.auto import tqdm
 
+    generator, contrastive_generator = generators
+    select_mc = cfg.select_by == "mc_nll" and model.is_bayesian
     start, best, best_epoch, stale = time.perf_counter(), math.inf, -1, 0
     best_metrics: dict[str, float] = {}
     with open(out_dir / "log.csv", "w", newline="") as fh:
@@ -159,25 +200,33 @@ def _fit(model, cfg, train_data, val_data, optimizer, scheduler, per_step, rng, 
         for epoch in bar:
             model.train()
             parts = []
+            factor = kl_factor(epoch, cfg.kl_warmup_epochs)
             for batch in train_data.batches(cfg.batch_size, shuffle=True, rng=rng):
-                parts.append(train_step(model, batch.to(device, dtype), cfg, optimizer, generator, train_data.use_stress))
+                parts.append(train_step(
+                    model, batch.to(device, dtype), cfg, optimizer, generator, train_data.use_stress,
+                    kl_factor=factor, contrastive_generator=contrastive_generator,
+                ))  # fmt: skip
                 if per_step:
                     scheduler.step()
             model.eval()
             val = evaluate_map(model, val_data, cfg, device, dtype)
+            if select_mc:
+                val["mc_nll"] = evaluate_mc_nll(model, val_data, cfg, device, dtype)
             if scheduler is not None and not per_step:
                 scheduler.step(val["loss"])
             row = {
                 "epoch": epoch, "lr": optimizer.param_groups[0]["lr"],
-                **{f"train_{k}": float(np.mean([p.get(k, 0.0) for p in parts])) for k in ("loss", "energy", "forces", "kl")},
+                **{f"train_{k}": float(np.mean([p.get(k, 0.0) for p in parts]))
+                   for k in ("loss", "energy", "forces", "kl", "kl_contrastive")},
                 "val_loss": val["loss"], "val_energy_mae": val["energy_mae"], "val_forces_mae": val["forces_mae"],
-                "seconds": time.perf_counter() - start,
+                "val_mc_nll": val.get("mc_nll", ""), "seconds": time.perf_counter() - start,
             }
             log.writerow(row)
             fh.flush()
             bar.set_postfix(loss=f"{row['train_loss']:.4f}", val_F_mae=f"{val['forces_mae']:.4f}")
-            if val["loss"] < best:
-                best, best_epoch, stale, best_metrics = val["loss"], epoch, 0, val
+            score = val["mc_nll"] if select_mc else val["loss"]
+            if score < best:
+                best, best_epoch, stale, best_metrics = score, epoch, 0, val
                 meta = {"epoch": epoch, "val": val, "config": dataclasses.asdict(cfg), "seconds": row["seconds"]}
                 save_checkpoint(out_dir / "model.pt", model, training=meta)
             else:

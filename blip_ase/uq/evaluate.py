@@ -17,6 +17,7 @@ from typing import Any, Literal
 import numpy as np
 
 from blip_ase.uq import metrics as m
+from blip_ase.uq.coefficients import collect_coefficients, summarise_coefficients
 from blip_ase.uq.calibration import (
     MIN_STRUCTURES,
     apply_isotonic,
@@ -241,6 +242,10 @@ def evaluate(
         report[name] = compute_metrics(pred, calibration)
         if not is_identity(calibration):
             report[f"{name}_uncalibrated"] = compute_metrics(pred, None)
+    coefficients = {name: collect_coefficients(model, read_labelled(path)[0]) for name, path in sets.items()}
+    report["coefficients"] = None
+    if coefficients["id"] is not None:
+        report["coefficients"] = {name: summarise_coefficients(c) for name, c in coefficients.items()}
     report["auroc"] = report["auroc_max"] = None
     if "ood" in preds and preds["id"].has_uncertainty:
         for key, reduce in (("auroc", "mean"), ("auroc_max", "max")):
@@ -253,7 +258,7 @@ def evaluate(
         if plots:
             from blip_ase.uq.plots import write_plots
 
-            report["plots"] = write_plots(out_dir, preds, calibration)
+            report["plots"] = write_plots(out_dir, preds, calibration, coefficients)
     return report
 
 

@@ -1,4 +1,5 @@
-"""PNG plots of ``blip eval``: parity, calibration curve, error versus predicted std."""
+"""PNG plots of ``blip eval``: parity, calibration curve, error versus predicted std, and the
+noise coefficients alpha/beta per layer for the ID and OOD sets."""
 
 from __future__ import annotations
 
@@ -28,13 +29,50 @@ def _diagonal(ax) -> None:
     ax.set_ylim(lo, hi)
 
 
-def write_plots(out_dir: str | Path, preds: dict[str, Predictions], calibration: dict | None = None) -> list[str]:
+def plot_coefficients(path: Path, coefficients: dict[str, dict[str, np.ndarray]]) -> None:
+    """Box plots (5th-95th percentile whiskers, log axis) of alpha per message layer and beta
+    per update layer, one box per data set (ID blue, OOD red) side by side."""
+    from matplotlib.figure import Figure
+
+    kinds = [k for k in ("edge", "node") if next(iter(coefficients.values()))[k].shape[1]]
+    fig = Figure(figsize=(4.5 * len(kinds), 3.6))
+    axes = np.atleast_1d(fig.subplots(1, len(kinds)))
+    names = list(coefficients)
+    width = 0.8 / len(names)
+    for ax, kind in zip(axes, kinds):
+        n_layers = coefficients[names[0]][kind].shape[1]
+        for k, name in enumerate(names):
+            block = coefficients[name][kind]
+            positions = np.arange(n_layers) + (k - (len(names) - 1) / 2) * width
+            parts = ax.boxplot([block[:, c] for c in range(n_layers)], positions=positions, widths=width * 0.9,
+                               whis=(5, 95), showfliers=False, patch_artist=True)
+            for box in parts["boxes"]:
+                box.set(facecolor=COLOURS.get(name, "grey"), alpha=0.5)
+            ax.plot([], [], color=COLOURS.get(name, "grey"), lw=6, alpha=0.5, label=name)
+        ax.set_yscale("log")
+        ax.set_xticks(np.arange(n_layers), [str(c) for c in range(n_layers)])
+        symbol = "alpha (per edge)" if kind == "edge" else "beta (per node)"
+        ax.set(xlabel=f"{'message' if kind == 'edge' else 'update'} layer", ylabel=symbol)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def write_plots(
+    out_dir: str | Path,
+    preds: dict[str, Predictions],
+    calibration: dict | None = None,
+    coefficients: dict[str, dict[str, np.ndarray] | None] | None = None,
+) -> list[str]:
     """Write ``energy_parity.png``, ``forces_parity.png`` and, for models with uncertainty,
-    ``calibration_curve.png`` and ``error_vs_std.png`` (log axes) into ``out_dir``.
+    ``calibration_curve.png`` and ``error_vs_std.png`` (log axes) into ``out_dir``; for a BLIP
+    model also ``coefficients.png`` (alpha and beta per layer, ID and OOD).
 
     Args:
         preds: ``{"id": Predictions, "ood": Predictions}`` (``ood`` optional).
         calibration: the checkpoint's calibration, applied to the variances.
+        coefficients: ``{"id": {"edge": ..., "node": ...}, ...}`` from
+            :func:`~blip_ase.uq.coefficients.collect_coefficients` (None entries: no network).
 
     Returns:
         The written file names.
@@ -93,4 +131,7 @@ def write_plots(out_dir: str | Path, preds: dict[str, Predictions], calibration:
     fig.tight_layout()
     fig.savefig(out_dir / "error_vs_std.png", dpi=120)
     written.append("error_vs_std.png")
+    if coefficients and all(c is not None for c in coefficients.values()):
+        plot_coefficients(out_dir / "coefficients.png", coefficients)
+        written.append("coefficients.png")
     return written

@@ -1,0 +1,173 @@
+"""The adaptive-noise options: noise-contrastive prior, neighbourhood-aware beta, KL warm-up,
+model selection by the Monte Carlo validation NLL, and nested config overrides."""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from ase.io import read
+
+from blip_ase.bayes import NoiseSource
+from blip_ase.training import load_config, train, with_overrides
+from blip_ase.training.contrastive import ContrastiveConfig, contrastive_kl, perturb_edge_vectors
+from blip_ase.training.loop import kl_factor
+from conftest import TINY_BAYES, build_potential
+
+ROOT = Path(__file__).resolve().parents[1]
+AMMONIA = ROOT / "examples" / "ammonia"
+SEEDS = [11, 12]
+NEIGHBOURHOOD = replace(TINY_BAYES, neighbourhood=True)
+
+
+def _energy(model, graph, seeds) -> torch.Tensor:
+    """``(S,)`` energies with alpha/beta recomputed at this very geometry."""
+    c = model.coefficients(graph)
+    return model(graph, coefficients=c, noise=NoiseSource.from_seeds(seeds), compute_forces=False)["energy"][:, 0]
+
+
+def test_neighbourhood_beta_depends_on_the_geometry_and_is_rotation_invariant(ammonia, rotation):
+    model = build_potential(NEIGHBOURHOOD)
+    moved = ammonia.copy()
+    moved.positions = ammonia.positions @ rotation.T + 1.0
+    stretched = ammonia.copy()
+    stretched.positions *= 1.2
+    c0, c1, c2 = (model.coefficients(model.build_graph(a)) for a in (ammonia, moved, stretched))
+    torch.testing.assert_close(c1.node, c0.node, rtol=1e-10, atol=1e-12)
+    assert (c2.node - c0.node).abs().max() > 1e-3
+    assert c0.node_jacobian is not None and c0.node_jacobian.abs().max() > 1e-4
+
+
+def test_sample_forces_are_full_derivatives_with_a_neighbourhood_aware_beta(mo_cell):
+    """beta of an atom depends on all its edges; forces of a sample (inference network run
+    once) equal central differences that rerun the network at every displaced geometry."""
+    model = build_potential(NEIGHBOURHOOD)
+    graph = model.build_graph(mo_cell)
+    out = model(graph, coefficients=model.coefficients(graph), noise=NoiseSource.from_seeds(SEEDS))
+    h, numerical = 1e-5, torch.zeros_like(out["forces"])
+    for a in range(3):  # a few atoms suffice: each has 8+ neighbours in the cell
+        for k in range(3):
+            pos = [graph.positions.clone() for _ in range(2)]
+            pos[0][a, k] += h
+            pos[1][a, k] -= h
+            plus, minus = (_energy(model, graph.with_positions(p), SEEDS) for p in pos)
+            numerical[:, a, k] = -(plus - minus).detach() / (2 * h)
+    torch.testing.assert_close(out["forces"][:, :3].detach(), numerical[:, :3], rtol=0, atol=1e-7)
+
+
+def test_batched_samples_equal_sequential_passes_with_a_neighbourhood_aware_beta(mo_cell):
+    model = build_potential(NEIGHBOURHOOD)
+    graph = model.build_graph(mo_cell)
+    c = model.coefficients(graph)
+    batched = model(graph, coefficients=c, noise=NoiseSource.from_seeds(SEEDS))
+    for s, seed in enumerate(SEEDS):
+        single = model(graph, coefficients=c, noise=NoiseSource.from_seeds([seed]))
+        torch.testing.assert_close(batched["forces"][s], single["forces"][0], rtol=1e-10, atol=1e-12)
+
+
+def test_perturbed_edge_vectors_are_those_of_a_rattled_and_stretched_geometry(bayesian_potential, mo_cell):
+    """The perturbation acts on edge vectors, but they must belong to one real geometry:
+    positions ``s (r + sigma z)`` in the cell ``s * cell``."""
+    model = bayesian_potential
+    graph = model.build_graph(mo_cell)
+    x = model.posterior_inputs(graph)
+    cfg = ContrastiveConfig(weight=1.0, rattle_A=0.2, stretch=0.1)
+    g = torch.Generator().manual_seed(5)
+    perturbed = perturb_edge_vectors(x, cfg, g)
+    g = torch.Generator().manual_seed(5)
+    u = torch.rand(2, 1, generator=g, dtype=torch.float64)
+    z = torch.randn(len(mo_cell), 3, generator=g, dtype=torch.float64) * 0.2 * u[0]
+    scale = 1.0 + 0.1 * (2.0 * u[1] - 1.0)
+    expected = model.edge_vectors(graph, scale * (graph.positions + z), scale * graph.cell)
+    torch.testing.assert_close(perturbed, expected, rtol=1e-12, atol=1e-12)
+    assert (perturbed - x.edge_vector).abs().max() > 1e-2
+
+
+def test_perturbations_are_seeded_and_never_change_the_labelled_batch(bayesian_potential, ammonia, mo_cell):
+    model = bayesian_potential
+    from blip_ase.data.graph import batch_graphs
+
+    graph = batch_graphs([model.build_graph(ammonia), model.build_graph(mo_cell)])
+    before = graph.positions.clone(), graph.cell.clone()
+    cfg = ContrastiveConfig(weight=1.0, copies=2)
+    kls = [contrastive_kl(model, graph, cfg, torch.Generator().manual_seed(s), 0.5) for s in (1, 1, 2)]
+    assert float(kls[0]) == float(kls[1]) and float(kls[0]) != float(kls[2])
+    assert torch.equal(graph.positions, before[0]) and torch.equal(graph.cell, before[1])
+
+
+@pytest.mark.parametrize("bad", [{"weight": -1.0}, {"stretch": 1.0}, {"copies": 0}, {"rattle_A": -0.1}])
+def test_a_bad_contrastive_setting_is_rejected(bad):
+    with pytest.raises(ValueError, match="contrastive needs"):
+        ContrastiveConfig(**bad)
+
+
+def test_kl_warm_up_rises_linearly_to_one():
+    assert [kl_factor(e, 4) for e in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert kl_factor(0, 0) == 1.0
+
+
+def test_nested_overrides_replace_one_field_and_reject_unknown_keys():
+    cfg = load_config(AMMONIA / "config.yaml")
+    new = with_overrides(cfg, {"bayes": {"kl_weight": 0.5}, "contrastive": {"weight": 2.0}})
+    assert new.bayes.kl_weight == 0.5 and new.bayes.p0 == cfg.bayes.p0 and new.contrastive.weight == 2.0
+    with pytest.raises(ValueError, match="kl_wieght"):
+        with_overrides(cfg, {"bayes": {"kl_wieght": 0.5}})
+    with pytest.raises(ValueError, match="select_by must be one of"):
+        with_overrides(cfg, {"select_by": "best"})
+
+
+@pytest.fixture(scope="module")
+def ammonia_split(tmp_path_factory) -> dict[str, Path]:
+    from ase.io import write
+
+    out = tmp_path_factory.mktemp("split")
+    frames = read(AMMONIA / "train.extxyz", ":40")
+    write(out / "train.extxyz", frames[:32])
+    write(out / "val.extxyz", frames[32:])
+    return {"train": out / "train.extxyz", "val": out / "val.extxyz"}
+
+
+def _tiny_config(**overrides):
+    cfg = load_config(AMMONIA / "config.yaml", progress=False, epochs=40, batch_size=16)
+    small = {"painn": {"n_features": 16, "n_interactions": 2}, "bayes": {"hidden": 16}}
+    return with_overrides(with_overrides(cfg, small), overrides)
+
+
+def _mean_alpha(model, frames) -> float:
+    from blip_ase.uq.coefficients import collect_coefficients
+
+    return float(collect_coefficients(model, frames)["edge"].mean())
+
+
+def test_the_contrastive_prior_makes_alpha_larger_away_from_the_training_geometries(ammonia_split, tmp_path):
+    """The point of the option: trained with a weak KL on the data and the prior's KL on
+    perturbed copies, the network predicts more noise on perturbed than on training geometries;
+    without it, alpha is (nearly) the same everywhere."""
+    from blip_ase.models.checkpoint import load_checkpoint
+
+    frames = read(ammonia_split["train"], ":")
+    rattled = [a.copy() for a in frames]
+    for k, a in enumerate(rattled):
+        a.rattle(stdev=0.25, seed=k)
+    ratios = {}
+    for name, weight in (("with", 0.01), ("without", 0.0)):
+        cfg = _tiny_config(bayes={"kl_weight": 0.001}, contrastive={"weight": weight}, optim={"posterior_lr": 1e-2},
+                           epochs=60)
+        train(cfg, ammonia_split["train"], ammonia_split["val"], tmp_path / name)
+        model, _ = load_checkpoint(tmp_path / name / "model.pt")
+        ratios[name] = _mean_alpha(model, rattled) / _mean_alpha(model, frames)
+    assert ratios["with"] > 1.5, ratios
+    assert ratios["with"] > ratios["without"] + 0.3, ratios
+
+
+def test_selection_by_mc_nll_keeps_the_epoch_with_the_lowest_logged_nll(ammonia_split, tmp_path):
+    cfg = _tiny_config(epochs=6, select_by="mc_nll", select_samples=4)
+    summary = train(cfg, ammonia_split["train"], ammonia_split["val"], tmp_path)
+    with open(tmp_path / "log.csv") as fh:
+        nll = [float(row["val_mc_nll"]) for row in csv.DictReader(fh)]
+    assert len(nll) == 6 and np.all(np.isfinite(nll))
+    assert summary["best_epoch"] == int(np.argmin(nll))
