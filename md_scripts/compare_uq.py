@@ -22,6 +22,9 @@ never used for either):
   training and ``--acac-val`` validation frames; ``--acac-test`` frames drawn (seed 0) from
   each of ``acac_test_300K`` (ID) and ``acac_test_600K`` (OOD).
 
+``--dev`` replaces both by a development split of the training pool (see :func:`split_data`):
+defaults are chosen on it, never on the test sets.
+
 Methods: ``blip`` = the example config as shipped; ``blip_paper`` = the paper's settings
 (:data:`PAPER`); ``--variant NAME=JSON`` adds a BLIP run with nested config overrides (ablations).
 Seeds: BLIP, its variants and MC dropout use seed ``s``; the deep ensemble of seed ``s`` has
@@ -65,8 +68,17 @@ def _write(path: Path, frames: list) -> Path:
     return path
 
 
+def _energy(atoms) -> float:
+    return float(atoms.get_potential_energy())
+
+
 def split_data(benchmark: str, out: Path, args: argparse.Namespace) -> dict[str, Path]:
-    """Write the benchmark's train/val/test/ood files into ``out`` and return their paths."""
+    """Write the benchmark's train/val/test/ood files into ``out`` and return their paths.
+
+    With ``args.dev`` the split is the development split that chooses defaults, made from the
+    training pool only (the final test sets are never read): the held-out frames of highest
+    energy stand in for OOD and random held-out frames for the ID test.
+    """
     from ase.io import read
 
     out.mkdir(parents=True, exist_ok=True)
@@ -74,13 +86,24 @@ def split_data(benchmark: str, out: Path, args: argparse.Namespace) -> dict[str,
     if benchmark == "ammonia":
         near = read(EXAMPLES / "ammonia" / "train.extxyz", ":") + read(EXAMPLES / "ammonia" / "val.extxyz", ":")
         order = rng.permutation(len(near))
-        parts = {"train": order[:62], "val": order[62:72], "test": order[72:]}
+        if args.dev:  # 72 non-test frames: 8 highest-energy "shift", 8 ID, 8 val, 48 train
+            pool = sorted(order[:72], key=lambda k: _energy(near[k]))
+            rest = np.random.default_rng(1).permutation(pool[:-8])
+            parts = {"train": rest[:48], "val": rest[48:56], "test": rest[56:64], "ood": pool[-8:]}
+        else:
+            parts = {"train": order[:62], "val": order[62:72], "test": order[72:]}
         paths = {name: _write(out / f"{name}.extxyz", [near[k] for k in idx]) for name, idx in parts.items()}
-        return paths | {"ood": EXAMPLES / "ammonia" / "ood.extxyz"}
+        return paths if args.dev else paths | {"ood": EXAMPLES / "ammonia" / "ood.extxyz"}
     acac = EXAMPLES / "acac"
     train = read(acac / "acac_train_300K.extxyz", ":")
     order = rng.permutation(len(train))
     n_train, n_val = args.acac_train, args.acac_val
+    if args.dev:  # highest-energy 40 of the pool as "shift", then 40 ID, val, train
+        pool = sorted(order, key=lambda k: _energy(train[k]))
+        rest = np.random.default_rng(1).permutation(pool[:-40])
+        parts = {"ood": pool[-40:], "test": rest[:40], "val": rest[40:40 + n_val],
+                 "train": rest[40 + n_val:40 + n_val + n_train]}
+        return {name: _write(out / f"{name}.extxyz", [train[k] for k in idx]) for name, idx in parts.items()}
     paths = {"train": _write(out / "train.extxyz", [train[k] for k in order[:n_train]]),
              "val": _write(out / "val.extxyz", [train[k] for k in order[n_train:n_train + n_val]])}
     for name, file in (("test", "acac_test_300K.extxyz"), ("ood", "acac_test_600K.extxyz")):
@@ -244,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--acac-val", type=int, default=50, help="acac validation frames")
     parser.add_argument("--acac-test", type=int, default=200, help="acac frames drawn from each test file")
     parser.add_argument("--jobs", type=int, default=2, help="training runs in parallel (one thread each)")
+    parser.add_argument("--dev", action="store_true",
+                        help="development split from the training pool only (choose defaults with it)")
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     out = Path(args.out)

@@ -75,12 +75,12 @@ def test_perturbed_edge_vectors_are_those_of_a_rattled_and_stretched_geometry(ba
     model = bayesian_potential
     graph = model.build_graph(mo_cell)
     x = model.posterior_inputs(graph)
-    cfg = ContrastiveConfig(weight=1.0, rattle_A=0.2, stretch=0.1)
+    cfg = ContrastiveConfig(weight=1.0, rattle_A=0.25, rattle_min_A=0.05, stretch=0.1)
     g = torch.Generator().manual_seed(5)
     perturbed = perturb_edge_vectors(x, cfg, g)
     g = torch.Generator().manual_seed(5)
     u = torch.rand(2, 1, generator=g, dtype=torch.float64)
-    z = torch.randn(len(mo_cell), 3, generator=g, dtype=torch.float64) * 0.2 * u[0]
+    z = torch.randn(len(mo_cell), 3, generator=g, dtype=torch.float64) * (0.05 + 0.2 * u[0])
     scale = 1.0 + 0.1 * (2.0 * u[1] - 1.0)
     expected = model.edge_vectors(graph, scale * (graph.positions + z), scale * graph.cell)
     torch.testing.assert_close(perturbed, expected, rtol=1e-12, atol=1e-12)
@@ -99,7 +99,9 @@ def test_perturbations_are_seeded_and_never_change_the_labelled_batch(bayesian_p
     assert torch.equal(graph.positions, before[0]) and torch.equal(graph.cell, before[1])
 
 
-@pytest.mark.parametrize("bad", [{"weight": -1.0}, {"stretch": 1.0}, {"copies": 0}, {"rattle_A": -0.1}])
+@pytest.mark.parametrize(
+    "bad", [{"weight": -1.0}, {"stretch": 1.0}, {"copies": 0}, {"rattle_A": -0.1}, {"rattle_min_A": 0.5}]
+)
 def test_a_bad_contrastive_setting_is_rejected(bad):
     with pytest.raises(ValueError, match="contrastive needs"):
         ContrastiveConfig(**bad)

@@ -27,7 +27,9 @@ class ContrastiveConfig:
         weight: weight of their KL in the loss (0: off). It is independent of ``bayes.kl_weight``,
             the weight of the KL on the training structures themselves.
         rattle_A: largest per-structure rattle width (A); each copy draws its width uniformly in
-            ``[0, rattle_A]`` and moves every atom by a Gaussian of that standard deviation.
+            ``[rattle_min_A, rattle_A]`` and moves every atom by a Gaussian of that standard
+            deviation.
+        rattle_min_A: smallest rattle width (A): copies closer to the data than this are not drawn.
         stretch: largest uniform stretch or compression; each copy scales all its edge vectors by
             a factor drawn uniformly in ``[1 - stretch, 1 + stretch]``.
         copies: perturbed copies per training structure and step.
@@ -37,14 +39,16 @@ class ContrastiveConfig:
 
     weight: float = 0.0
     rattle_A: float = 0.3
+    rattle_min_A: float = 0.0
     stretch: float = 0.15
     copies: int = 1
     seed: int = 12345
 
     def __post_init__(self):
-        if self.weight < 0 or self.rattle_A < 0 or not 0 <= self.stretch < 1 or self.copies < 1:
+        if self.weight < 0 or not 0 <= self.rattle_min_A <= self.rattle_A or not 0 <= self.stretch < 1 or self.copies < 1:
             raise ValueError(
-                f"contrastive needs weight >= 0, rattle_A >= 0, 0 <= stretch < 1 and copies >= 1, got {self}"
+                f"contrastive needs weight >= 0, 0 <= rattle_min_A <= rattle_A, 0 <= stretch < 1 and copies >= 1, "
+                f"got {self}"
             )
 
 
@@ -52,7 +56,7 @@ def perturb_edge_vectors(x: PosteriorInputs, cfg: ContrastiveConfig, generator: 
     """``(E, 3)`` edge vectors of one perturbed copy of every structure in ``x``.
 
     Atom ``a`` of structure ``g`` moves by ``sigma_g * z_a`` (``z`` standard normal, ``sigma_g``
-    uniform in ``[0, rattle_A]``) and every vector of ``g`` is then scaled by ``s_g``: the
+    uniform in ``[rattle_min_A, rattle_A]``) and every vector of ``g`` is then scaled by ``s_g``: the
     vectors of a real geometry, whatever the backend's sign convention. Edges are kept (the
     inference network has no cutoff of its own). Random numbers come from ``generator`` only.
     """
@@ -60,7 +64,7 @@ def perturb_edge_vectors(x: PosteriorInputs, cfg: ContrastiveConfig, generator: 
     kw = {"generator": generator, "device": generator.device, "dtype": torch.float64}
     u = torch.rand(2, x.n_graphs, **kw)
     z = torch.randn(x.atom_graph.shape[0], 3, **kw)
-    sigma = (cfg.rattle_A * u[0]).to(vec)
+    sigma = (cfg.rattle_min_A + (cfg.rattle_A - cfg.rattle_min_A) * u[0]).to(vec)
     scale = (1.0 + cfg.stretch * (2.0 * u[1] - 1.0)).to(vec)
     z = z.to(vec) * sigma[x.atom_graph, None]
     i, j = x.edge_index
