@@ -39,6 +39,7 @@ from ase.calculators.calculator import Calculator, all_changes
 
 from blip_ase.bayes import NoiseSource, input_gradients_only
 from blip_ase.data.graph import species_index, validate_atoms
+from blip_ase.devices import resolve_device
 from blip_ase.models.checkpoint import DEFAULT_CALIBRATION, load_checkpoint
 from blip_ase.models.potential import Potential
 
@@ -66,12 +67,6 @@ def _snapshot(atoms: Atoms) -> tuple[np.ndarray, ...]:
 
 def _same(a: tuple[np.ndarray, ...], b: tuple[np.ndarray, ...]) -> bool:
     return all(x.shape == y.shape and np.array_equal(x, y) for x, y in zip(a, b))
-
-
-def _resolve_device(device: torch.device | str | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
@@ -192,7 +187,7 @@ class BLIPCalculator(Calculator):
         self.keep_samples = bool(keep_samples)
         self.calibration = _calibration(calibration)
         self._variance_factors = _variance_factors(self.calibration)
-        to_dtype, to_device = _resolve_dtype(dtype), _resolve_device(device)
+        to_dtype, to_device = _resolve_dtype(dtype), resolve_device(device)
         self.model = model.to(to_device, **({"dtype": to_dtype} if to_dtype else {})).eval()
         if max_batch_atoms is None:
             max_batch_atoms = 20000 if to_device.type == "cuda" else 256
@@ -210,7 +205,7 @@ class BLIPCalculator(Calculator):
 
         The checkpoint's calibration scales are used unless ``calibration=`` is given.
         """
-        device = _resolve_device(options.pop("device", None))
+        device = resolve_device(options.pop("device", None))
         model, ckpt = load_checkpoint(path, device=device)
         options.setdefault("calibration", ckpt.get("calibration"))
         return cls(model, device=device, **options)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from blip_ase.cli.compute import add_compute_options
+
 HELP = "fit variance scale factors (and optionally isotonic recalibration) on validation data; writes a checkpoint"
 
 
@@ -17,8 +19,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--n-samples", type=int, default=100, help="Monte Carlo samples (an ensemble uses its members)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the Monte Carlo noise")
-    parser.add_argument("--device", default=None, help="torch device, cpu or cuda (None: cuda when available)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    add_compute_options(parser)
 
 
 def run(args: argparse.Namespace) -> int:

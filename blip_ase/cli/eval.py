@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from blip_ase.cli.compute import add_compute_options
+
 HELP = "evaluate a checkpoint: accuracy and uncertainty metrics, OOD AUROC, plots; writes OUT/metrics.json"
 
 ROWS = [
@@ -28,8 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n-samples", type=int, default=100, help="Monte Carlo samples (an ensemble uses its members)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the Monte Carlo noise")
     parser.add_argument("--out", required=True, help="output directory for metrics.json and the PNG plots")
-    parser.add_argument("--device", default=None, help="torch device, cpu or cuda (None: cuda when available)")
     parser.add_argument("--no-plots", action="store_true", help="write metrics.json only")
+    add_compute_options(parser)
 
 
 def format_table(report: dict) -> str:

@@ -10,6 +10,8 @@ import argparse
 import importlib
 import sys
 
+from blip_ase.cli.compute import apply_compute_options
+
 SUBCOMMANDS = {
     "train": "blip_ase.cli.train",
     "md": "blip_ase.cli.md",
@@ -42,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     module.add_arguments(cmd_parser)
     args = cmd_parser.parse_args(argv[1:])
     try:
+        apply_compute_options(args)
         return int(module.run(args) or 0)
     except (ValueError, FileNotFoundError, FileExistsError) as exc:
         print(f"blip {argv[0]}: error: {exc}", file=sys.stderr)

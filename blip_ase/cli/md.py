@@ -6,6 +6,9 @@ Thin over :func:`blip_ase.md.run_md`: parses options into an :class:`~blip_ase.m
 from __future__ import annotations
 
 import argparse
+import sys
+
+from blip_ase.cli.compute import add_compute_options
 
 HELP = "run uncertainty-monitored molecular dynamics (MAP forces, Monte Carlo uncertainty every k steps)"
 
@@ -14,8 +17,18 @@ Outputs in --out: md.traj (ASE trajectory, restart point), md.log, flagged.extxy
 (frames above the flag threshold, with blip_energy, blip_forces, blip_forces_variance,
 blip_energy_variance, step, time, reason, flagged_atoms), uncertainty.csv and uncertainty.png
 (history and plot), summary.json (counts, thresholds, stop reason, timings). A frame above a halt
-threshold is exported and stops the run at that step (summary status "halted", exit code 0).
+threshold is exported and stops the run at that step (summary status "halted"); so does a frame
+whose prediction or uncertainty is not finite (NaN or inf: reason "non-finite prediction").
+
+Exit codes: 0 completed or halted (summary.json "status" tells which), 1 failed during the run
+(status "failed", the error in summary.json), 2 bad input (nothing is created), 130 interrupted by
+Ctrl-C (SIGINT), 143 interrupted by SIGTERM (status "interrupted", the signal in "signal" and
+"stop_reason"). md.traj always ends with the last frame: --restart continues from it.
 """
+
+EXIT_OK = 0  # completed or halted
+EXIT_FAILED = 1  # the dynamics raised after the start
+EXIT_BAD_INPUT = 2  # raised before anything was created (blip_ase.cli.main's error exit)
 
 # Defaults for the shipped ammonia model (examples/ammonia/model.pt): see README.md,
 # section "Uncertainty-monitored molecular dynamics".
@@ -45,11 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _add_io(parser.add_argument_group("input and output"))
     _add_dynamics(parser.add_argument_group("dynamics"))
     _add_monitor(parser.add_argument_group("uncertainty monitor (a threshold given as 'none' is off)"))
-    dev = parser.add_argument_group("compute")
-    dev.add_argument("--device", default=None, help="torch device; None = CUDA if available, else CPU")
-    dev.add_argument(
-        "--torch-threads", type=int, default=1, help="CPU threads for torch (small molecules run fastest on one)"
-    )
+    add_compute_options(parser)
 
 
 def _add_io(group) -> None:
@@ -194,29 +203,41 @@ def config_from_args(args: argparse.Namespace):
 
 
 def _interrupt(signum, frame):
-    raise KeyboardInterrupt
+    from blip_ase.md.dynamics import Interrupted
+
+    raise Interrupted(signum)
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run MD; SIGTERM and Ctrl-C end it cleanly (summary and plot are still written)."""
+    """Run MD; Ctrl-C and SIGTERM end it cleanly (summary and plot are still written).
+
+    Returns:
+        The exit code of ``EXIT_CODES`` (a bad input raises before anything is created: 2).
+    """
     import signal
     import threading
 
-    import torch
-
     from blip_ase.md import run_md
+    from blip_ase.md.dynamics import MDRunFailed
 
-    if args.torch_threads < 1:
-        raise ValueError(f"--torch-threads must be >= 1, got {args.torch_threads}")
     config = config_from_args(args)
-    torch.set_num_threads(args.torch_threads)
     in_main_thread = threading.current_thread() is threading.main_thread()  # signal handlers need it
-    previous = signal.signal(signal.SIGTERM, _interrupt) if in_main_thread else None
+    handlers = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGINT)} if in_main_thread else {}
     try:
         summary = run_md(config)
+    except MDRunFailed as exc:
+        print(f"blip md: failed: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     finally:
-        if in_main_thread:
-            signal.signal(signal.SIGTERM, previous)
+        for sig, previous in handlers.items():
+            signal.signal(sig, previous)
+    _print_summary(summary, config.out)
+    if summary["status"] == "interrupted":
+        return 128 + int(signal.Signals[summary["signal"]])
+    return EXIT_OK
+
+
+def _print_summary(summary: dict, out: str) -> None:
     timings = summary["timings"]
     ms = timings["ms_per_step"]
     print(
@@ -225,6 +246,5 @@ def run(args: argparse.Namespace) -> int:
         f"{summary['n_flagged']} flagged, max force std {summary['max_force_std_max'] or 0:.3f} eV/A"
     )
     if summary["stop_reason"]:
-        print(f"halted at {summary['stop_reason']}")
-    print(f"outputs in {config.out}/: flagged.extxyz flagged.h5 summary.json uncertainty.csv md.traj md.log")
-    return 0
+        print(f"stopped at {summary['stop_reason']}")
+    print(f"outputs in {out}/: flagged.extxyz flagged.h5 summary.json uncertainty.csv md.traj md.log")

@@ -14,6 +14,7 @@ Monte Carlo uncertainty is evaluated every ``uq_interval`` steps by an
 
 from __future__ import annotations
 
+import signal
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,8 +32,8 @@ from blip_ase.md.writers import (
     plot_history,
     read_history,
     read_restart,
-    write_json,
 )
+from blip_ase.strict_json import write_json
 
 Ensemble = Literal[
     "nve", "nvt-langevin", "nvt-bussi", "nvt-nose-hoover", "npt-mtk-isotropic", "npt-mtk", "npt-berendsen"
@@ -300,6 +301,18 @@ def _initial_state(config: MDConfig, out: Path, rng: np.random.Generator) -> tup
     return atoms, 0
 
 
+class Interrupted(KeyboardInterrupt):
+    """Raised by a signal handler to stop :func:`run_md` cleanly; ``signum`` is recorded."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = int(signum)
+
+
+class MDRunFailed(RuntimeError):
+    """The dynamics raised after the run had started; ``summary.json`` says ``failed``."""
+
+
 class _Run:
     """Bookkeeping of one :func:`run_md` call: summary rewrites and the progress bar."""
 
@@ -436,22 +449,25 @@ def _execute(config: MDConfig, out: Path, run: _Run, dyn: MolecularDynamics, ato
         on_check=run.on_check,
     )
     dyn.attach(monitor, interval=config.uq_interval)
+    dyn.attach(monitor.check_finite, interval=1)  # a NaN force halts at once, not at the next check
     if append:  # counts and history cover the whole run; timings cover this session
         monitor.history = read_history(out / "uncertainty.csv")
         monitor.n_checked = len(monitor.history)
         monitor.n_flagged = sum(r["level"] >= 1 for r in monitor.history)
     run.monitor = monitor
     run.write_summary("running")
-    status = "completed"
+    status, interrupted_by = "completed", None
     try:
         for _ in dyn.irun(max(config.steps - run.start_step, 0)):
             run.advance()
-    except KeyboardInterrupt:
-        status = "interrupted"
-    except Exception as exc:  # e.g. an exploding system: keep a truthful summary, then re-raise
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM through the CLI's handler (Interrupted)
+        status, interrupted_by = "interrupted", signal.Signals(getattr(exc, "signum", signal.SIGINT)).name
+    except Exception as exc:  # e.g. an exploding system: keep a truthful summary, then report it
         run.info["error"] = f"{type(exc).__name__}: {exc}"
         run.write_summary("failed")
-        raise
+        raise MDRunFailed(
+            f"the run failed at step {int(dyn.nsteps)}: {type(exc).__name__}: {exc} (summary in {out / 'summary.json'})"
+        ) from exc
     finally:
         run.close()
         traj()  # the last frame is always the restart point
@@ -459,6 +475,9 @@ def _execute(config: MDConfig, out: Path, run: _Run, dyn: MolecularDynamics, ato
         logger.close()
     if monitor.triggered:
         status = "halted"
+    if interrupted_by is not None:
+        run.info["signal"] = interrupted_by
+        monitor.stop_reason = f"step {int(dyn.nsteps)}: interrupted by {interrupted_by}"
     summary = run.write_summary(status)
     if config.plot:
         history = read_history(out / "uncertainty.csv")

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -308,22 +307,6 @@ def read_history(path: str | Path) -> list[dict]:
             rec["step"], rec["level"] = int(rec["step"]), int(rec["level"])
             rows.append(rec)
     return rows
-
-
-def write_json(path: str | Path, data: dict) -> None:
-    """Write ``data`` as indented JSON atomically (temporary file renamed into place)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=_json_default) + "\n")
-    tmp.replace(path)
-
-
-def _json_default(value):
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, (np.ndarray, Path)):
-        return value.tolist() if isinstance(value, np.ndarray) else str(value)
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
 def plot_history(

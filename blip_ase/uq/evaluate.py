@@ -9,13 +9,13 @@ pass gives the metrics before and after calibration.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
+from blip_ase.strict_json import write_json
 from blip_ase.uq import metrics as m
 from blip_ase.uq.calibration import (
     MIN_STRUCTURES,
@@ -249,7 +249,7 @@ def evaluate(
     if out_dir is not None:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
+        write_json(out_dir / "metrics.json", report)
         if plots:
             from blip_ase.uq.plots import write_plots
 
