@@ -1,7 +1,7 @@
 """Uncertainty-monitored MD: policy, exports, halting, crash safety, integrators and ``blip md``.
 
 The halt test and the thermostat/NVE tests use the shipped ammonia model
-(examples/ammonia/model.pt); I/O and CLI tests use a tiny random model, which is faster.
+(blip_ase/assets/ammonia_model.pt); I/O and CLI tests use a tiny random model, which is faster.
 """
 
 from __future__ import annotations
@@ -41,8 +41,8 @@ from blip_ase.md import (
 from blip_ase.models import PaiNNConfig, PaiNNPotential, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
-SHIPPED_MODEL = ROOT / "examples" / "ammonia" / "model.pt"
-NH3 = ROOT / "examples" / "ammonia" / "nh3.xyz"
+SHIPPED_MODEL = ROOT / "blip_ase" / "assets" / "ammonia_model.pt"
+NH3 = ROOT / "blip_ase" / "assets" / "ammonia_nh3.xyz"
 MO_CELL = Path(__file__).parent / "data" / "mo_cell.extxyz"
 HOT_K = 900.0  # NH3 leaves its training distribution (<= 5 kcal/mol above the minimum) but holds together
 NVE_MAX_DEVIATION_EV = 5e-3  # measured 1.4 meV (seed 0)
@@ -585,3 +585,82 @@ def test_an_unavailable_device_is_one_line_in_every_command(tiny_model, tmp_path
         assert not (tmp_path / command).exists()
     with pytest.raises(ValueError, match="device 'cuda' is not available"):
         BLIPCalculator.from_checkpoint(tiny_model, device="cuda")
+
+
+# --- misuse: inputs checked before anything is created; restart rules ------------------------------
+
+
+def write_structure(path: Path, symbols: str, positions) -> Path:
+    Atoms(symbols, positions=positions).write(path)
+    return path
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["unknown element", "nan positions", "element threshold", "bad timestep"],
+)
+def test_bad_inputs_are_refused_before_the_output_directory_is_created(tiny_model, tmp_path, capsys, case):
+    """Before: an unknown element was found after md_out/ existed (the corrected re-run then needed
+    --overwrite), NaN positions gave "Eigenvalues did not converge", and an --element-threshold for
+    an element the model does not know was silently accepted."""
+    ok = [[0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1]]
+    structure, extra, expected = NH3, [], ""
+    if case == "unknown element":
+        structure = write_structure(tmp_path / "c.xyz", "CHHH", ok)
+        expected = "unknown element(s) ['C']: the model knows only ['H', 'N']"
+    elif case == "nan positions":
+        structure = write_structure(tmp_path / "nan.xyz", "NHHH", [[0, 0, 0], [np.nan, 0, 0], [0, 1, 0], [0, 0, 1]])
+        expected = "positions contain NaN or infinite values (atoms [1])"
+    elif case == "element threshold":
+        extra, expected = ["--element-threshold", "C=0.1,0.2"], "for ['C']: the model knows only ['H', 'N']"
+    else:
+        extra, expected = ["--timestep-fs", "0"], "timestep_fs must be > 0"
+    out = tmp_path / "o"
+    code, text = run_cli(capsys, "--model", str(tiny_model), "--structure", str(structure), "--out", str(out), *extra)
+    assert code == 2 and expected in text, text
+    assert "Eigenvalues" not in text and len(text.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_restart_takes_every_setting_from_the_stored_run(tiny_model, tmp_path, capsys):
+    """Before: ``--restart --out o --steps N`` continued a 1200 K run at the 300 K default."""
+    out = tmp_path / "o"
+    first = ("--model", str(tiny_model), "--out", str(out), "--temperature-K", "1200", "--ensemble", "nvt-bussi")
+    assert run_cli(capsys, *first, "--steps", "20", "--flag-force-std-eV-per-A", "0.01", "--seed", "3")[0] == 0
+    code, text = run_cli(capsys, "--restart", "--out", str(out), "--steps", "40", "--traj-interval", "5")
+    assert code == 0, text
+    summary = strict_json(out / "summary.json")
+    config = summary["config"]
+    assert (config["temperature_K"], config["ensemble"], config["seed"]) == (1200.0, "nvt-bussi", 3)
+    assert config["thresholds"]["force_std_flag"] == 0.01 and config["traj_interval"] == 5
+    assert Path(config["model"]) == tiny_model.resolve() and summary["final_step"] == 40
+
+
+def test_restart_refuses_an_option_that_contradicts_the_stored_run(tiny_model, tmp_path, capsys):
+    out = tmp_path / "o"
+    first = ("--model", str(tiny_model), "--out", str(out), "--temperature-K", "1200", "--steps", "10")
+    assert run_cli(capsys, *first)[0] == 0
+    for option, message in (
+        (["--ensemble", "nve"], "--ensemble 'nve' (the run has 'nvt-langevin')"),
+        (["--temperature-K", "300"], "--temperature-K 300.0 (the run has 1200.0)"),  # the default, but given
+        (["--halt-force-std-eV-per-A", "2"], "the threshold options"),
+        (["--model", str(NH3)], "--model"),
+    ):
+        code, text = run_cli(capsys, "--restart", "--out", str(out), "--steps", "20", *option)
+        assert code == 2 and "contradict" in text and message in text, text
+        assert "Only --steps, --traj-interval, --uq-interval" in text
+    assert strict_json(out / "summary.json")["final_step"] == 10  # nothing ran
+
+
+@pytest.mark.parametrize("ensemble", ["nvt-nose-hoover"])
+def test_a_nose_hoover_or_mtk_run_refuses_restart_saying_why(tiny_model, tmp_path, capsys, ensemble):
+    """Their thermostat chain state lives inside ASE's integrator and md.traj does not hold it."""
+    out = tmp_path / "o"
+    first = ("--model", str(tiny_model), "--out", str(out), "--ensemble", ensemble, "--steps", "10")
+    assert run_cli(capsys, *first)[0] == 0
+    code, text = run_cli(capsys, "--restart", "--out", str(out), "--steps", "20")
+    assert code == 2 and f"cannot restart a {ensemble} run" in text and "thermostat/barostat state" in text
+    assert f"--structure {out / 'md.traj'}@-1" in text
+    last_frame = f"{out / 'md.traj'}@-1"
+    code, text = run_cli(capsys, "--model", str(tiny_model), "--structure", last_frame, "--out", str(tmp_path / "p"))
+    assert code == 0, text

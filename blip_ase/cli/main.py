@@ -26,6 +26,15 @@ HELP = {
 }
 
 
+def given_options(module, argv: list[str]) -> set[str]:
+    """Destinations of the options written on the command line (not left at their defaults)."""
+    probe = argparse.ArgumentParser(add_help=False)
+    module.add_arguments(probe)
+    for action in probe._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(probe.parse_known_args(argv)[0]))
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="blip", description="Bayesian Learned Interatomic Potentials for ASE.")
@@ -43,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     module.add_arguments(cmd_parser)
     args = cmd_parser.parse_args(argv[1:])
+    args.given_options = given_options(module, argv[1:])
     try:
         apply_compute_options(args)
         return int(module.run(args) or 0)

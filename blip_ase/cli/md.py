@@ -9,6 +9,7 @@ import argparse
 import sys
 
 from blip_ase.cli.compute import add_compute_options
+from blip_ase.md.config import MDConfig
 
 HELP = "run uncertainty-monitored molecular dynamics (MAP forces, Monte Carlo uncertainty every k steps)"
 
@@ -30,10 +31,11 @@ EXIT_OK = 0  # completed or halted
 EXIT_FAILED = 1  # the dynamics raised after the start
 EXIT_BAD_INPUT = 2  # raised before anything was created (blip_ase.cli.main's error exit)
 
-# Defaults for the shipped ammonia model (examples/ammonia/model.pt): see README.md,
-# section "Uncertainty-monitored molecular dynamics".
+# Thresholds for the shipped ammonia model (blip_ase/assets/ammonia_model.pt), measured: see
+# README.md, section "Uncertainty-monitored molecular dynamics". Every other default is MDConfig's.
 DEFAULT_FLAG = 0.45
 DEFAULT_HALT = 1.0
+D = MDConfig()
 
 
 def _element_threshold(text: str) -> tuple[str, tuple[float | None, float | None]]:
@@ -62,24 +64,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_io(group) -> None:
-    group.add_argument(
-        "--model",
-        default="examples/ammonia/model.pt",
-        help="BLIP checkpoint (a relative path missing here is looked up in the blip-ase repository)",
-    )
+    group.add_argument("--model", default=None, help="BLIP checkpoint; None = the shipped ammonia model")
     group.add_argument(
         "--structure",
-        default="examples/ammonia/nh3.xyz",
-        help="starting structure, any ase.io format, first frame (looked up like --model)",
+        default=None,
+        help="starting structure, any ase.io format: FILE (first frame) or FILE@INDEX (e.g. md_out/md.traj@-1); "
+        "None = the shipped NH3 geometry",
     )
-    group.add_argument("--out", default="md_out", help="output directory")
+    group.add_argument("--out", default=D.out, help="output directory")
     group.add_argument("--overwrite", action="store_true", help="replace the outputs of an earlier run in --out")
     group.add_argument(
         "--restart",
         action="store_true",
-        help="continue the run in --out from the last frame of md.traj up to --steps steps in total",
+        help="continue the run in --out from the last frame of md.traj up to --steps steps in total, with the "
+        "run's stored settings (only --steps, --traj-interval, --uq-interval and display/compute options may "
+        "change; a contradicting option is refused; Nose-Hoover and MTK runs cannot be restarted)",
     )
-    group.add_argument("--traj-interval", type=int, default=10, help="steps between trajectory and log frames")
+    group.add_argument(
+        "--traj-interval", type=int, default=D.traj_interval, help="steps between trajectory and log frames"
+    )
     group.add_argument("--no-progress", action="store_true", help="no progress bar")
     group.add_argument("--no-plot", action="store_true", help="do not write uncertainty.png")
 
@@ -90,36 +93,45 @@ def _add_dynamics(group) -> None:
     group.add_argument(
         "--ensemble",
         choices=ENSEMBLES,
-        default="nvt-langevin",
+        default=D.ensemble,
         help="integrator: nve = VelocityVerlet, nvt-langevin, nvt-bussi, nvt-nose-hoover = NoseHooverChainNVT, "
         "npt-mtk-isotropic = IsotropicMTKNPT, npt-mtk = MTKNPT, npt-berendsen = NPTBerendsen",
     )
-    group.add_argument("--steps", type=int, default=2000, help="total number of MD steps")
-    group.add_argument("--timestep-fs", type=float, default=0.5, help="time step (fs)")
-    group.add_argument("--temperature-K", type=float, default=300.0, help="thermostat temperature (K)")
+    group.add_argument("--steps", type=int, default=D.steps, help="total number of MD steps")
+    group.add_argument("--timestep-fs", type=float, default=D.timestep_fs, help="time step (fs)")
+    group.add_argument("--temperature-K", type=float, default=D.temperature_K, help="thermostat temperature (K)")
     group.add_argument(
         "--init-temperature-K",
         type=_optional_float,
-        default=None,
+        default=D.init_temperature_K,
         help="temperature of the initial Maxwell-Boltzmann velocities (K); None = --temperature-K",
     )
-    group.add_argument("--pressure-bar", type=float, default=1.0, help="barostat pressure (bar), NPT only")
-    group.add_argument("--friction-per-fs", type=float, default=0.01, help="Langevin friction (1/fs)")
+    group.add_argument("--pressure-bar", type=float, default=D.pressure_bar, help="barostat pressure (bar), NPT only")
+    group.add_argument("--friction-per-fs", type=float, default=D.friction_per_fs, help="Langevin friction (1/fs)")
     group.add_argument(
-        "--tdamp-fs", type=float, default=50.0, help="thermostat time constant (fs): Bussi, Nose-Hoover, MTK, Berendsen"
+        "--tdamp-fs",
+        type=float,
+        default=D.tdamp_fs,
+        help="thermostat time constant (fs): Bussi, Nose-Hoover, MTK, Berendsen",
     )
-    group.add_argument("--pdamp-fs", type=float, default=500.0, help="barostat time constant (fs): MTK, Berendsen")
+    group.add_argument("--pdamp-fs", type=float, default=D.pdamp_fs, help="barostat time constant (fs): MTK, Berendsen")
     group.add_argument(
-        "--compressibility-per-bar", type=float, default=4.57e-5, help="NPTBerendsen compressibility (1/bar)"
+        "--compressibility-per-bar",
+        type=float,
+        default=D.compressibility_per_bar,
+        help="NPTBerendsen compressibility (1/bar)",
     )
     group.add_argument(
-        "--seed", type=int, default=0, help="seed of the initial velocities, the Langevin/Bussi noise and the MC noise"
+        "--seed",
+        type=int,
+        default=D.seed,
+        help="seed of the initial velocities, the Langevin/Bussi noise and the MC noise",
     )
 
 
 def _add_monitor(group) -> None:
-    group.add_argument("--n-samples", type=int, default=16, help="Monte Carlo samples per uncertainty check")
-    group.add_argument("--uq-interval", type=int, default=10, help="steps between uncertainty checks")
+    group.add_argument("--n-samples", type=int, default=D.n_samples, help="Monte Carlo samples per uncertainty check")
+    group.add_argument("--uq-interval", type=int, default=D.uq_interval, help="steps between uncertainty checks")
     group.add_argument(
         "--flag-force-std-eV-per-A",
         type=_optional_float,
@@ -138,7 +150,12 @@ def _add_monitor(group) -> None:
     group.add_argument(
         "--halt-relative", type=_optional_float, default=None, help="halt threshold on max_i std_i / (|F_i| + nu)"
     )
-    group.add_argument("--relative-nu-eV-per-A", type=float, default=1.0, help="nu of the relative force std (eV/A)")
+    group.add_argument(
+        "--relative-nu-eV-per-A",
+        type=float,
+        default=D.thresholds.relative_nu,
+        help="nu of the relative force std (eV/A)",
+    )
     group.add_argument(
         "--flag-energy-std-eV-per-atom",
         type=_optional_float,
@@ -202,8 +219,20 @@ def config_from_args(args: argparse.Namespace):
     )
 
 
+_THRESHOLD_OPTIONS = {
+    "flag_force_std_eV_per_A", "halt_force_std_eV_per_A", "flag_relative", "halt_relative", "relative_nu_eV_per_A",
+    "flag_energy_std_eV_per_atom", "halt_energy_std_eV_per_atom", "element_threshold",
+}
+_FIELD_OF_OPTION = {"no_progress": "progress", "no_plot": "plot", **{k: "thresholds" for k in _THRESHOLD_OPTIONS}}
+
+
+def _given_fields(options: set[str] | None) -> set[str] | None:
+    """The :class:`MDConfig` fields set on the command line (None when unknown)."""
+    return None if options is None else {_FIELD_OF_OPTION.get(name, name) for name in options}
+
+
 def _interrupt(signum, frame):
-    from blip_ase.md.dynamics import Interrupted
+    from blip_ase.md.run import Interrupted
 
     raise Interrupted(signum)
 
@@ -218,13 +247,14 @@ def run(args: argparse.Namespace) -> int:
     import threading
 
     from blip_ase.md import run_md
-    from blip_ase.md.dynamics import MDRunFailed
+    from blip_ase.md.run import MDRunFailed
 
     config = config_from_args(args)
     in_main_thread = threading.current_thread() is threading.main_thread()  # signal handlers need it
-    handlers = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGINT)} if in_main_thread else {}
+    signals = (signal.SIGTERM, signal.SIGINT) if in_main_thread else ()
+    handlers = {sig: signal.signal(sig, _interrupt) for sig in signals}
     try:
-        summary = run_md(config)
+        summary = run_md(config, given=_given_fields(getattr(args, "given_options", None)))
     except MDRunFailed as exc:
         print(f"blip md: failed: {exc}", file=sys.stderr)
         return EXIT_FAILED
