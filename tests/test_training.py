@@ -170,7 +170,7 @@ def test_a_checkpoint_of_an_unknown_format_version_is_refused(trained, tmp_path)
     with pytest.raises(CheckpointError, match=r"format version 99; this blip-ase reads version 1"):
         load_checkpoint(tmp_path / "future.pt")
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match="not a readable blip-ase checkpoint"):
+    with pytest.raises(CheckpointError, match="not a blip-ase checkpoint: not a readable torch.save file"):
         load_checkpoint(tmp_path / "junk.pt")
 
 

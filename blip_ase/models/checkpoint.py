@@ -61,7 +61,7 @@ def read_checkpoint(path: str | Path) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle, zip and weights_only errors all mean "not ours"
-        raise CheckpointError(f"{path} is not a readable blip-ase checkpoint: {exc}") from exc
+        raise CheckpointError(_refusal(path, exc)) from None
     if not isinstance(ckpt, dict) or "format_version" not in ckpt:
         raise CheckpointError(f"{path} is not a blip-ase checkpoint (no 'format_version' key)")
     version = ckpt["format_version"]
@@ -75,6 +75,19 @@ def read_checkpoint(path: str | Path) -> dict:
     if ckpt["backend"] not in BACKENDS:
         raise CheckpointError(f"{path} uses unknown backend {ckpt['backend']!r}; known: {sorted(BACKENDS)}")
     return ckpt
+
+
+def _refusal(path: Path, exc: Exception) -> str:
+    """Why ``path`` was refused, in our words: torch's own message suggests ``weights_only=False``,
+    which would let the file run code, so it is never passed on."""
+    import pickle
+
+    if isinstance(exc, pickle.UnpicklingError) and "Unsupported operand" not in str(exc):
+        return (
+            f"{path} is not a blip-ase checkpoint: it holds Python objects other than tensors and plain "
+            "data (a blip-ase checkpoint never does), and loading it could run code, so it was refused"
+        )
+    return f"{path} is not a blip-ase checkpoint: not a readable torch.save file ({type(exc).__name__})"
 
 
 def load_checkpoint(path: str | Path, *, device: torch.device | str = "cpu") -> tuple[Potential, dict]:
