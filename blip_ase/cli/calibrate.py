@@ -20,6 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n-samples", type=int, default=100, help="Monte Carlo samples (an ensemble uses its members)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the Monte Carlo noise")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_compute_options(parser)
 
 
@@ -28,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
 
     result = calibrate(
         args.model, args.data, args.out, isotonic=args.isotonic, n_samples=args.n_samples, seed=args.seed,
-        device=args.device, overwrite=args.overwrite,
+        device=args.device, overwrite=args.overwrite, progress=not args.no_progress,
     )
     print(f"calibration: {json.dumps(result['calibration'])}")
     print(f"{'on the calibration set':<24}{'before':>12}{'after':>12}")
