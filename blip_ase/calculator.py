@@ -28,8 +28,10 @@ compute_forces=True, compute_stress=) -> {"energy": (S, 1), "forces": (S, n, 3),
 from __future__ import annotations
 
 import numbers
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Literal
 
 import numpy as np
@@ -50,9 +52,13 @@ _VOIGT = ([0, 1, 2, 1, 0, 0], [0, 1, 2, 2, 2, 1])  # xx yy zz yz xz xy
 
 @dataclass
 class _Prepared:
-    """One configuration made ready for the model: neighbour list once, alpha/beta lazily."""
+    """One configuration made ready for the model: neighbour list once, alpha/beta lazily.
 
-    key: tuple[np.ndarray, ...]
+    ``key`` holds the configuration and the model's dtype and device: tensors built for one
+    dtype/device are never reused after ``model.float()`` or ``model.to(...)``.
+    """
+
+    key: tuple
     graph: Any
     n_atoms: int
     periodic: bool
@@ -60,13 +66,15 @@ class _Prepared:
     has_coefficients: bool = False
 
 
-def _snapshot(atoms: Atoms) -> tuple[np.ndarray, ...]:
-    """Copies of what defines a configuration: positions, cell, pbc, numbers."""
-    return (atoms.positions.copy(), atoms.cell.array.copy(), atoms.pbc.copy(), atoms.numbers.copy())
+def _snapshot(atoms: Atoms, model: Potential) -> tuple:
+    """What the cached tensors depend on: copies of positions, cell, pbc, numbers, and the
+    model's dtype and device."""
+    arrays = (atoms.positions.copy(), atoms.cell.array.copy(), atoms.pbc.copy(), atoms.numbers.copy())
+    return arrays, (model.dtype, model.device)
 
 
-def _same(a: tuple[np.ndarray, ...], b: tuple[np.ndarray, ...]) -> bool:
-    return all(x.shape == y.shape and np.array_equal(x, y) for x, y in zip(a, b))
+def _same(a: tuple, b: tuple) -> bool:
+    return a[1] == b[1] and all(x.shape == y.shape and np.array_equal(x, y) for x, y in zip(a[0], b[0]))
 
 
 def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
@@ -185,8 +193,7 @@ class BLIPCalculator(Calculator):
         self.n_samples = _check_samples(n_samples)
         self.mode: Mode = mode
         self.keep_samples = bool(keep_samples)
-        self.calibration = _calibration(calibration)
-        self._variance_factors = _variance_factors(self.calibration)
+        self.calibration = calibration
         to_dtype, to_device = _resolve_dtype(dtype), resolve_device(device)
         self.model = model.to(to_device, **({"dtype": to_dtype} if to_dtype else {})).eval()
         if max_batch_atoms is None:
@@ -198,6 +205,27 @@ class BLIPCalculator(Calculator):
         else:
             self.generator.manual_seed(int(seed))
         self._prepared: _Prepared | None = None
+
+    @property
+    def calibration(self) -> Mapping[str, Any]:
+        """The variance calibration in use (read-only view; assign a new dict to change it).
+
+        Assigning validates the dict (as the constructor's ``calibration``), makes it take effect
+        for the next Monte Carlo evaluation and drops the results computed with the old one.
+        """
+        return MappingProxyType(self._calibration)
+
+    @calibration.setter
+    def calibration(self, calibration: Mapping[str, Any] | None) -> None:
+        validated = _calibration(dict(calibration) if calibration is not None else None)
+        self._calibration, self._variance_factors = validated, _variance_factors(validated)
+        self.results = {}
+
+    def reset(self) -> None:
+        """Forget the results and everything derived from the model: the cached neighbour list
+        and alpha/beta. Call it after changing the model's weights in place."""
+        super().reset()
+        self._prepared = None
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, **options: Any) -> BLIPCalculator:
@@ -262,7 +290,7 @@ class BLIPCalculator(Calculator):
 
     def _prepare(self, atoms: Atoms) -> _Prepared:
         """The cached configuration, or a new one (input checked, neighbour list built)."""
-        key = _snapshot(atoms)
+        key = _snapshot(atoms, self.model)
         if self._prepared is not None and _same(self._prepared.key, key):
             return self._prepared
         validate_atoms(atoms)  # the same clear errors whichever backend builds the graph
