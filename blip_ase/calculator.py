@@ -42,12 +42,12 @@ from ase.calculators.calculator import Calculator, all_changes
 from blip_ase.bayes import NoiseSource, input_gradients_only
 from blip_ase.data.graph import species_index, validate_atoms
 from blip_ase.devices import resolve_device
-from blip_ase.models.checkpoint import DEFAULT_CALIBRATION, load_checkpoint
+from blip_ase.models.checkpoint import DEFAULT_CALIBRATION, ISOTONIC_KEYS, load_checkpoint
 from blip_ase.models.potential import Potential
+from blip_ase.voigt import matrix_to_voigt
 
 Mode = Literal["mc", "map"]
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
-_VOIGT = ([0, 1, 2, 1, 0, 0], [0, 1, 2, 2, 2, 1])  # xx yy zz yz xz xy
 
 
 @dataclass
@@ -91,22 +91,21 @@ def _check_samples(n_samples: int) -> int:
     return int(n_samples)
 
 
-_ISOTONIC_KEYS = tuple(f"{key}_isotonic" for key in DEFAULT_CALIBRATION)
 
 
 def _calibration(calibration: dict[str, Any] | None) -> dict[str, Any]:
     """Validated scales (floats) plus any isotonic maps (``{"x": [...], "y": [...]}``)."""
     merged = {**DEFAULT_CALIBRATION, **(calibration or {})}
-    unknown = sorted(merged.keys() - DEFAULT_CALIBRATION.keys() - set(_ISOTONIC_KEYS))
+    unknown = sorted(merged.keys() - DEFAULT_CALIBRATION.keys() - set(ISOTONIC_KEYS))
     if unknown:
         raise ValueError(
-            f"unknown calibration keys {unknown}; known: {sorted(DEFAULT_CALIBRATION)} and {list(_ISOTONIC_KEYS)}"
+            f"unknown calibration keys {unknown}; known: {sorted(DEFAULT_CALIBRATION)} and {list(ISOTONIC_KEYS)}"
         )
     scales = {k: merged[k] for k in DEFAULT_CALIBRATION}
     if any(not isinstance(v, numbers.Real) or not np.isfinite(v) or v < 0 for v in scales.values()):
         raise ValueError(f"calibration scales must be finite and >= 0, got {scales}")
     result: dict[str, Any] = {k: float(v) for k, v in scales.items()}
-    isotonic = [k for k in _ISOTONIC_KEYS if merged.get(k) is not None]
+    isotonic = [k for k in ISOTONIC_KEYS if merged.get(k) is not None]
     if isotonic:
         from blip_ase.uq.calibration import validate_isotonic
 
@@ -116,7 +115,7 @@ def _calibration(calibration: dict[str, Any] | None) -> dict[str, Any]:
 
 def _variance_factors(calibration: dict[str, Any]) -> dict[str, float]:
     """Variance multipliers: the scale, times the isotonic map's factor where one is stored."""
-    if not any(k in calibration for k in _ISOTONIC_KEYS):
+    if not any(k in calibration for k in ISOTONIC_KEYS):
         return {k: calibration[k] for k in DEFAULT_CALIBRATION}
     from blip_ase.uq.calibration import variance_factors
 
@@ -318,7 +317,7 @@ class BLIPCalculator(Calculator):
         else:
             n_chunks = -(-noise.n_samples // max(1, self.max_batch_atoms // prepared.n_atoms))
             size = -(-noise.n_samples // n_chunks)  # equal chunks
-            period = int(getattr(self.model, "sample_period", 1))  # ensemble: sample s = member s % period
+            period = self.model.sample_period  # ensemble: sample s = member s % period
             size = -(-size // period) * period
             chunks = [noise.split(a, min(a + size, noise.n_samples)) for a in range(0, noise.n_samples, size)]
         parts: dict[str, list[torch.Tensor]] = {}
@@ -336,7 +335,7 @@ class BLIPCalculator(Calculator):
         result = {"energy": torch.cat(parts["energy"])[:, 0], "forces": torch.cat(parts["forces"])}
         if "stress" in parts:
             stress = torch.cat(parts["stress"])[:, 0]
-            result["stress"] = (0.5 * (stress + stress.transpose(-1, -2)))[:, _VOIGT[0], _VOIGT[1]]
+            result["stress"] = matrix_to_voigt(0.5 * (stress + stress.transpose(-1, -2)))
         return {key: value.to("cpu", torch.float64).numpy() for key, value in result.items()}
 
     def _map(self, prepared: _Prepared) -> dict[str, Any]:
@@ -356,7 +355,7 @@ class BLIPCalculator(Calculator):
         unbiased variance are the ensemble's own (repeating members would shrink the variance by
         ``S (N - 1) / (N (S - 1))`` and weight members unequally when ``N`` does not divide ``S``).
         """
-        period = int(getattr(self.model, "sample_period", 1))
+        period = self.model.sample_period
         if period > 1:
             n_samples = period
         noise = NoiseSource.spawn(self.generator, n_samples, device=self.model.device)

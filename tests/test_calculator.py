@@ -19,6 +19,7 @@ from blip_ase import BLIPCalculator
 from blip_ase.bayes import BayesConfig, NoiseSource
 from blip_ase.models import PaiNNConfig, PaiNNPotential, save_checkpoint
 from blip_ase.models.ensemble import EnsemblePotential
+from blip_ase.voigt import matrix_to_voigt
 
 ROOT = Path(__file__).resolve().parents[1]
 MC_KEYS = {"energy", "free_energy", "forces", "energy_variance", "forces_variance"}
@@ -104,8 +105,7 @@ def samples_of(model, n_samples: int) -> int:
 
 
 def voigt(stress: torch.Tensor) -> np.ndarray:
-    s = stress.detach().numpy()
-    return np.array([s[0, 0], s[1, 1], s[2, 2], s[1, 2], s[0, 2], s[0, 1]])
+    return matrix_to_voigt(stress.detach().numpy())
 
 
 # --- physics: finite differences -------------------------------------------------------------
@@ -423,3 +423,18 @@ def test_readme_python_api_example_runs(monkeypatch):
     code = readme_example()
     monkeypatch.chdir(ROOT)
     exec(compile(code, "README.md:Python API", "exec"), {"__name__": "readme_example"})
+
+
+def test_voigt_conversions_are_inverse_and_follow_ase_order():
+    """One home for ASE's Voigt order (it was written out four times)."""
+    from blip_ase.voigt import voigt_to_matrix
+
+    atoms = bulk("Mo", "bcc", a=3.1) * (2, 1, 1)
+    matrix = np.array([[1.0, 6.0, 5.0], [6.0, 2.0, 4.0], [5.0, 4.0, 3.0]])
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    atoms.calc = SinglePointCalculator(atoms, stress=matrix)
+    np.testing.assert_array_equal(matrix_to_voigt(matrix), atoms.get_stress(voigt=True))
+    np.testing.assert_array_equal(voigt_to_matrix(matrix_to_voigt(matrix)), matrix)
+    batch = torch.tensor(np.stack([matrix, 2 * matrix]))
+    torch.testing.assert_close(voigt_to_matrix(matrix_to_voigt(batch)), batch)

@@ -39,3 +39,39 @@ def test_a_file_that_is_not_a_torch_file_is_named_as_not_a_checkpoint(tmp_path):
         load_checkpoint(tmp_path / "junk.pt")
     assert "is not a blip-ase checkpoint: not a readable torch.save file" in str(info.value)
     assert "weights_only" not in str(info.value)
+
+
+def tiny_painn():
+    from blip_ase.bayes import BayesConfig
+    from blip_ase.models import PaiNNConfig, PaiNNPotential
+
+    torch.manual_seed(0)
+    return PaiNNPotential([1, 7], PaiNNConfig(n_features=8, n_interactions=2, n_rbf=6, cutoff=4.0), BayesConfig())
+
+
+def test_the_checkpoint_stores_the_bayesian_layers_in_column_order(tmp_path):
+    from blip_ase.models import save_checkpoint
+
+    model = tiny_painn()
+    save_checkpoint(tmp_path / "m.pt", model)
+    stored = torch.load(tmp_path / "m.pt", weights_only=True)["bayesian_layers"]
+    assert stored == model.bayesian_layout()
+    columns = {name: m.column for name, m in model.named_modules() if hasattr(m, "column")}
+    assert [columns[n] for n in stored["edge"]] == list(range(len(stored["edge"]))) and stored["node"]
+
+
+def test_a_reordering_of_the_bayesian_layers_is_refused_at_load(tmp_path):
+    """A silent reordering (e.g. after an orb-models upgrade) would permute alpha's columns."""
+    from blip_ase.models import save_checkpoint
+
+    save_checkpoint(tmp_path / "m.pt", tiny_painn())
+    ckpt = torch.load(tmp_path / "m.pt", weights_only=True)
+    edge = ckpt["bayesian_layers"]["edge"]
+    edge[0], edge[1] = edge[1], edge[0]
+    torch.save(ckpt, tmp_path / "swapped.pt")
+    expected = r"wraps other edge layers \(alpha columns\).*first difference at column 0"
+    with pytest.raises(CheckpointError, match=expected):
+        load_checkpoint(tmp_path / "swapped.pt")
+    del ckpt["bayesian_layers"]  # files written before the layout was stored still load
+    torch.save(ckpt, tmp_path / "old.pt")
+    load_checkpoint(tmp_path / "old.pt")

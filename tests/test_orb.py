@@ -26,6 +26,7 @@ from blip_ase.models.orb import ORB_BAYES, OrbConfig, OrbPotential, build_regres
 from blip_ase.models.orb_graph import atoms_to_orb_graph
 from blip_ase.training import load_config, train
 from blip_ase.training.loop import build_model, evaluate_map, fit_normalisation
+from blip_ase.voigt import matrix_to_voigt
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -67,11 +68,6 @@ def raw_prediction(regressor, atoms, kind: str) -> dict[str, torch.Tensor]:
     return {"energy": out["energy"], "forces": out[f"{prefix}forces"], "stress": out[f"{prefix}stress"]}
 
 
-def as_voigt(stress: torch.Tensor) -> torch.Tensor:
-    """``(..., 3, 3)`` -> ``(..., 6)`` xx yy zz yz xz xy."""
-    return stress[..., [0, 1, 2, 1, 0, 0], [0, 1, 2, 2, 2, 1]]
-
-
 @pytest.mark.parametrize("kind", KINDS)
 def test_wrapping_keeps_the_base_state_dict_keys_and_wraps_exactly_the_interaction_mlps(kind):
     plain = build_regressor(small_config(kind))
@@ -95,7 +91,7 @@ def test_map_equals_the_unwrapped_orb_model(kind):
     out = model(model.build_graph(atoms), compute_stress=True)
     torch.testing.assert_close(out["energy"][0], ref["energy"], rtol=0, atol=1e-10)
     torch.testing.assert_close(out["forces"][0], ref["forces"], rtol=0, atol=1e-10)
-    torch.testing.assert_close(as_voigt(out["stress"][0]), ref["stress"], rtol=0, atol=1e-10)
+    torch.testing.assert_close(matrix_to_voigt(out["stress"][0]), ref["stress"], rtol=0, atol=1e-10)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -140,7 +136,7 @@ def test_a_weights_file_gives_the_same_predictions_before_wrapping_and_in_map_mo
         out = model(model.build_graph(atoms), compute_stress=True)
         torch.testing.assert_close(out["energy"][0], ref["energy"], rtol=0, atol=1e-10)
         torch.testing.assert_close(out["forces"][0], ref["forces"], rtol=0, atol=1e-10)
-        torch.testing.assert_close(as_voigt(out["stress"][0]), ref["stress"], rtol=0, atol=1e-10)
+        torch.testing.assert_close(matrix_to_voigt(out["stress"][0]), ref["stress"], rtol=0, atol=1e-10)
 
 
 def test_a_weights_file_of_another_architecture_names_the_first_mismatched_keys(tmp_path):
@@ -201,7 +197,7 @@ class FixedSample(Calculator):
             "energy": energy,
             "free_energy": energy,
             "forces": out["forces"][0].detach().numpy(),
-            "stress": as_voigt(out["stress"][0, 0]).detach().numpy(),
+            "stress": matrix_to_voigt(out["stress"][0, 0]).detach().numpy(),
         }
 
 

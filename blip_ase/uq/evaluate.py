@@ -19,6 +19,7 @@ from blip_ase.strict_json import write_json
 from blip_ase.uq import metrics as m
 from blip_ase.uq.calibration import (
     MIN_STRUCTURES,
+    QUANTITIES,
     apply_isotonic,
     fit_isotonic,
     fit_variance_scale,
@@ -198,7 +199,7 @@ def structure_uncertainty(pred: Predictions, reduce: Literal["mean", "max"] = "m
 def is_identity(calibration: dict | None) -> bool:
     """True when ``calibration`` changes nothing (all scales 1, no isotonic map)."""
     calibration = calibration or {}
-    scales = all(float(calibration.get(q, 1.0)) == 1.0 for q in ("energy", "forces", "stress"))
+    scales = all(float(calibration.get(q, 1.0)) == 1.0 for q in QUANTITIES)
     return scales and not any(k.endswith("_isotonic") and v is not None for k, v in calibration.items())
 
 
