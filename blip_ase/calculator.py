@@ -16,13 +16,12 @@ not periodic in all three directions) the key is absent and ``get_property`` rai
 ``PropertyNotImplementedError``. :meth:`BLIPCalculator.monte_carlo` returns the MC keys for the
 current configuration whatever the mode, e.g. every k steps of MAP-driven dynamics.
 
-Backend interface (all the calculator uses, so PaiNN and ORB v3 need no branches here): a
-:class:`~blip_ase.models.potential.Potential` with ``elements`` (atomic numbers),
-``is_bayesian``, ``implements_stress``, ``device``, ``build_graph(atoms) -> graph`` (neighbour
-list, once per configuration), ``coefficients(graph) -> alpha/beta | None`` (inference network,
-once per configuration) and ``model(graph, coefficients=, noise=NoiseSource | None,
-compute_forces=True, compute_stress=) -> {"energy": (S, 1), "forces": (S, n, 3),
-"stress": (S, 1, 3, 3) = dE/d(strain) / V}``.
+The calculator talks to the backend contract only (:class:`~blip_ase.models.potential.Potential`,
+an abstract base class; its battery is :mod:`blip_ase.testing`): ``elements``, ``is_bayesian``,
+``implements_stress``, ``sample_period``, ``dtype``, ``device``, ``build_graph(atoms)`` (once per
+configuration), ``coefficients(graph)`` (alpha/beta, once per configuration) and
+``predict(graph, coefficients=, noise=, compute_stress=) -> {"energy": (S, 1), "forces":
+(S, n, 3), "stress": (S, 1, 3, 3) = dE/d(strain) / V}``; no branch on the backend.
 """
 
 from __future__ import annotations
@@ -39,7 +38,7 @@ import torch
 from ase import Atoms
 from ase.calculators.calculator import Calculator, all_changes
 
-from blip_ase.bayes import NoiseSource, input_gradients_only
+from blip_ase.bayes import NoiseSource
 from blip_ase.data.graph import species_index, validate_atoms
 from blip_ase.devices import resolve_device
 from blip_ase.models.checkpoint import DEFAULT_CALIBRATION, ISOTONIC_KEYS, load_checkpoint
@@ -322,14 +321,9 @@ class BLIPCalculator(Calculator):
             chunks = [noise.split(a, min(a + size, noise.n_samples)) for a in range(0, noise.n_samples, size)]
         parts: dict[str, list[torch.Tensor]] = {}
         for chunk in chunks:
-            with input_gradients_only():
-                out = self.model(
-                    prepared.graph,
-                    coefficients=coefficients,
-                    noise=chunk,
-                    compute_forces=True,
-                    compute_stress=compute_stress,
-                )
+            out = self.model.predict(
+                prepared.graph, coefficients=coefficients, noise=chunk, compute_stress=compute_stress
+            )
             for key, value in out.items():
                 parts.setdefault(key, []).append(value.detach())
         result = {"energy": torch.cat(parts["energy"])[:, 0], "forces": torch.cat(parts["forces"])}

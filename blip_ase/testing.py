@@ -83,12 +83,7 @@ def check_forces_match_finite_differences(
 
     Only for conservative models (forces from the energy's gradient).
     """
-    atoms = atoms.copy()
-    atoms.calc = FixedSample(model, seed, recompute=recompute)
-    forces = atoms.get_forces()
-    assert np.abs(forces).max() > 1e-4, "forces are all but zero: the check would prove nothing"
-    numerical = calculate_numerical_forces(atoms, eps=eps)
-    np.testing.assert_allclose(forces, numerical, atol=atol, err_msg="forces are not -dE/dr")
+    _check_derivative(model, atoms, "forces", seed=seed, recompute=recompute, eps=eps, atol=atol)
 
 
 def check_stress_matches_finite_differences(
@@ -97,12 +92,16 @@ def check_stress_matches_finite_differences(
 ) -> None:  # fmt: skip
     """Stress (ASE Voigt, eV/A^3) of MAP or of a fixed-noise sample is ``(1/V) dE/d(strain)``."""
     assert atoms.pbc.all(), "stress needs a periodic cell"
+    _check_derivative(model, atoms, "stress", seed=seed, recompute=recompute, eps=eps, atol=atol)
+
+
+def _check_derivative(model: Potential, atoms: Atoms, key: str, *, seed, recompute, eps, atol) -> None:
     atoms = atoms.copy()
     atoms.calc = FixedSample(model, seed, recompute=recompute)
-    stress = atoms.get_stress()
-    assert np.abs(stress).max() > 1e-4, "stress is all but zero: the check would prove nothing"
-    numerical = calculate_numerical_stress(atoms, eps=eps)
-    np.testing.assert_allclose(stress, numerical, atol=atol, err_msg="stress is not (1/V) dE/d(strain)")
+    analytic = atoms.calc.get_property(key, atoms)
+    assert np.abs(analytic).max() > 1e-4, f"{key} all but zero: the check would prove nothing"
+    numerical = (calculate_numerical_forces if key == "forces" else calculate_numerical_stress)(atoms, eps=eps)
+    np.testing.assert_allclose(analytic, numerical, atol=atol, err_msg=f"{key} is not the energy's derivative")
 
 
 def check_result_keys_and_shapes(model: Potential, atoms: Atoms, *, seeds: Sequence[int] = (1, 2, 3)) -> None:

@@ -87,6 +87,17 @@ def _add_io(group) -> None:
     group.add_argument("--no-plot", action="store_true", help="do not write uncertainty.png")
 
 
+_DYNAMICS_OPTIONS = (  # (option, MDConfig field, help) of the float settings of make_dynamics
+    ("--timestep-fs", "timestep_fs", "time step (fs)"),
+    ("--temperature-K", "temperature_K", "thermostat temperature (K)"),
+    ("--pressure-bar", "pressure_bar", "barostat pressure (bar), NPT only"),
+    ("--friction-per-fs", "friction_per_fs", "Langevin friction (1/fs)"),
+    ("--tdamp-fs", "tdamp_fs", "thermostat time constant (fs): Bussi, Nose-Hoover, MTK, Berendsen"),
+    ("--pdamp-fs", "pdamp_fs", "barostat time constant (fs): MTK, Berendsen"),
+    ("--compressibility-per-bar", "compressibility_per_bar", "NPTBerendsen compressibility (1/bar)"),
+)
+
+
 def _add_dynamics(group) -> None:
     from blip_ase.md.dynamics import ENSEMBLES
 
@@ -98,28 +109,13 @@ def _add_dynamics(group) -> None:
         "npt-mtk-isotropic = IsotropicMTKNPT, npt-mtk = MTKNPT, npt-berendsen = NPTBerendsen",
     )
     group.add_argument("--steps", type=int, default=D.steps, help="total number of MD steps")
-    group.add_argument("--timestep-fs", type=float, default=D.timestep_fs, help="time step (fs)")
-    group.add_argument("--temperature-K", type=float, default=D.temperature_K, help="thermostat temperature (K)")
+    for option, name, text in _DYNAMICS_OPTIONS:
+        group.add_argument(option, type=float, default=getattr(D, name), help=text)
     group.add_argument(
         "--init-temperature-K",
         type=_optional_float,
         default=D.init_temperature_K,
         help="temperature of the initial Maxwell-Boltzmann velocities (K); None = --temperature-K",
-    )
-    group.add_argument("--pressure-bar", type=float, default=D.pressure_bar, help="barostat pressure (bar), NPT only")
-    group.add_argument("--friction-per-fs", type=float, default=D.friction_per_fs, help="Langevin friction (1/fs)")
-    group.add_argument(
-        "--tdamp-fs",
-        type=float,
-        default=D.tdamp_fs,
-        help="thermostat time constant (fs): Bussi, Nose-Hoover, MTK, Berendsen",
-    )
-    group.add_argument("--pdamp-fs", type=float, default=D.pdamp_fs, help="barostat time constant (fs): MTK, Berendsen")
-    group.add_argument(
-        "--compressibility-per-bar",
-        type=float,
-        default=D.compressibility_per_bar,
-        help="NPTBerendsen compressibility (1/bar)",
     )
     group.add_argument(
         "--seed",

@@ -125,16 +125,10 @@ class EnsemblePotential(Potential):
     def fit_normalisation(self, frames: list[Atoms], energies: np.ndarray, forces: np.ndarray) -> None:
         raise NotImplementedError(_NOT_TRAINABLE)
 
-    def forward(
-        self,
-        graph: list[Any],
-        *,
-        coefficients: Any = None,
-        noise: NoiseSource | None = None,
-        compute_forces: bool = True,
-        compute_stress: bool = False,
-        create_graph: bool = False,
-    ) -> dict[str, torch.Tensor]:
+    def forward(  # the signature of Potential.forward
+        self, graph: list[Any], *, coefficients: Any = None, noise: NoiseSource | None = None,
+        compute_forces: bool = True, compute_stress: bool = False, create_graph: bool = False,
+    ) -> dict[str, torch.Tensor]:  # fmt: skip
         """Outputs of ``S = noise.n_samples`` samples (sample ``s`` = member ``s % N``), or with
         ``noise=None`` the members' mean (``S = 1``).
 

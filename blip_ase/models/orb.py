@@ -289,16 +289,10 @@ class OrbPotential(Potential):
                 _set_normaliser(heads["stress"].diag_normalizer, float(stress[:, :3].mean()), float(stress[:, :3].std()))
                 _set_normaliser(heads["stress"].offdiag_normalizer, 0.0, float(np.sqrt(np.mean(stress[:, 3:] ** 2))))
 
-    def forward(
-        self,
-        graph: OrbGraph,
-        *,
-        coefficients: Coefficients | None = None,
-        noise: NoiseSource | None = None,
-        compute_forces: bool = True,
-        compute_stress: bool = False,
-        create_graph: bool = False,
-    ) -> dict[str, torch.Tensor]:
+    def forward(  # the signature of Potential.forward
+        self, graph: OrbGraph, *, coefficients: Coefficients | None = None, noise: NoiseSource | None = None,
+        compute_forces: bool = True, compute_stress: bool = False, create_graph: bool = False,
+    ) -> dict[str, torch.Tensor]:  # fmt: skip
         """:meth:`Potential.forward`. A direct model always returns forces (its head predicts
         them) and raises ``ValueError`` if asked for stress without a stress head; a
         conservative one differentiates its energy."""

@@ -28,6 +28,7 @@ from blip_ase.bayes import (
     NoiseSource,
     bayesianize,
     dropoutize,
+    input_gradients_only,
     no_coefficients,
     noise_context,
 )
@@ -148,6 +149,16 @@ class Potential(nn.Module, metaclass=ABCMeta):
             ``energy (S, G)`` eV; ``forces (S, N, 3)`` eV/A; ``stress (S, G, 3, 3)`` eV/A^3
             (``dE/d(strain) / V``).
         """
+
+    def predict(
+        self, graph: Any, *, coefficients: Coefficients | None, noise: NoiseSource | None, compute_stress: bool
+    ) -> dict[str, torch.Tensor]:
+        """:meth:`forward` with forces for inference: only derivatives with respect to the inputs
+        (forces, stress) are taken, never parameter gradients, so sampling layers may use their
+        cheaper hand-written backward (:func:`blip_ase.bayes.input_gradients_only`). What the
+        calculator calls; training calls :meth:`forward`."""
+        with input_gradients_only():
+            return self(graph, coefficients=coefficients, noise=noise, compute_forces=True, compute_stress=compute_stress)
 
     def make_bayesian(self, module: nn.Module, *, edge_pattern: str, node_pattern: str) -> None:
         """Wrap ``module``'s matching linears and build :attr:`posterior` from :attr:`bayes`
@@ -280,16 +291,10 @@ class PaiNNPotential(Potential):
             self._lone_cache = (key, out)
         return out
 
-    def forward(
-        self,
-        graph: AtomGraph,
-        *,
-        coefficients: Coefficients | None = None,
-        noise: NoiseSource | None = None,
-        compute_forces: bool = True,
-        compute_stress: bool = False,
-        create_graph: bool = False,
-    ) -> dict[str, torch.Tensor]:
+    def forward(  # the signature of Potential.forward
+        self, graph: AtomGraph, *, coefficients: Coefficients | None = None, noise: NoiseSource | None = None,
+        compute_forces: bool = True, compute_stress: bool = False, create_graph: bool = False,
+    ) -> dict[str, torch.Tensor]:  # fmt: skip
         """:meth:`Potential.forward`; forces and stress are derivatives of each sample's energy."""
         sampling = noise is not None and coefficients is not None
         n_samples = noise.n_samples if sampling else 1
