@@ -158,7 +158,7 @@ class Potential(nn.Module, metaclass=ABCMeta):
         cheaper hand-written backward (:func:`blip_ase.bayes.input_gradients_only`). What the
         calculator calls; training calls :meth:`forward`."""
         with input_gradients_only():
-            return self(graph, coefficients=coefficients, noise=noise, compute_forces=True, compute_stress=compute_stress)
+            return self(graph, coefficients=coefficients, noise=noise, compute_stress=compute_stress)
 
     def make_bayesian(self, module: nn.Module, *, edge_pattern: str, node_pattern: str) -> None:
         """Wrap ``module``'s matching linears and build :attr:`posterior` from :attr:`bayes`
