@@ -662,5 +662,6 @@ def test_a_nose_hoover_or_mtk_run_refuses_restart_saying_why(tiny_model, tmp_pat
     assert code == 2 and f"cannot restart a {ensemble} run" in text and "thermostat/barostat state" in text
     assert f"--structure {out / 'md.traj'}@-1" in text
     last_frame = f"{out / 'md.traj'}@-1"
-    code, text = run_cli(capsys, "--model", str(tiny_model), "--structure", last_frame, "--out", str(tmp_path / "p"))
+    new_run = ("--model", str(tiny_model), "--structure", last_frame, "--out", str(tmp_path / "p"), "--steps", "10")
+    code, text = run_cli(capsys, *new_run)
     assert code == 0, text

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 
 from blip_ase.cli.compute import add_compute_options
+from blip_ase.strict_json import dumps
 
 HELP = "fit variance scale factors (and optionally isotonic recalibration) on validation data; writes a checkpoint"
 
@@ -31,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
         args.model, args.data, args.out, isotonic=args.isotonic, n_samples=args.n_samples, seed=args.seed,
         device=args.device, overwrite=args.overwrite, progress=not args.no_progress,
     )
-    print(f"calibration: {json.dumps(result['calibration'])}")
+    print(f"calibration: {dumps(result['calibration'], indent=None)}")
     print(f"{'on the calibration set':<24}{'before':>12}{'after':>12}")
     for key in ("forces_nll", "forces_ece", "energy_nll"):
         print(f"{key:<24}{result['before'][key]:>12.4g}{result['after'][key]:>12.4g}")

@@ -254,6 +254,10 @@ def run(args: argparse.Namespace) -> int:
     except MDRunFailed as exc:
         print(f"blip md: failed: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    except KeyboardInterrupt as exc:  # a signal before the first step: nothing ran
+        signum = getattr(exc, "signum", signal.SIGINT)
+        print(f"blip md: interrupted by {signal.Signals(signum).name} before the run started", file=sys.stderr)
+        return 128 + signum
     finally:
         for sig, previous in handlers.items():
             signal.signal(sig, previous)

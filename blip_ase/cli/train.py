@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 
 from blip_ase.cli.compute import add_compute_options
+from blip_ase.strict_json import dumps
 
 HELP = "train a BLIP (or, with --deterministic, a plain) potential; writes OUT/model.pt and OUT/log.csv"
 
@@ -37,5 +37,5 @@ def run(args: argparse.Namespace) -> int:
         overrides["progress"] = False
     cfg = load_config(args.config, **overrides)
     summary = train(cfg, args.train, args.val, args.out, overwrite=args.overwrite)
-    print(json.dumps(summary, indent=2))
+    print(dumps(summary))
     return 0
