@@ -174,52 +174,33 @@ def _add_monitor(group) -> None:
     )
 
 
+_THRESHOLD_FIELDS = {  # blip md option (argparse dest) -> Thresholds field
+    "flag_force_std_eV_per_A": "force_std_flag",
+    "halt_force_std_eV_per_A": "force_std_halt",
+    "flag_relative": "relative_flag",
+    "halt_relative": "relative_halt",
+    "relative_nu_eV_per_A": "relative_nu",
+    "flag_energy_std_eV_per_atom": "energy_std_flag",
+    "halt_energy_std_eV_per_atom": "energy_std_halt",
+    "element_threshold": "per_element",
+}
+_NEGATED = {"no_progress": "progress", "no_plot": "plot"}  # option -> MDConfig field it switches off
+_FIELD_OF_OPTION = {**_NEGATED, **dict.fromkeys(_THRESHOLD_FIELDS, "thresholds")}
+
+
 def config_from_args(args: argparse.Namespace):
-    """The :class:`~blip_ase.md.MDConfig` described by parsed ``blip md`` options."""
+    """The :class:`~blip_ase.md.MDConfig` described by parsed ``blip md`` options (every option
+    whose name is a field of MDConfig maps onto it; see ``_THRESHOLD_FIELDS`` and ``_NEGATED``)."""
+    from dataclasses import fields
+
     from blip_ase.md import MDConfig, Thresholds
 
-    thresholds = Thresholds(
-        force_std_flag=args.flag_force_std_eV_per_A,
-        force_std_halt=args.halt_force_std_eV_per_A,
-        relative_flag=args.flag_relative,
-        relative_halt=args.halt_relative,
-        relative_nu=args.relative_nu_eV_per_A,
-        energy_std_flag=args.flag_energy_std_eV_per_atom,
-        energy_std_halt=args.halt_energy_std_eV_per_atom,
-        per_element=dict(args.element_threshold or []),
-    )
-    return MDConfig(
-        model=args.model,
-        structure=args.structure,
-        out=args.out,
-        ensemble=args.ensemble,
-        steps=args.steps,
-        timestep_fs=args.timestep_fs,
-        temperature_K=args.temperature_K,
-        pressure_bar=args.pressure_bar,
-        friction_per_fs=args.friction_per_fs,
-        tdamp_fs=args.tdamp_fs,
-        pdamp_fs=args.pdamp_fs,
-        compressibility_per_bar=args.compressibility_per_bar,
-        init_temperature_K=args.init_temperature_K,
-        seed=args.seed,
-        n_samples=args.n_samples,
-        uq_interval=args.uq_interval,
-        traj_interval=args.traj_interval,
-        thresholds=thresholds,
-        device=args.device,
-        overwrite=args.overwrite,
-        restart=args.restart,
-        progress=not args.no_progress,
-        plot=not args.no_plot,
-    )
-
-
-_THRESHOLD_OPTIONS = {
-    "flag_force_std_eV_per_A", "halt_force_std_eV_per_A", "flag_relative", "halt_relative", "relative_nu_eV_per_A",
-    "flag_energy_std_eV_per_atom", "halt_energy_std_eV_per_atom", "element_threshold",
-}
-_FIELD_OF_OPTION = {"no_progress": "progress", "no_plot": "plot", **{k: "thresholds" for k in _THRESHOLD_OPTIONS}}
+    values = vars(args)
+    thresholds = {field: values[option] for option, field in _THRESHOLD_FIELDS.items()}
+    thresholds["per_element"] = dict(thresholds["per_element"] or [])
+    config = {f.name: values[f.name] for f in fields(MDConfig) if f.name in values}
+    config.update({field: not values[option] for option, field in _NEGATED.items()})
+    return MDConfig(**config, thresholds=Thresholds(**thresholds))
 
 
 def _given_fields(options: set[str] | None) -> set[str] | None:
