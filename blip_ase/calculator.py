@@ -16,20 +16,21 @@ not periodic in all three directions) the key is absent and ``get_property`` rai
 ``PropertyNotImplementedError``. :meth:`BLIPCalculator.monte_carlo` returns the MC keys for the
 current configuration whatever the mode, e.g. every k steps of MAP-driven dynamics.
 
-Backend interface (all the calculator uses, so PaiNN and ORB v3 need no branches here): a
-:class:`~blip_ase.models.potential.Potential` with ``elements`` (atomic numbers),
-``is_bayesian``, ``implements_stress``, ``device``, ``build_graph(atoms) -> graph`` (neighbour
-list, once per configuration), ``coefficients(graph) -> alpha/beta | None`` (inference network,
-once per configuration) and ``model(graph, coefficients=, noise=NoiseSource | None,
-compute_forces=True, compute_stress=) -> {"energy": (S, 1), "forces": (S, n, 3),
-"stress": (S, 1, 3, 3) = dE/d(strain) / V}``.
+The calculator talks to the backend contract only (:class:`~blip_ase.models.potential.Potential`,
+an abstract base class; its battery is :mod:`blip_ase.testing`): ``elements``, ``is_bayesian``,
+``implements_stress``, ``sample_period``, ``dtype``, ``device``, ``build_graph(atoms)`` (once per
+configuration), ``coefficients(graph)`` (alpha/beta, once per configuration) and
+``predict(graph, coefficients=, noise=, compute_stress=) -> {"energy": (S, 1), "forces":
+(S, n, 3), "stress": (S, 1, 3, 3) = dE/d(strain) / V}``; no branch on the backend.
 """
 
 from __future__ import annotations
 
 import numbers
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Literal
 
 import numpy as np
@@ -37,21 +38,26 @@ import torch
 from ase import Atoms
 from ase.calculators.calculator import Calculator, all_changes
 
-from blip_ase.bayes import NoiseSource, input_gradients_only
+from blip_ase.bayes import NoiseSource
 from blip_ase.data.graph import species_index, validate_atoms
-from blip_ase.models.checkpoint import DEFAULT_CALIBRATION, load_checkpoint
+from blip_ase.devices import resolve_device
+from blip_ase.models.checkpoint import DEFAULT_CALIBRATION, ISOTONIC_KEYS, load_checkpoint
 from blip_ase.models.potential import Potential
+from blip_ase.voigt import matrix_to_voigt
 
 Mode = Literal["mc", "map"]
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
-_VOIGT = ([0, 1, 2, 1, 0, 0], [0, 1, 2, 2, 2, 1])  # xx yy zz yz xz xy
 
 
 @dataclass
 class _Prepared:
-    """One configuration made ready for the model: neighbour list once, alpha/beta lazily."""
+    """One configuration made ready for the model: neighbour list once, alpha/beta lazily.
 
-    key: tuple[np.ndarray, ...]
+    ``key`` holds the configuration and the model's dtype and device: tensors built for one
+    dtype/device are never reused after ``model.float()`` or ``model.to(...)``.
+    """
+
+    key: tuple
     graph: Any
     n_atoms: int
     periodic: bool
@@ -59,19 +65,15 @@ class _Prepared:
     has_coefficients: bool = False
 
 
-def _snapshot(atoms: Atoms) -> tuple[np.ndarray, ...]:
-    """Copies of what defines a configuration: positions, cell, pbc, numbers."""
-    return (atoms.positions.copy(), atoms.cell.array.copy(), atoms.pbc.copy(), atoms.numbers.copy())
+def _snapshot(atoms: Atoms, model: Potential) -> tuple:
+    """What the cached tensors depend on: copies of positions, cell, pbc, numbers, and the
+    model's dtype and device."""
+    arrays = (atoms.positions.copy(), atoms.cell.array.copy(), atoms.pbc.copy(), atoms.numbers.copy())
+    return arrays, (model.dtype, model.device)
 
 
-def _same(a: tuple[np.ndarray, ...], b: tuple[np.ndarray, ...]) -> bool:
-    return all(x.shape == y.shape and np.array_equal(x, y) for x, y in zip(a, b))
-
-
-def _resolve_device(device: torch.device | str | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+def _same(a: tuple, b: tuple) -> bool:
+    return a[1] == b[1] and all(x.shape == y.shape and np.array_equal(x, y) for x, y in zip(a[0], b[0]))
 
 
 def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
@@ -88,22 +90,21 @@ def _check_samples(n_samples: int) -> int:
     return int(n_samples)
 
 
-_ISOTONIC_KEYS = tuple(f"{key}_isotonic" for key in DEFAULT_CALIBRATION)
 
 
 def _calibration(calibration: dict[str, Any] | None) -> dict[str, Any]:
     """Validated scales (floats) plus any isotonic maps (``{"x": [...], "y": [...]}``)."""
     merged = {**DEFAULT_CALIBRATION, **(calibration or {})}
-    unknown = sorted(merged.keys() - DEFAULT_CALIBRATION.keys() - set(_ISOTONIC_KEYS))
+    unknown = sorted(merged.keys() - DEFAULT_CALIBRATION.keys() - set(ISOTONIC_KEYS))
     if unknown:
         raise ValueError(
-            f"unknown calibration keys {unknown}; known: {sorted(DEFAULT_CALIBRATION)} and {list(_ISOTONIC_KEYS)}"
+            f"unknown calibration keys {unknown}; known: {sorted(DEFAULT_CALIBRATION)} and {list(ISOTONIC_KEYS)}"
         )
     scales = {k: merged[k] for k in DEFAULT_CALIBRATION}
     if any(not isinstance(v, numbers.Real) or not np.isfinite(v) or v < 0 for v in scales.values()):
         raise ValueError(f"calibration scales must be finite and >= 0, got {scales}")
     result: dict[str, Any] = {k: float(v) for k, v in scales.items()}
-    isotonic = [k for k in _ISOTONIC_KEYS if merged.get(k) is not None]
+    isotonic = [k for k in ISOTONIC_KEYS if merged.get(k) is not None]
     if isotonic:
         from blip_ase.uq.calibration import validate_isotonic
 
@@ -113,7 +114,7 @@ def _calibration(calibration: dict[str, Any] | None) -> dict[str, Any]:
 
 def _variance_factors(calibration: dict[str, Any]) -> dict[str, float]:
     """Variance multipliers: the scale, times the isotonic map's factor where one is stored."""
-    if not any(k in calibration for k in _ISOTONIC_KEYS):
+    if not any(k in calibration for k in ISOTONIC_KEYS):
         return {k: calibration[k] for k in DEFAULT_CALIBRATION}
     from blip_ase.uq.calibration import variance_factors
 
@@ -190,9 +191,8 @@ class BLIPCalculator(Calculator):
         self.n_samples = _check_samples(n_samples)
         self.mode: Mode = mode
         self.keep_samples = bool(keep_samples)
-        self.calibration = _calibration(calibration)
-        self._variance_factors = _variance_factors(self.calibration)
-        to_dtype, to_device = _resolve_dtype(dtype), _resolve_device(device)
+        self.calibration = calibration
+        to_dtype, to_device = _resolve_dtype(dtype), resolve_device(device)
         self.model = model.to(to_device, **({"dtype": to_dtype} if to_dtype else {})).eval()
         if max_batch_atoms is None:
             max_batch_atoms = 20000 if to_device.type == "cuda" else 256
@@ -204,13 +204,34 @@ class BLIPCalculator(Calculator):
             self.generator.manual_seed(int(seed))
         self._prepared: _Prepared | None = None
 
+    @property
+    def calibration(self) -> Mapping[str, Any]:
+        """The variance calibration in use (read-only view; assign a new dict to change it).
+
+        Assigning validates the dict (as the constructor's ``calibration``), makes it take effect
+        for the next Monte Carlo evaluation and drops the results computed with the old one.
+        """
+        return MappingProxyType(self._calibration)
+
+    @calibration.setter
+    def calibration(self, calibration: Mapping[str, Any] | None) -> None:
+        validated = _calibration(dict(calibration) if calibration is not None else None)
+        self._calibration, self._variance_factors = validated, _variance_factors(validated)
+        self.results = {}
+
+    def reset(self) -> None:
+        """Forget the results and everything derived from the model: the cached neighbour list
+        and alpha/beta. Call it after changing the model's weights in place."""
+        super().reset()
+        self._prepared = None
+
     @classmethod
     def from_checkpoint(cls, path: str | Path, **options: Any) -> BLIPCalculator:
         """Calculator for the model stored at ``path``; ``options`` as for the constructor.
 
         The checkpoint's calibration scales are used unless ``calibration=`` is given.
         """
-        device = _resolve_device(options.pop("device", None))
+        device = resolve_device(options.pop("device", None))
         model, ckpt = load_checkpoint(path, device=device)
         options.setdefault("calibration", ckpt.get("calibration"))
         return cls(model, device=device, **options)
@@ -267,7 +288,7 @@ class BLIPCalculator(Calculator):
 
     def _prepare(self, atoms: Atoms) -> _Prepared:
         """The cached configuration, or a new one (input checked, neighbour list built)."""
-        key = _snapshot(atoms)
+        key = _snapshot(atoms, self.model)
         if self._prepared is not None and _same(self._prepared.key, key):
             return self._prepared
         validate_atoms(atoms)  # the same clear errors whichever backend builds the graph
@@ -295,25 +316,20 @@ class BLIPCalculator(Calculator):
         else:
             n_chunks = -(-noise.n_samples // max(1, self.max_batch_atoms // prepared.n_atoms))
             size = -(-noise.n_samples // n_chunks)  # equal chunks
-            period = int(getattr(self.model, "sample_period", 1))  # ensemble: sample s = member s % period
+            period = self.model.sample_period  # ensemble: sample s = member s % period
             size = -(-size // period) * period
             chunks = [noise.split(a, min(a + size, noise.n_samples)) for a in range(0, noise.n_samples, size)]
         parts: dict[str, list[torch.Tensor]] = {}
         for chunk in chunks:
-            with input_gradients_only():
-                out = self.model(
-                    prepared.graph,
-                    coefficients=coefficients,
-                    noise=chunk,
-                    compute_forces=True,
-                    compute_stress=compute_stress,
-                )
+            out = self.model.predict(
+                prepared.graph, coefficients=coefficients, noise=chunk, compute_stress=compute_stress
+            )
             for key, value in out.items():
                 parts.setdefault(key, []).append(value.detach())
         result = {"energy": torch.cat(parts["energy"])[:, 0], "forces": torch.cat(parts["forces"])}
         if "stress" in parts:
             stress = torch.cat(parts["stress"])[:, 0]
-            result["stress"] = (0.5 * (stress + stress.transpose(-1, -2)))[:, _VOIGT[0], _VOIGT[1]]
+            result["stress"] = matrix_to_voigt(0.5 * (stress + stress.transpose(-1, -2)))
         return {key: value.to("cpu", torch.float64).numpy() for key, value in result.items()}
 
     def _map(self, prepared: _Prepared) -> dict[str, Any]:
@@ -333,7 +349,7 @@ class BLIPCalculator(Calculator):
         unbiased variance are the ensemble's own (repeating members would shrink the variance by
         ``S (N - 1) / (N (S - 1))`` and weight members unequally when ``N`` does not divide ``S``).
         """
-        period = int(getattr(self.model, "sample_period", 1))
+        period = self.model.sample_period
         if period > 1:
             n_samples = period
         noise = NoiseSource.spawn(self.generator, n_samples, device=self.model.device)

@@ -25,18 +25,19 @@ import numpy as np
 import torch
 from ase import Atoms
 
+from blip_ase.assets import ammonia_model, ammonia_structure
 from blip_ase.calculator import BLIPCalculator
 from blip_ase.cli.md import DEFAULT_FLAG
 from blip_ase.md import ExtXYZFrameWriter, HDF5FrameWriter, Thresholds, UncertaintyMonitor, make_dynamics, thermalize
-from blip_ase.md.dynamics import read_structure, resolve_path
+from blip_ase.md.run import read_structure
 
 LIMIT = 2.6
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="examples/ammonia/model.pt", help="BLIP checkpoint")
-    parser.add_argument("--structure", default="examples/ammonia/nh3.xyz", help="starting structure")
+    parser.add_argument("--model", default=str(ammonia_model()), help="BLIP checkpoint")
+    parser.add_argument("--structure", default=str(ammonia_structure()), help="starting structure")
     parser.add_argument("--steps", type=int, default=1000, help="MD steps per timed run")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of each kind (best is used)")
     parser.add_argument("--n-samples", type=int, default=16, help="Monte Carlo samples per check")
@@ -69,7 +70,7 @@ def timed_run(start: Atoms, calc: BLIPCalculator, args: argparse.Namespace, out:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.torch_threads)
-    model_path = resolve_path(args.model)
+    model_path = args.model
     calc = BLIPCalculator.from_checkpoint(model_path, mode="map", n_samples=args.n_samples, seed=0, device=args.device)
     start = read_structure(args.structure)
     plain, monitored = [], []

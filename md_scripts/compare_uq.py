@@ -22,8 +22,8 @@ never used for either):
   training and ``--acac-val`` validation frames; ``--acac-test`` frames drawn (seed 0) from
   each of ``acac_test_300K`` (ID) and ``acac_test_600K`` (OOD).
 
-``--dev`` replaces both by a development split of the training pool (see :func:`split_data`):
-defaults are chosen on it, never on the test sets.
+``--dev`` replaces the test sets by a development split of the training pool (see
+:func:`split_data`): defaults are chosen on it, never on the test sets.
 
 Methods: ``blip`` = the example config as shipped; ``blip_paper`` = the paper's settings
 (:data:`PAPER`); ``--variant NAME=JSON`` adds a BLIP run with nested config overrides (ablations).
@@ -76,8 +76,10 @@ def split_data(benchmark: str, out: Path, args: argparse.Namespace) -> dict[str,
     """Write the benchmark's train/val/test/ood files into ``out`` and return their paths.
 
     With ``args.dev`` the split is the development split that chooses defaults, made from the
-    training pool only (the final test sets are never read): the held-out frames of highest
-    energy stand in for OOD and random held-out frames for the ID test.
+    training pool only (the final test sets are never read): random held-out frames are the ID
+    test; the OOD set is ``examples/ammonia/dev_ood.extxyz`` (distorted training-pool geometries
+    labelled with PySCF, see ``make_dev_ood.py``) for ammonia and the held-out frames of highest
+    energy for acac.
     """
     from ase.io import read
 
@@ -86,14 +88,13 @@ def split_data(benchmark: str, out: Path, args: argparse.Namespace) -> dict[str,
     if benchmark == "ammonia":
         near = read(EXAMPLES / "ammonia" / "train.extxyz", ":") + read(EXAMPLES / "ammonia" / "val.extxyz", ":")
         order = rng.permutation(len(near))
-        if args.dev:  # 72 non-test frames: 8 highest-energy "shift", 8 ID, 8 val, 48 train
-            pool = sorted(order[:72], key=lambda k: _energy(near[k]))
-            rest = np.random.default_rng(1).permutation(pool[:-8])
-            parts = {"train": rest[:48], "val": rest[48:56], "test": rest[56:64], "ood": pool[-8:]}
+        if args.dev:  # the 72 non-test frames: 52 train, 10 val, 10 ID; PySCF-labelled OOD
+            pool = np.random.default_rng(1).permutation(order[:72])
+            parts = {"train": pool[:52], "val": pool[52:62], "test": pool[62:]}
         else:
             parts = {"train": order[:62], "val": order[62:72], "test": order[72:]}
         paths = {name: _write(out / f"{name}.extxyz", [near[k] for k in idx]) for name, idx in parts.items()}
-        return paths if args.dev else paths | {"ood": EXAMPLES / "ammonia" / "ood.extxyz"}
+        return paths | {"ood": EXAMPLES / "ammonia" / ("dev_ood.extxyz" if args.dev else "ood.extxyz")}
     acac = EXAMPLES / "acac"
     train = read(acac / "acac_train_300K.extxyz", ":")
     order = rng.permutation(len(train))

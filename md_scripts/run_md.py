@@ -2,8 +2,8 @@
 """Uncertainty-monitored NVT/NPT molecular dynamics with flagged-frame export.
 
 The same program as ``blip md`` (same options, same defaults; ``--help`` lists them). With no
-arguments it runs the shipped ammonia model (examples/ammonia/model.pt) from
-examples/ammonia/nh3.xyz and writes md_out/. Examples::
+arguments it runs the shipped ammonia model (blip_ase/assets/ammonia_model.pt) from
+blip_ase/assets/ammonia_nh3.xyz and writes md_out/. Examples::
 
     python md_scripts/run_md.py --temperature-K 1200 --steps 2000 --out md_out --overwrite
     python md_scripts/run_md.py --model mo.pt --structure cell.extxyz --ensemble npt-mtk-isotropic \\

@@ -19,6 +19,7 @@ from blip_ase import BLIPCalculator
 from blip_ase.bayes import BayesConfig, NoiseSource
 from blip_ase.models import PaiNNConfig, PaiNNPotential, save_checkpoint
 from blip_ase.models.ensemble import EnsemblePotential
+from blip_ase.voigt import matrix_to_voigt
 
 ROOT = Path(__file__).resolve().parents[1]
 MC_KEYS = {"energy", "free_energy", "forces", "energy_variance", "forces_variance"}
@@ -104,8 +105,7 @@ def samples_of(model, n_samples: int) -> int:
 
 
 def voigt(stress: torch.Tensor) -> np.ndarray:
-    s = stress.detach().numpy()
-    return np.array([s[0, 0], s[1, 1], s[2, 2], s[1, 2], s[0, 2], s[0, 1]])
+    return matrix_to_voigt(stress.detach().numpy())
 
 
 # --- physics: finite differences -------------------------------------------------------------
@@ -289,6 +289,50 @@ def test_mc_mode_calculate_shares_the_monte_carlo_path_and_cache(model, nh3, mon
     assert set(calc.monte_carlo()) == MC_KEYS
 
 
+def test_reset_clears_the_cached_neighbour_list_and_alpha_beta(nh3):
+    """Before: after changing the posterior's weights and calling reset(), MC variances still
+    came from the old alpha (the cache survived reset)."""
+    model = make_model()
+    nh3.calc = calc = BLIPCalculator(model, mode="map", n_samples=8, seed=0)
+    nh3.get_forces()
+    before = calc.monte_carlo()["forces_variance"]
+    with torch.no_grad():
+        model.posterior.edge_head[-1].bias.add_(2.0)  # larger dropout rates on every edge
+        model.posterior.node_head[-1].bias.add_(2.0)
+    calc.reset()
+    calc.generator.manual_seed(0)
+    after = calc.monte_carlo(nh3)["forces_variance"]
+    fresh = BLIPCalculator(model, mode="map", n_samples=8, seed=0).monte_carlo(nh3)["forces_variance"]
+    np.testing.assert_allclose(after, fresh)
+    assert not np.allclose(after, before)
+
+
+def test_changing_the_model_dtype_after_a_call_drops_the_cache(nh3):
+    """Before: ``calc.model.float()`` after a MAP call made monte_carlo() fail with a dtype mismatch."""
+    model = make_model()
+    nh3.calc = calc = BLIPCalculator(model, mode="map", n_samples=4, seed=0)
+    forces64 = nh3.get_forces()
+    calc.model.float()
+    stats = calc.monte_carlo()
+    assert np.isfinite(stats["forces_variance"]).all()
+    calc.reset()
+    np.testing.assert_allclose(nh3.get_forces(), forces64, atol=1e-4)
+
+
+def test_calibration_is_read_only_in_place_and_takes_effect_when_assigned(nh3):
+    """Before: ``calc.calibration["forces"] = 4`` was accepted and silently ignored."""
+    calc = BLIPCalculator(make_model(), n_samples=4, seed=0)
+    with pytest.raises(TypeError):
+        calc.calibration["forces"] = 4.0
+    plain = calc.monte_carlo(nh3)["forces_variance"]
+    calc.calibration = {"forces": 4.0}
+    assert calc.calibration["forces"] == 4.0 and calc.calibration["energy"] == 1.0
+    calc.generator.manual_seed(0)
+    np.testing.assert_allclose(calc.monte_carlo(nh3)["forces_variance"], 4.0 * plain)
+    with pytest.raises(ValueError, match="unknown calibration keys"):
+        calc.calibration = {"force": 2.0}
+
+
 @pytest.mark.parametrize("change", ["positions", "cell", "pbc", "numbers"])
 def test_any_change_of_the_configuration_invalidates_results_and_cache(model, mo, monkeypatch, change):
     counts = count_calls(monkeypatch, model)
@@ -379,3 +423,18 @@ def test_readme_python_api_example_runs(monkeypatch):
     code = readme_example()
     monkeypatch.chdir(ROOT)
     exec(compile(code, "README.md:Python API", "exec"), {"__name__": "readme_example"})
+
+
+def test_voigt_conversions_are_inverse_and_follow_ase_order():
+    """One home for ASE's Voigt order (it was written out four times)."""
+    from blip_ase.voigt import voigt_to_matrix
+
+    atoms = bulk("Mo", "bcc", a=3.1) * (2, 1, 1)
+    matrix = np.array([[1.0, 6.0, 5.0], [6.0, 2.0, 4.0], [5.0, 4.0, 3.0]])
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    atoms.calc = SinglePointCalculator(atoms, stress=matrix)
+    np.testing.assert_array_equal(matrix_to_voigt(matrix), atoms.get_stress(voigt=True))
+    np.testing.assert_array_equal(voigt_to_matrix(matrix_to_voigt(matrix)), matrix)
+    batch = torch.tensor(np.stack([matrix, 2 * matrix]))
+    torch.testing.assert_close(voigt_to_matrix(matrix_to_voigt(batch)), batch)

@@ -12,7 +12,6 @@ import pytest
 import torch
 from ase.io import read
 
-from blip_ase.bayes import NoiseSource
 from blip_ase.training import load_config, train, with_overrides
 from blip_ase.training.contrastive import ContrastiveConfig, contrastive_kl, perturb_edge_vectors
 from blip_ase.training.loop import kl_factor
@@ -20,14 +19,7 @@ from conftest import TINY_BAYES, build_potential
 
 ROOT = Path(__file__).resolve().parents[1]
 AMMONIA = ROOT / "examples" / "ammonia"
-SEEDS = [11, 12]
 NEIGHBOURHOOD = replace(TINY_BAYES, neighbourhood=True)
-
-
-def _energy(model, graph, seeds) -> torch.Tensor:
-    """``(S,)`` energies with alpha/beta recomputed at this very geometry."""
-    c = model.coefficients(graph)
-    return model(graph, coefficients=c, noise=NoiseSource.from_seeds(seeds), compute_forces=False)["energy"][:, 0]
 
 
 def test_neighbourhood_beta_depends_on_the_geometry_and_is_rotation_invariant(ammonia, rotation):
@@ -40,33 +32,6 @@ def test_neighbourhood_beta_depends_on_the_geometry_and_is_rotation_invariant(am
     torch.testing.assert_close(c1.node, c0.node, rtol=1e-10, atol=1e-12)
     assert (c2.node - c0.node).abs().max() > 1e-3
     assert c0.node_jacobian is not None and c0.node_jacobian.abs().max() > 1e-4
-
-
-def test_sample_forces_are_full_derivatives_with_a_neighbourhood_aware_beta(mo_cell):
-    """beta of an atom depends on all its edges; forces of a sample (inference network run
-    once) equal central differences that rerun the network at every displaced geometry."""
-    model = build_potential(NEIGHBOURHOOD)
-    graph = model.build_graph(mo_cell)
-    out = model(graph, coefficients=model.coefficients(graph), noise=NoiseSource.from_seeds(SEEDS))
-    h, numerical = 1e-5, torch.zeros_like(out["forces"])
-    for a in range(3):  # a few atoms suffice: each has 8+ neighbours in the cell
-        for k in range(3):
-            pos = [graph.positions.clone() for _ in range(2)]
-            pos[0][a, k] += h
-            pos[1][a, k] -= h
-            plus, minus = (_energy(model, graph.with_positions(p), SEEDS) for p in pos)
-            numerical[:, a, k] = -(plus - minus).detach() / (2 * h)
-    torch.testing.assert_close(out["forces"][:, :3].detach(), numerical[:, :3], rtol=0, atol=1e-7)
-
-
-def test_batched_samples_equal_sequential_passes_with_a_neighbourhood_aware_beta(mo_cell):
-    model = build_potential(NEIGHBOURHOOD)
-    graph = model.build_graph(mo_cell)
-    c = model.coefficients(graph)
-    batched = model(graph, coefficients=c, noise=NoiseSource.from_seeds(SEEDS))
-    for s, seed in enumerate(SEEDS):
-        single = model(graph, coefficients=c, noise=NoiseSource.from_seeds([seed]))
-        torch.testing.assert_close(batched["forces"][s], single["forces"][0], rtol=1e-10, atol=1e-12)
 
 
 def test_perturbed_edge_vectors_are_those_of_a_rattled_and_stretched_geometry(bayesian_potential, mo_cell):

@@ -11,6 +11,7 @@ import torch
 from ase.io import read, write
 
 from blip_ase import BLIPCalculator
+from blip_ase.assets import ammonia_model
 from blip_ase.bayes import BayesConfig
 from blip_ase.cli.main import main as blip
 from blip_ase.models import PaiNNConfig, PaiNNPotential, save_checkpoint
@@ -18,7 +19,7 @@ from blip_ase.models.ensemble import EnsemblePotential
 from blip_ase.uq.evaluate import calibrate, evaluate
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "ammonia"
-SHIPPED = EXAMPLE / "model.pt"
+SHIPPED = ammonia_model()
 ID_KEYS = {
     "energy_mae", "forces_mae", "energy_rmse", "forces_rmse", "forces_ece", "forces_nll", "forces_crps", "spearman"
 }

@@ -1,7 +1,7 @@
 """Uncertainty-monitored MD: policy, exports, halting, crash safety, integrators and ``blip md``.
 
 The halt test and the thermostat/NVE tests use the shipped ammonia model
-(examples/ammonia/model.pt); I/O and CLI tests use a tiny random model, which is faster.
+(blip_ase/assets/ammonia_model.pt); I/O and CLI tests use a tiny random model, which is faster.
 """
 
 from __future__ import annotations
@@ -41,8 +41,8 @@ from blip_ase.md import (
 from blip_ase.models import PaiNNConfig, PaiNNPotential, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
-SHIPPED_MODEL = ROOT / "examples" / "ammonia" / "model.pt"
-NH3 = ROOT / "examples" / "ammonia" / "nh3.xyz"
+SHIPPED_MODEL = ROOT / "blip_ase" / "assets" / "ammonia_model.pt"
+NH3 = ROOT / "blip_ase" / "assets" / "ammonia_nh3.xyz"
 MO_CELL = Path(__file__).parent / "data" / "mo_cell.extxyz"
 HOT_K = 900.0  # NH3 leaves its training distribution (<= 5 kcal/mol above the minimum) but holds together
 NVE_MAX_DEVIATION_EV = 5e-3  # measured 1.4 meV (seed 0)
@@ -451,3 +451,217 @@ def test_the_readme_monitor_example_runs(tmp_path, monkeypatch):
     assert monitor.n_checked >= 1 and len(monitor.history) == monitor.n_checked
     if monitor.n_flagged:
         assert len(read(tmp_path / "flagged.extxyz", ":")) == monitor.n_flagged
+
+
+# --- misuse: non-finite predictions, exit codes, strict JSON --------------------------------------
+
+
+def strict_json(path: Path) -> dict:
+    """``path`` parsed as strict JSON: a bare NaN or Infinity (invalid JSON) fails the test."""
+
+    def reject(constant):
+        raise AssertionError(f"{path} holds {constant}, which is not JSON")
+
+    return json.loads(path.read_text(), parse_constant=reject)
+
+
+def coincident_nh3(path: Path) -> Path:
+    """NH3 with two hydrogens on the same spot: every prediction of the model is NaN."""
+    Atoms("NHHH", positions=[[0, 0, 0], [1, 0, 0], [1, 0, 0], [0, 1, 0]]).write(path)
+    return path
+
+
+def test_a_non_finite_prediction_halts_at_once_with_its_own_reason_and_exports_the_frame(tiny_model, tmp_path, capsys):
+    """Before: NaN compared False with every threshold, so the frame passed as level 0, the next
+    step failed with "positions contain NaN" and summary.json held a bare NaN."""
+    structure = coincident_nh3(tmp_path / "coincident.xyz")
+    out = tmp_path / "o"
+    code, text = run_cli(capsys, "--model", str(tiny_model), "--structure", str(structure), "--out", str(out))
+    assert code == 0, text
+    summary = strict_json(out / "summary.json")
+    assert summary["status"] == "halted" and summary["halt_step"] == 0 == summary["final_step"]
+    assert "non-finite prediction: energy, forces" in summary["stop_reason"]
+    assert summary["max_force_std_max"] is None
+    (frame,) = read(out / "flagged.extxyz", ":")
+    assert frame.info["step"] == 0 and frame.info["reason"].startswith("halt: non-finite prediction")
+    assert [a.info["step"] for a in read_hdf5_frames(out / "flagged.h5")] == [0]
+
+
+def test_a_nan_force_between_two_checks_halts_at_that_step(tiny_model):
+    """MAP forces move the atoms every step, the uncertainty is checked every 100: a NaN force at
+    step 3 must stop the run at step 3, not be propagated into NaN positions."""
+    from blip_ase.md import UncertaintyMonitor
+
+    atoms = read(NH3)
+    atoms.calc = BLIPCalculator.from_checkpoint(tiny_model, mode="map", n_samples=4, seed=0, device="cpu")
+    thermalize(atoms, 300.0, rng=np.random.default_rng(0))
+    dyn = make_dynamics(atoms, "nve")
+
+    def collide():  # the real model, driven onto a configuration where it returns NaN
+        if dyn.nsteps == 3:
+            atoms.positions[2] = atoms.positions[1]
+            atoms.get_forces()
+
+    dyn.attach(collide, interval=1)
+    monitor = UncertaintyMonitor(dyn, thresholds=Thresholds(force_std_halt=100.0))
+    dyn.attach(monitor, interval=100)
+    dyn.attach(monitor.check_finite, interval=1)
+    dyn.run(50)
+    assert dyn.nsteps == 3 and monitor.triggered and monitor.halt_step == 3
+    assert monitor.stop_reason.startswith("step 3: halt: non-finite prediction")
+    assert [r["step"] for r in monitor.history] == [0, 3]
+
+
+def test_every_json_file_is_strict_json_with_non_finite_numbers_as_null(tmp_path):
+    from blip_ase.strict_json import write_json
+
+    write_json(tmp_path / "a.json", {"nan": float("nan"), "inf": np.float32(np.inf), "x": np.arange(2.0), "ok": 1.5})
+    assert strict_json(tmp_path / "a.json") == {"nan": None, "inf": None, "x": [0.0, 1.0], "ok": 1.5}
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_stops_blip_md_with_exit_code_128_plus_the_signal_recorded_in_the_summary(tiny_model, tmp_path, sig):
+    out = tmp_path / "o"
+    cmd = [sys.executable, "-m", "blip_ase.cli.main", "md", "--model", str(tiny_model), "--structure", str(NH3)]
+    cmd += ["--out", str(out), "--steps", "1000000", "--no-progress", "--no-plot", "--traj-interval", "5"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=tmp_path)
+    deadline = time.monotonic() + 60
+    try:
+        while not (out / "summary.json").is_file() or len(read_history(out / "uncertainty.csv")) < 3:
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.monotonic() < deadline, "no checks within 60 s"
+            time.sleep(0.1)
+        proc.send_signal(sig)
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + sig, proc.stderr.read().decode()
+    summary = strict_json(out / "summary.json")
+    name = signal.Signals(sig).name
+    assert summary["status"] == "interrupted" and summary["signal"] == name
+    assert summary["stop_reason"] == f"step {summary['final_step']}: interrupted by {name}"
+    assert read(out / "md.traj", -1).info["step"] == summary["final_step"]
+
+
+def test_a_run_that_fails_after_the_start_exits_1_and_says_failed(tiny_model, tmp_path, capsys, monkeypatch):
+    """Fault injection: the calculator raises at its 6th call (an error inside the dynamics)."""
+    calls = {"n": 0}
+    original = BLIPCalculator.calculate
+
+    def failing(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise RuntimeError("injected fault")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(BLIPCalculator, "calculate", failing)
+    out = tmp_path / "o"
+    code, text = run_cli(capsys, "--model", str(tiny_model), "--structure", str(NH3), "--out", str(out))
+    assert code == 1 and "blip md: failed: the run failed at step" in text and "injected fault" in text
+    summary = strict_json(out / "summary.json")
+    assert summary["status"] == "failed" and "injected fault" in summary["error"]
+
+
+def test_blip_md_help_documents_the_exit_codes(capsys):
+    with pytest.raises(SystemExit):
+        blip(["md", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for phrase in ("0 completed or halted", "1 failed", "2 bad input", "130", "SIGINT", "143", "SIGTERM"):
+        assert phrase in text
+
+
+def test_an_unavailable_device_is_one_line_in_every_command(tiny_model, tmp_path, capsys):
+    """CPU torch: ``--device cuda`` was a 20-line traceback; now one line, before any output."""
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    common = {"md": ["--model", str(tiny_model)], "eval": ["--model", str(tiny_model), "--data", str(NH3)]}
+    common["calibrate"] = ["--model", str(tiny_model), "--data", str(NH3)]
+    common["train"] = [str(ROOT / "examples" / "ammonia" / "config.yaml"), "--train", str(NH3), "--val", str(NH3)]
+    for command, args in common.items():
+        code = blip([command, *args, "--out", str(tmp_path / command), "--device", "cuda"])
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(lines) == 1, (command, lines)
+        assert lines[0].startswith(f"blip {command}: error: device 'cuda' is not available")
+        assert not (tmp_path / command).exists()
+    with pytest.raises(ValueError, match="device 'cuda' is not available"):
+        BLIPCalculator.from_checkpoint(tiny_model, device="cuda")
+
+
+# --- misuse: inputs checked before anything is created; restart rules ------------------------------
+
+
+def write_structure(path: Path, symbols: str, positions) -> Path:
+    Atoms(symbols, positions=positions).write(path)
+    return path
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["unknown element", "nan positions", "element threshold", "bad timestep"],
+)
+def test_bad_inputs_are_refused_before_the_output_directory_is_created(tiny_model, tmp_path, capsys, case):
+    """Before: an unknown element was found after md_out/ existed (the corrected re-run then needed
+    --overwrite), NaN positions gave "Eigenvalues did not converge", and an --element-threshold for
+    an element the model does not know was silently accepted."""
+    ok = [[0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1]]
+    structure, extra, expected = NH3, [], ""
+    if case == "unknown element":
+        structure = write_structure(tmp_path / "c.xyz", "CHHH", ok)
+        expected = "unknown element(s) ['C']: the model knows only ['H', 'N']"
+    elif case == "nan positions":
+        structure = write_structure(tmp_path / "nan.xyz", "NHHH", [[0, 0, 0], [np.nan, 0, 0], [0, 1, 0], [0, 0, 1]])
+        expected = "positions contain NaN or infinite values (atoms [1])"
+    elif case == "element threshold":
+        extra, expected = ["--element-threshold", "C=0.1,0.2"], "for ['C']: the model knows only ['H', 'N']"
+    else:
+        extra, expected = ["--timestep-fs", "0"], "timestep_fs must be > 0"
+    out = tmp_path / "o"
+    code, text = run_cli(capsys, "--model", str(tiny_model), "--structure", str(structure), "--out", str(out), *extra)
+    assert code == 2 and expected in text, text
+    assert "Eigenvalues" not in text and len(text.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_restart_takes_every_setting_from_the_stored_run(tiny_model, tmp_path, capsys):
+    """Before: ``--restart --out o --steps N`` continued a 1200 K run at the 300 K default."""
+    out = tmp_path / "o"
+    first = ("--model", str(tiny_model), "--out", str(out), "--temperature-K", "1200", "--ensemble", "nvt-bussi")
+    assert run_cli(capsys, *first, "--steps", "20", "--flag-force-std-eV-per-A", "0.01", "--seed", "3")[0] == 0
+    code, text = run_cli(capsys, "--restart", "--out", str(out), "--steps", "40", "--traj-interval", "5")
+    assert code == 0, text
+    summary = strict_json(out / "summary.json")
+    config = summary["config"]
+    assert (config["temperature_K"], config["ensemble"], config["seed"]) == (1200.0, "nvt-bussi", 3)
+    assert config["thresholds"]["force_std_flag"] == 0.01 and config["traj_interval"] == 5
+    assert Path(config["model"]) == tiny_model.resolve() and summary["final_step"] == 40
+
+
+def test_restart_refuses_an_option_that_contradicts_the_stored_run(tiny_model, tmp_path, capsys):
+    out = tmp_path / "o"
+    first = ("--model", str(tiny_model), "--out", str(out), "--temperature-K", "1200", "--steps", "10")
+    assert run_cli(capsys, *first)[0] == 0
+    for option, message in (
+        (["--ensemble", "nve"], "--ensemble 'nve' (the run has 'nvt-langevin')"),
+        (["--temperature-K", "300"], "--temperature-K 300.0 (the run has 1200.0)"),  # the default, but given
+        (["--halt-force-std-eV-per-A", "2"], "the threshold options"),
+        (["--model", str(NH3)], "--model"),
+    ):
+        code, text = run_cli(capsys, "--restart", "--out", str(out), "--steps", "20", *option)
+        assert code == 2 and "contradict" in text and message in text, text
+        assert "Only --steps, --traj-interval, --uq-interval" in text
+    assert strict_json(out / "summary.json")["final_step"] == 10  # nothing ran
+
+
+@pytest.mark.parametrize("ensemble", ["nvt-nose-hoover"])
+def test_a_nose_hoover_or_mtk_run_refuses_restart_saying_why(tiny_model, tmp_path, capsys, ensemble):
+    """Their thermostat chain state lives inside ASE's integrator and md.traj does not hold it."""
+    out = tmp_path / "o"
+    first = ("--model", str(tiny_model), "--out", str(out), "--ensemble", ensemble, "--steps", "10")
+    assert run_cli(capsys, *first)[0] == 0
+    code, text = run_cli(capsys, "--restart", "--out", str(out), "--steps", "20")
+    assert code == 2 and f"cannot restart a {ensemble} run" in text and "thermostat/barostat state" in text
+    assert f"--structure {out / 'md.traj'}@-1" in text
+    last_frame = f"{out / 'md.traj'}@-1"
+    new_run = ("--model", str(tiny_model), "--structure", last_frame, "--out", str(tmp_path / "p"), "--steps", "10")
+    code, text = run_cli(capsys, *new_run)
+    assert code == 0, text

@@ -16,8 +16,6 @@ import numpy as np
 import pytest
 import torch
 from ase.build import bulk, molecule
-from ase.calculators.calculator import Calculator, all_changes
-from ase.calculators.fd import calculate_numerical_forces, calculate_numerical_stress
 from ase.io import read, write
 
 from blip_ase.bayes import BayesianLinear, NoiseSource
@@ -26,6 +24,7 @@ from blip_ase.models.orb import ORB_BAYES, OrbConfig, OrbPotential, build_regres
 from blip_ase.models.orb_graph import atoms_to_orb_graph
 from blip_ase.training import load_config, train
 from blip_ase.training.loop import build_model, evaluate_map, fit_normalisation
+from blip_ase.voigt import matrix_to_voigt
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -67,11 +66,6 @@ def raw_prediction(regressor, atoms, kind: str) -> dict[str, torch.Tensor]:
     return {"energy": out["energy"], "forces": out[f"{prefix}forces"], "stress": out[f"{prefix}stress"]}
 
 
-def as_voigt(stress: torch.Tensor) -> torch.Tensor:
-    """``(..., 3, 3)`` -> ``(..., 6)`` xx yy zz yz xz xy."""
-    return stress[..., [0, 1, 2, 1, 0, 0], [0, 1, 2, 2, 2, 1]]
-
-
 @pytest.mark.parametrize("kind", KINDS)
 def test_wrapping_keeps_the_base_state_dict_keys_and_wraps_exactly_the_interaction_mlps(kind):
     plain = build_regressor(small_config(kind))
@@ -83,47 +77,6 @@ def test_wrapping_keeps_the_base_state_dict_keys_and_wraps_exactly_the_interacti
     edge = [n for n in wrapped if "_edge_mlp" in n]
     assert all(model.net.get_submodule(n).role == "edge" for n in edge)
     assert model.posterior.n_edge_layers == len(edge) == 2 * 3 and model.posterior.n_node_layers == 6
-
-
-@pytest.mark.parametrize("kind", KINDS)
-def test_map_equals_the_unwrapped_orb_model(kind):
-    model = make_orb(kind)
-    plain = build_regressor(small_config(kind)).double()
-    plain.load_state_dict(model.net.state_dict())
-    atoms = mo_cell()
-    ref = raw_prediction(plain, atoms, kind)
-    out = model(model.build_graph(atoms), compute_stress=True)
-    torch.testing.assert_close(out["energy"][0], ref["energy"], rtol=0, atol=1e-10)
-    torch.testing.assert_close(out["forces"][0], ref["forces"], rtol=0, atol=1e-10)
-    torch.testing.assert_close(as_voigt(out["stress"][0]), ref["stress"], rtol=0, atol=1e-10)
-
-
-@pytest.mark.parametrize("kind", KINDS)
-def test_mc_variance_is_positive_and_reproducible_with_a_seed(kind):
-    model = make_orb(kind)
-    graph = model.build_graph(mo_cell())
-    coefficients = model.coefficients(graph)
-
-    def sample(seeds):
-        return model(graph, coefficients=coefficients, noise=NoiseSource.from_seeds(seeds), compute_stress=True)
-
-    a, b, c = sample([1, 2, 3, 4]), sample([1, 2, 3, 4]), sample([5, 6, 7, 8])
-    for key in ("energy", "forces", "stress"):
-        assert torch.equal(a[key], b[key])
-        assert not torch.allclose(a[key], c[key])
-    assert float(a["energy"].detach().var()) > 0 and bool((a["forces"].var(dim=0).sum(-1) > 0).all())
-
-
-@pytest.mark.parametrize("kind", KINDS)
-def test_batched_samples_equal_sequential_passes_with_the_same_noise(kind):
-    model = make_orb(kind)
-    graph = model.build_graph(mo_cell())
-    coefficients = model.coefficients(graph)
-    batched = model(graph, coefficients=coefficients, noise=NoiseSource.from_seeds([3, 4, 5]), compute_stress=True)
-    for s, seed in enumerate([3, 4, 5]):
-        one = model(graph, coefficients=coefficients, noise=NoiseSource.from_seeds([seed]), compute_stress=True)
-        for key in ("energy", "forces", "stress"):
-            torch.testing.assert_close(batched[key][s], one[key][0], rtol=1e-9, atol=1e-9)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -140,7 +93,7 @@ def test_a_weights_file_gives_the_same_predictions_before_wrapping_and_in_map_mo
         out = model(model.build_graph(atoms), compute_stress=True)
         torch.testing.assert_close(out["energy"][0], ref["energy"], rtol=0, atol=1e-10)
         torch.testing.assert_close(out["forces"][0], ref["forces"], rtol=0, atol=1e-10)
-        torch.testing.assert_close(as_voigt(out["stress"][0]), ref["stress"], rtol=0, atol=1e-10)
+        torch.testing.assert_close(matrix_to_voigt(out["stress"][0]), ref["stress"], rtol=0, atol=1e-10)
 
 
 def test_a_weights_file_of_another_architecture_names_the_first_mismatched_keys(tmp_path):
@@ -172,54 +125,6 @@ def test_normaliser_statistics_stay_frozen_in_training_mode():
     (out["energy"].sum() + out["forces"].sum() + out["stress"].sum()).backward()
     after = model.state_dict()
     assert before and all(torch.equal(v, after[k]) for k, v in before.items())
-
-
-class FixedSample(Calculator):
-    """ASE calculator over an ORB potential: MAP, or the sample of one fixed noise seed with
-    alpha/beta of the first configuration (``recompute=False``) or of every configuration."""
-
-    implemented_properties = ["energy", "free_energy", "forces", "stress"]
-
-    def __init__(self, model: OrbPotential, seed: int | None, recompute: bool = False):
-        super().__init__()
-        self.model, self.seed, self.coefficients, self.recompute = model, seed, None, recompute
-
-    def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
-        super().calculate(atoms, properties, system_changes)
-        graph = self.model.build_graph(self.atoms)
-        sampling = self.seed is not None
-        if sampling and (self.coefficients is None or self.recompute):
-            self.coefficients = self.model.coefficients(graph)
-        out = self.model(
-            graph,
-            coefficients=self.coefficients,
-            noise=NoiseSource.from_seeds([self.seed]) if sampling else None,
-            compute_stress=True,
-        )
-        energy = float(out["energy"][0, 0].detach())
-        self.results = {
-            "energy": energy,
-            "free_energy": energy,
-            "forces": out["forces"][0].detach().numpy(),
-            "stress": as_voigt(out["stress"][0, 0]).detach().numpy(),
-        }
-
-
-@pytest.mark.parametrize("seed, recompute", [(None, False), (11, False), (11, True)])
-def test_conservative_forces_and_stress_match_finite_differences(seed, recompute):
-    """Also for a fixed noise draw (seed 11): a sample is a smooth function of the positions,
-    including alpha(positions) when the inference network reruns at every displaced geometry."""
-    atoms = bulk("Mo", "bcc", a=3.15) * (2, 1, 1)
-    atoms.rattle(stdev=0.05, seed=1)
-    # Away from the cell faces: an atom wrapped across a face changes its edges' lattice-shift
-    # labels, hence their order and which noise row each edge gets (MAP is unaffected).
-    atoms.translate(0.2 * atoms.cell.sum(axis=0))
-    atoms.wrap()
-    atoms.calc = FixedSample(make_orb("conservative"), seed, recompute)
-    forces, stress = atoms.get_forces(), atoms.get_stress()
-    assert np.abs(forces).max() > 1e-4 and np.abs(stress).max() > 1e-4
-    np.testing.assert_allclose(forces, calculate_numerical_forces(atoms, eps=1e-4), atol=1e-7)
-    np.testing.assert_allclose(stress, calculate_numerical_stress(atoms, eps=1e-5), atol=1e-7)
 
 
 def test_orb_is_registered_lazily_and_checkpoints_round_trip(tmp_path):

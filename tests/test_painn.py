@@ -1,85 +1,21 @@
-"""PaiNN potential with BLIP noise: derivatives, symmetry, seeds, batching, MAP equivalence."""
+"""PaiNN potential with BLIP noise: what is specific to PaiNN and its graphs (derivatives,
+symmetry, seeds, batched samples and MAP equivalence are in the contract battery,
+tests/test_backends.py)."""
 
 from __future__ import annotations
 
-from dataclasses import replace
-
-import numpy as np
 import pytest
 import torch
 
+from blip_ase import testing
 from blip_ase.bayes import BayesConfig, Coefficients, NoiseSource
-from blip_ase.data.graph import AtomGraph, batch_graphs
+from blip_ase.data.graph import batch_graphs
 
 SEEDS = [11, 12, 13]
 
 
 def _noise(seeds):
     return None if seeds is None else NoiseSource.from_seeds(seeds)
-
-
-def _energy(model, graph: AtomGraph, coefficients, seeds) -> torch.Tensor:
-    """``(S,)`` energies of the first structure with fresh generators for ``seeds``;
-    ``coefficients="recompute"`` runs the inference network on this very geometry."""
-    if isinstance(coefficients, str):
-        coefficients = model.coefficients(graph)
-    out = model(graph, coefficients=coefficients, noise=_noise(seeds), compute_forces=False)
-    return out["energy"][:, 0].detach()
-
-
-def _numerical_forces(model, graph, coefficients, seeds, h=1e-5) -> torch.Tensor:
-    """Central differences ``-dE/dr``, ``(S, N, 3)``, at fixed coefficients and noise."""
-    n = graph.positions.shape[0]
-    columns = []
-    for a in range(n):
-        for k in range(3):
-            energies = []
-            for sign in (1.0, -1.0):
-                pos = graph.positions.clone()
-                pos[a, k] += sign * h
-                energies.append(_energy(model, graph.with_positions(pos), coefficients, seeds))
-            columns.append(-(energies[0] - energies[1]) / (2 * h))
-    return torch.stack(columns, dim=-1).view(-1, n, 3)
-
-
-def _numerical_stress(model, graph, coefficients, seeds, h=1e-5) -> torch.Tensor:
-    """Central differences ``dE/d(strain) / V``, ``(S, 3, 3)``, deforming cell and positions."""
-    volume = torch.linalg.det(graph.cell[0]).abs()
-    stress = torch.zeros(len(seeds) if seeds else 1, 3, 3, dtype=torch.float64)
-    for a in range(3):
-        for b in range(3):
-            energies = []
-            for sign in (1.0, -1.0):
-                deformation = torch.eye(3, dtype=torch.float64)
-                deformation[a, b] += sign * h
-                strained = replace(graph, positions=graph.positions @ deformation, cell=graph.cell @ deformation)
-                energies.append(_energy(model, strained, coefficients, seeds))
-            stress[:, a, b] = (energies[0] - energies[1]) / (2 * h) / volume
-    return stress
-
-
-@pytest.mark.parametrize("seeds", [None, SEEDS[:2]], ids=["map", "fixed-noise"])
-def test_molecule_forces_equal_finite_differences(bayesian_potential, ammonia, seeds):
-    """Forces of a sample are -dE/dr at fixed alpha, beta and eps (coefficients held fixed)."""
-    model = bayesian_potential
-    graph = model.build_graph(ammonia)
-    c = model.coefficients(graph)
-    forces = model(graph, coefficients=c, noise=_noise(seeds))["forces"].detach()
-    assert forces.shape == (len(seeds) if seeds else 1, len(ammonia), 3)
-    assert forces.abs().max() > 1e-3
-    torch.testing.assert_close(forces, _numerical_forces(model, graph, c, seeds), rtol=1e-6, atol=1e-8)
-
-
-@pytest.mark.parametrize("seeds", [None, SEEDS[:2]], ids=["map", "fixed-noise"])
-def test_periodic_forces_and_stress_equal_finite_differences(bayesian_potential, mo_cell, seeds):
-    model = bayesian_potential
-    graph = model.build_graph(mo_cell)
-    c = model.coefficients(graph)
-    out = model(graph, coefficients=c, noise=_noise(seeds), compute_stress=True)
-    forces, stress = out["forces"].detach(), out["stress"][:, 0].detach()
-    assert forces.abs().max() > 1e-3 and stress.abs().max() > 1e-4
-    torch.testing.assert_close(forces, _numerical_forces(model, graph, c, seeds), rtol=1e-6, atol=1e-8)
-    torch.testing.assert_close(stress, _numerical_stress(model, graph, c, seeds), rtol=1e-6, atol=1e-9)
 
 
 def test_stress_of_every_sample_is_symmetric(bayesian_potential, mo_cell):
@@ -90,65 +26,12 @@ def test_stress_of_every_sample_is_symmetric(bayesian_potential, mo_cell):
     torch.testing.assert_close(stress, stress.transpose(-1, -2), rtol=1e-9, atol=1e-12)
 
 
-def test_rotating_and_translating_a_molecule_rotates_forces_of_every_sample(bayesian_potential, ammonia, rotation):
-    model = bayesian_potential
-    moved = ammonia.copy()
-    moved.positions = ammonia.positions @ rotation.T + np.array([1.3, -0.7, 2.1])
-    results = []
-    for atoms in (ammonia, moved):
-        graph = model.build_graph(atoms)
-        c = model.coefficients(graph)
-        results.append((graph, c, model(graph, coefficients=c, noise=_noise(SEEDS))))
-    (g0, c0, out0), (g1, c1, out1) = results
-    assert torch.equal(g0.edge_index, g1.edge_index), "edges must be canonically sorted"
-    torch.testing.assert_close(c0.edge, c1.edge, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(c0.node, c1.node, rtol=1e-10, atol=1e-12)
-    assert out0["energy"].std() > 1e-4, "samples should differ from each other"
-    torch.testing.assert_close(out1["energy"], out0["energy"], rtol=1e-10, atol=1e-10)
-    rot = torch.as_tensor(rotation)
-    torch.testing.assert_close(out1["forces"], out0["forces"] @ rot.T, rtol=1e-8, atol=1e-10)
-
-
-def test_rotating_a_periodic_cell_rotates_forces_and_stress_of_every_sample(bayesian_potential, mo_cell, rotation):
-    model = bayesian_potential
-    moved = mo_cell.copy()
-    moved.set_cell(mo_cell.cell.array @ rotation.T, scale_atoms=True)
-    moved.positions += np.array([0.3, -0.2, 0.1])
-    outs = []
-    for atoms in (mo_cell, moved):
-        graph = model.build_graph(atoms)
-        outs.append(model(graph, coefficients=model.coefficients(graph), noise=_noise(SEEDS), compute_stress=True))
-    rot = torch.as_tensor(rotation)
-    torch.testing.assert_close(outs[1]["energy"], outs[0]["energy"], rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(outs[1]["forces"], outs[0]["forces"] @ rot.T, rtol=1e-8, atol=1e-10)
-    torch.testing.assert_close(outs[1]["stress"], rot @ outs[0]["stress"] @ rot.T, rtol=1e-8, atol=1e-10)
-
-
-def _deterministic_twin(make_potential, bayesian):
-    plain = make_potential(None)
-    state = {k: v for k, v in bayesian.state_dict().items() if not k.startswith("posterior.")}
-    plain.load_state_dict(state, strict=True)
-    return plain
-
-
 def test_net_state_dict_keys_are_the_same_with_and_without_bayesian_layers(make_potential, bayesian_potential):
     plain = make_potential(None)
     bayes_keys = {k for k in bayesian_potential.state_dict() if k.startswith("net.")}
     plain_keys = {k for k in plain.state_dict() if k.startswith("net.")}
     assert bayes_keys == plain_keys
     assert not any(k.startswith("posterior.") for k in plain.state_dict())
-
-
-def test_map_output_equals_the_deterministic_model_with_plain_linears(make_potential, bayesian_potential, mo_cell):
-    plain = _deterministic_twin(make_potential, bayesian_potential)
-    assert not any("Bayesian" in type(m).__name__ for m in plain.modules())
-    graph = bayesian_potential.build_graph(mo_cell)
-    c = bayesian_potential.coefficients(graph)
-    expected = plain(graph, compute_stress=True)
-    for out in (bayesian_potential(graph, compute_stress=True), bayesian_potential(graph, coefficients=c, noise=None,
-                                                                                   compute_stress=True)):
-        for key in ("energy", "forces", "stress"):
-            torch.testing.assert_close(out[key], expected[key], rtol=0, atol=0)
 
 
 def test_a_sample_differs_from_map(bayesian_potential, ammonia):
@@ -182,35 +65,12 @@ def test_dropout_clamped_to_zero_gives_zero_variance(make_potential, ammonia):
     torch.testing.assert_close(out["forces"], model(graph)["forces"].expand(3, -1, -1), rtol=1e-12, atol=1e-12)
 
 
-def test_same_seed_gives_identical_samples_and_another_seed_different_ones(bayesian_potential, mo_cell):
-    graph = bayesian_potential.build_graph(mo_cell)
-    c = bayesian_potential.coefficients(graph)
-
-    def run(seeds):
-        return bayesian_potential(graph, coefficients=c, noise=_noise(seeds), compute_stress=True)
-
-    first, again, other = run([7, 8]), run([7, 8]), run([9, 10])
-    for key in ("energy", "forces", "stress"):
-        assert torch.equal(first[key], again[key])
-        assert (first[key] - other[key]).abs().max() > 1e-6
-    assert (first["energy"][0] - first["energy"][1]).abs() > 1e-6, "samples within a pass must differ"
-
-
-@pytest.mark.parametrize("prepared", [True, False], ids=["noise-drawn-up-front", "noise-drawn-per-layer"])
-def test_batched_samples_equal_sequential_passes_with_the_same_noise(bayesian_potential, mo_cell, prepared, monkeypatch):
-    if not prepared:  # as for a structure too large to draw its noise up front
-        monkeypatch.setattr("blip_ase.bayes.wrap.PREPARE_LIMIT", 0)
-    model = bayesian_potential
-    graph = model.build_graph(mo_cell)
-    c = model.coefficients(graph)
-    batched = model(graph, coefficients=c, noise=_noise(SEEDS), compute_stress=True)
-    assert batched["energy"].shape == (3, 1)
-    assert batched["forces"].shape == (3, len(mo_cell), 3)
-    assert batched["stress"].shape == (3, 1, 3, 3)
-    for s, seed in enumerate(SEEDS):
-        alone = model(graph, coefficients=c, noise=_noise([seed]), compute_stress=True)
-        for key in ("energy", "forces", "stress"):
-            torch.testing.assert_close(batched[key][s], alone[key][0], rtol=1e-10, atol=1e-12)
+def test_batched_samples_equal_sequential_passes_also_when_noise_is_drawn_per_layer(
+    bayesian_potential, mo_cell, monkeypatch
+):
+    """As for a structure too large to draw its noise up front (the battery covers the other case)."""
+    monkeypatch.setattr("blip_ase.bayes.wrap.PREPARE_LIMIT", 0)
+    testing.check_batched_samples_equal_sequential(bayesian_potential, mo_cell, seeds=SEEDS, rtol=1e-10, atol=1e-12)
 
 
 def test_inference_network_runs_once_per_configuration_for_a_batched_mc_pass(bayesian_potential, mo_cell):
@@ -300,30 +160,15 @@ def test_the_cached_lone_atom_output_follows_new_weights_in_eval_mode(make_poten
     assert float(model(graph)["energy"]) == pytest.approx(float(model.reference_energies[2]), abs=1e-12)
 
 
-def test_sample_forces_and_stress_are_full_derivatives_when_alpha_is_recomputed(bayesian_potential, mo_cell):
-    """A sample's energy as a function of positions includes alpha(positions): the analytic
-    forces and stress (inference network run once) equal differences that rerun it."""
-    model = bayesian_potential
+def test_training_mode_reruns_the_inference_network_inside_the_pass_with_exact_forces(bayesian_potential, mo_cell):
+    """Training differentiates forces once more; there the network runs on the pass's own
+    edge vectors instead of carrying its Jacobian, and sample forces and stress stay full
+    derivatives of the sample energy."""
+    model = bayesian_potential.train()
     graph = model.build_graph(mo_cell)
     c = model.coefficients(graph)
-    assert c.edge_jacobian.abs().max() > 1e-4, "alpha must depend on the geometry for this test"
-    out = model(graph, coefficients=c, noise=_noise(SEEDS[:2]), compute_stress=True)
-    torch.testing.assert_close(out["forces"], _numerical_forces(model, graph, "recompute", SEEDS[:2]), rtol=0, atol=1e-7)
-    numerical = _numerical_stress(model, graph, "recompute", SEEDS[:2])
-    torch.testing.assert_close(out["stress"][:, 0], numerical, rtol=0, atol=1e-8)
-
-
-def test_training_mode_reruns_the_inference_network_inside_the_pass_with_exact_forces(bayesian_potential, ammonia):
-    """Training differentiates forces once more; there the network runs on the pass's own
-    edge vectors instead of carrying its Jacobian, and sample forces stay full derivatives."""
-    model = bayesian_potential.train()
-    graph = model.build_graph(ammonia)
-    c = model.coefficients(graph)
     assert c.edge_jacobian is None
-    out = model(graph, coefficients=c, noise=_noise(SEEDS[:2]), create_graph=True)
-    assert out["forces"].requires_grad
-    numerical = _numerical_forces(model, graph, "recompute", SEEDS[:2])
-    torch.testing.assert_close(out["forces"].detach(), numerical, rtol=0, atol=1e-7)
+    testing.check_forces_match_finite_differences(model, mo_cell, seed=11, recompute=True, eps=1e-5)
+    testing.check_stress_matches_finite_differences(model, mo_cell, seed=11, recompute=True, atol=1e-8)
     model.eval()
-    c_eval = model.coefficients(graph)
-    torch.testing.assert_close(c_eval.edge, c.edge.detach(), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(model.coefficients(graph).edge, c.edge.detach(), rtol=1e-12, atol=1e-14)

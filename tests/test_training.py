@@ -12,6 +12,7 @@ from ase import Atoms
 from ase.calculators.singlepoint import SinglePointCalculator
 from ase.io import read, write
 
+from blip_ase.assets import ammonia_model
 from blip_ase.bayes import NoiseSource
 from blip_ase.cli.main import main as blip
 from blip_ase.data.readers import read_frames, write_hdf5
@@ -169,13 +170,13 @@ def test_a_checkpoint_of_an_unknown_format_version_is_refused(trained, tmp_path)
     with pytest.raises(CheckpointError, match=r"format version 99; this blip-ase reads version 1"):
         load_checkpoint(tmp_path / "future.pt")
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match="not a readable blip-ase checkpoint"):
+    with pytest.raises(CheckpointError, match="not a blip-ase checkpoint: not a readable torch.save file"):
         load_checkpoint(tmp_path / "junk.pt")
 
 
 def test_the_shipped_ammonia_model_loads_and_predicts_near_equilibrium_forces():
     """The committed checkpoint is the one README's main job runs."""
-    path = EXAMPLE / "model.pt"
+    path = ammonia_model()
     model, ckpt = load_checkpoint(path)
     assert model.is_bayesian and ckpt["elements"] == [1, 7]
     frames = read(EXAMPLE / "val.extxyz", ":")

@@ -49,12 +49,6 @@ def model(kind, make_potential):
     return build(kind, make_potential)
 
 
-def _samples(model, n_samples: int) -> int:
-    """Samples an MC call takes: ``n_samples``, or one per member for an ensemble."""
-    period = getattr(model, "sample_period", 1)
-    return period if period > 1 else n_samples
-
-
 @pytest.fixture
 def nh3() -> Atoms:
     atoms = molecule("NH3")
@@ -63,41 +57,6 @@ def nh3() -> Atoms:
 
 
 # --- the calculator tests of BLIP, for every kind ----------------------------------------------
-
-
-@pytest.mark.parametrize("kind", ["blip", "mc_dropout", "ensemble"])
-def test_forces_of_each_sample_are_derivatives_of_its_energy_for_a_fixed_seed(model, nh3):
-    """A fresh calculator with the same seed redraws the same noise (masks, members) at every
-    displaced geometry, so each sample's forces are -dE/dr of that sample's energy. For BLIP the
-    calculator recomputes alpha/beta at every displaced geometry: the forces include the
-    derivative of alpha with respect to positions (kept by the inference network's Jacobian)."""
-
-    def samples(atoms):
-        return BLIPCalculator(model, n_samples=4, seed=5, keep_samples=True).monte_carlo(atoms)
-
-    forces = samples(nh3)["forces_samples"]
-    numerical = np.zeros_like(forces)
-    h = 1e-5
-    for a in range(len(nh3)):
-        for k in range(3):
-            energies = []
-            for sign in (1, -1):
-                moved = nh3.copy()
-                moved.positions[a, k] += sign * h
-                energies.append(samples(moved)["energy_samples"])
-            numerical[:, a, k] = -(energies[0] - energies[1]) / (2 * h)
-    np.testing.assert_allclose(forces, numerical, atol=1e-7)
-    assert forces.std(axis=0).max() > 1e-4  # samples differ
-
-
-def test_rotating_a_molecule_rotates_forces_and_keeps_energy_and_variances(model, nh3, rotation):
-    moved = nh3.copy()
-    moved.positions = nh3.positions @ rotation.T + np.array([1.3, -0.7, 2.1])
-    r0, r1 = (BLIPCalculator(model, n_samples=5, seed=2).monte_carlo(a) for a in (nh3, moved))
-    assert r1["energy"] == pytest.approx(r0["energy"], abs=1e-10)
-    assert r1["energy_variance"] == pytest.approx(r0["energy_variance"], rel=1e-8)
-    np.testing.assert_allclose(r1["forces"], r0["forces"] @ rotation.T, atol=1e-9)
-    np.testing.assert_allclose(r1["forces_variance"], r0["forces_variance"], rtol=1e-7, atol=1e-14)
 
 
 def test_a_checkpoint_round_trip_gives_identical_results_and_loads_weights_only(model, nh3, tmp_path):
@@ -131,25 +90,6 @@ def test_dropout_wraps_the_blip_layers_and_keeps_the_state_dict_of_the_plain_mod
     wrapped = [n for n, m in model.net.named_modules() if isinstance(m, DropoutLinear)]
     assert wrapped and all(("context_net" in n) or ("update_net" in n) for n in wrapped)
     assert model.posterior is None and model.state_dict().keys() == plain.state_dict().keys()
-
-
-def test_dropout_map_equals_the_plain_model_with_the_same_weights(make_potential, mo_cell):
-    model, plain = make_potential(DROPOUT), make_potential(None)
-    plain.load_state_dict(model.state_dict())
-    g = model.build_graph(mo_cell)
-    a, b = model(g, compute_stress=True), plain(g, compute_stress=True)
-    for key in ("energy", "forces", "stress"):
-        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
-
-
-def test_dropout_batched_samples_equal_sequential_passes_with_the_same_generators(make_potential, mo_cell):
-    model = make_potential(DROPOUT)
-    g = model.build_graph(mo_cell)
-    c = model.coefficients(g)
-    batched = model(g, coefficients=c, noise=NoiseSource.from_seeds([1, 2, 3]))
-    for s, seed in enumerate([1, 2, 3]):
-        single = model(g, coefficients=c, noise=NoiseSource.from_seeds([seed]))
-        torch.testing.assert_close(single["forces"][0], batched["forces"][s], rtol=1e-10, atol=1e-12)
 
 
 def test_dropout_masks_drop_a_fraction_p_of_inputs_and_rescale_the_rest():

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import json
+
+from blip_ase.cli.compute import add_compute_options
+from blip_ase.strict_json import dumps
 
 HELP = "fit variance scale factors (and optionally isotonic recalibration) on validation data; writes a checkpoint"
 
@@ -17,8 +19,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--n-samples", type=int, default=100, help="Monte Carlo samples (an ensemble uses its members)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the Monte Carlo noise")
-    parser.add_argument("--device", default=None, help="torch device, cpu or cuda (None: cuda when available)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_compute_options(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -26,9 +29,9 @@ def run(args: argparse.Namespace) -> int:
 
     result = calibrate(
         args.model, args.data, args.out, isotonic=args.isotonic, n_samples=args.n_samples, seed=args.seed,
-        device=args.device, overwrite=args.overwrite,
+        device=args.device, overwrite=args.overwrite, progress=not args.no_progress,
     )
-    print(f"calibration: {json.dumps(result['calibration'])}")
+    print(f"calibration: {dumps(result['calibration'], indent=None)}")
     print(f"{'on the calibration set':<24}{'before':>12}{'after':>12}")
     for key in ("forces_nll", "forces_ece", "energy_nll"):
         print(f"{key:<24}{result['before'][key]:>12.4g}{result['after'][key]:>12.4g}")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from blip_ase.cli.compute import add_compute_options
+
 HELP = "evaluate a checkpoint: accuracy and uncertainty metrics, OOD AUROC, plots; writes OUT/metrics.json"
 
 ROWS = [
@@ -28,8 +30,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n-samples", type=int, default=100, help="Monte Carlo samples (an ensemble uses its members)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the Monte Carlo noise")
     parser.add_argument("--out", required=True, help="output directory for metrics.json and the PNG plots")
-    parser.add_argument("--device", default=None, help="torch device, cpu or cuda (None: cuda when available)")
     parser.add_argument("--no-plots", action="store_true", help="write metrics.json only")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace the results of an earlier evaluation in --out"
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_compute_options(parser)
 
 
 def format_table(report: dict) -> str:
@@ -52,7 +58,8 @@ def run(args: argparse.Namespace) -> int:
 
     report = evaluate(
         args.model, args.data, ood_path=args.ood, n_samples=args.n_samples, seed=args.seed,
-        device=args.device, out_dir=args.out, plots=not args.no_plots,
+        device=args.device, out_dir=args.out, plots=not args.no_plots, overwrite=args.overwrite,
+        progress=not args.no_progress,
     )
     n = report["n_samples"]
     print(f"{args.model}: method {report['method']}" + (f", {n} samples" if n else ", MAP (accuracy only)"))

@@ -10,6 +10,8 @@ import argparse
 import importlib
 import sys
 
+from blip_ase.cli.compute import apply_compute_options
+
 SUBCOMMANDS = {
     "train": "blip_ase.cli.train",
     "md": "blip_ase.cli.md",
@@ -22,6 +24,15 @@ HELP = {
     "eval": "evaluate accuracy and uncertainty (ECE, NLL, CRPS, Spearman, AUROC) of a checkpoint",
     "calibrate": "fit variance scale factors (optionally isotonic) on validation data",
 }
+
+
+def given_options(module, argv: list[str]) -> set[str]:
+    """Destinations of the options written on the command line (not left at their defaults)."""
+    probe = argparse.ArgumentParser(add_help=False)
+    module.add_arguments(probe)
+    for action in probe._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(probe.parse_known_args(argv)[0]))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,7 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     module.add_arguments(cmd_parser)
     args = cmd_parser.parse_args(argv[1:])
+    args.given_options = given_options(module, argv[1:])
     try:
+        apply_compute_options(args)
         return int(module.run(args) or 0)
     except (ValueError, FileNotFoundError, FileExistsError) as exc:
         print(f"blip {argv[0]}: error: {exc}", file=sys.stderr)

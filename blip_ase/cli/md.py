@@ -6,6 +6,10 @@ Thin over :func:`blip_ase.md.run_md`: parses options into an :class:`~blip_ase.m
 from __future__ import annotations
 
 import argparse
+import sys
+
+from blip_ase.cli.compute import add_compute_options
+from blip_ase.md.config import MDConfig
 
 HELP = "run uncertainty-monitored molecular dynamics (MAP forces, Monte Carlo uncertainty every k steps)"
 
@@ -14,13 +18,24 @@ Outputs in --out: md.traj (ASE trajectory, restart point), md.log, flagged.extxy
 (frames above the flag threshold, with blip_energy, blip_forces, blip_forces_variance,
 blip_energy_variance, step, time, reason, flagged_atoms), uncertainty.csv and uncertainty.png
 (history and plot), summary.json (counts, thresholds, stop reason, timings). A frame above a halt
-threshold is exported and stops the run at that step (summary status "halted", exit code 0).
+threshold is exported and stops the run at that step (summary status "halted"); so does a frame
+whose prediction or uncertainty is not finite (NaN or inf: reason "non-finite prediction").
+
+Exit codes: 0 completed or halted (summary.json "status" tells which), 1 failed during the run
+(status "failed", the error in summary.json), 2 bad input (nothing is created), 130 interrupted by
+Ctrl-C (SIGINT), 143 interrupted by SIGTERM (status "interrupted", the signal in "signal" and
+"stop_reason"). md.traj always ends with the last frame: --restart continues from it.
 """
 
-# Defaults for the shipped ammonia model (examples/ammonia/model.pt): see README.md,
-# section "Uncertainty-monitored molecular dynamics".
+EXIT_OK = 0  # completed or halted
+EXIT_FAILED = 1  # the dynamics raised after the start
+EXIT_BAD_INPUT = 2  # raised before anything was created (blip_ase.cli.main's error exit)
+
+# Thresholds for the shipped ammonia model (blip_ase/assets/ammonia_model.pt), measured: see
+# README.md, section "Uncertainty-monitored molecular dynamics". Every other default is MDConfig's.
 DEFAULT_FLAG = 0.45
 DEFAULT_HALT = 1.0
+D = MDConfig()
 
 
 def _element_threshold(text: str) -> tuple[str, tuple[float | None, float | None]]:
@@ -45,34 +60,42 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _add_io(parser.add_argument_group("input and output"))
     _add_dynamics(parser.add_argument_group("dynamics"))
     _add_monitor(parser.add_argument_group("uncertainty monitor (a threshold given as 'none' is off)"))
-    dev = parser.add_argument_group("compute")
-    dev.add_argument("--device", default=None, help="torch device; None = CUDA if available, else CPU")
-    dev.add_argument(
-        "--torch-threads", type=int, default=1, help="CPU threads for torch (small molecules run fastest on one)"
-    )
+    add_compute_options(parser)
 
 
 def _add_io(group) -> None:
-    group.add_argument(
-        "--model",
-        default="examples/ammonia/model.pt",
-        help="BLIP checkpoint (a relative path missing here is looked up in the blip-ase repository)",
-    )
+    group.add_argument("--model", default=None, help="BLIP checkpoint; None = the shipped ammonia model")
     group.add_argument(
         "--structure",
-        default="examples/ammonia/nh3.xyz",
-        help="starting structure, any ase.io format, first frame (looked up like --model)",
+        default=None,
+        help="starting structure, any ase.io format: FILE (first frame) or FILE@INDEX (e.g. md_out/md.traj@-1); "
+        "None = the shipped NH3 geometry",
     )
-    group.add_argument("--out", default="md_out", help="output directory")
+    group.add_argument("--out", default=D.out, help="output directory")
     group.add_argument("--overwrite", action="store_true", help="replace the outputs of an earlier run in --out")
     group.add_argument(
         "--restart",
         action="store_true",
-        help="continue the run in --out from the last frame of md.traj up to --steps steps in total",
+        help="continue the run in --out from the last frame of md.traj up to --steps steps in total, with the "
+        "run's stored settings (only --steps, --traj-interval, --uq-interval and display/compute options may "
+        "change; a contradicting option is refused; Nose-Hoover and MTK runs cannot be restarted)",
     )
-    group.add_argument("--traj-interval", type=int, default=10, help="steps between trajectory and log frames")
+    group.add_argument(
+        "--traj-interval", type=int, default=D.traj_interval, help="steps between trajectory and log frames"
+    )
     group.add_argument("--no-progress", action="store_true", help="no progress bar")
     group.add_argument("--no-plot", action="store_true", help="do not write uncertainty.png")
+
+
+_DYNAMICS_OPTIONS = (  # (option, MDConfig field, help) of the float settings of make_dynamics
+    ("--timestep-fs", "timestep_fs", "time step (fs)"),
+    ("--temperature-K", "temperature_K", "thermostat temperature (K)"),
+    ("--pressure-bar", "pressure_bar", "barostat pressure (bar), NPT only"),
+    ("--friction-per-fs", "friction_per_fs", "Langevin friction (1/fs)"),
+    ("--tdamp-fs", "tdamp_fs", "thermostat time constant (fs): Bussi, Nose-Hoover, MTK, Berendsen"),
+    ("--pdamp-fs", "pdamp_fs", "barostat time constant (fs): MTK, Berendsen"),
+    ("--compressibility-per-bar", "compressibility_per_bar", "NPTBerendsen compressibility (1/bar)"),
+)
 
 
 def _add_dynamics(group) -> None:
@@ -81,36 +104,30 @@ def _add_dynamics(group) -> None:
     group.add_argument(
         "--ensemble",
         choices=ENSEMBLES,
-        default="nvt-langevin",
+        default=D.ensemble,
         help="integrator: nve = VelocityVerlet, nvt-langevin, nvt-bussi, nvt-nose-hoover = NoseHooverChainNVT, "
         "npt-mtk-isotropic = IsotropicMTKNPT, npt-mtk = MTKNPT, npt-berendsen = NPTBerendsen",
     )
-    group.add_argument("--steps", type=int, default=2000, help="total number of MD steps")
-    group.add_argument("--timestep-fs", type=float, default=0.5, help="time step (fs)")
-    group.add_argument("--temperature-K", type=float, default=300.0, help="thermostat temperature (K)")
+    group.add_argument("--steps", type=int, default=D.steps, help="total number of MD steps")
+    for option, name, text in _DYNAMICS_OPTIONS:
+        group.add_argument(option, type=float, default=getattr(D, name), help=text)
     group.add_argument(
         "--init-temperature-K",
         type=_optional_float,
-        default=None,
+        default=D.init_temperature_K,
         help="temperature of the initial Maxwell-Boltzmann velocities (K); None = --temperature-K",
     )
-    group.add_argument("--pressure-bar", type=float, default=1.0, help="barostat pressure (bar), NPT only")
-    group.add_argument("--friction-per-fs", type=float, default=0.01, help="Langevin friction (1/fs)")
     group.add_argument(
-        "--tdamp-fs", type=float, default=50.0, help="thermostat time constant (fs): Bussi, Nose-Hoover, MTK, Berendsen"
-    )
-    group.add_argument("--pdamp-fs", type=float, default=500.0, help="barostat time constant (fs): MTK, Berendsen")
-    group.add_argument(
-        "--compressibility-per-bar", type=float, default=4.57e-5, help="NPTBerendsen compressibility (1/bar)"
-    )
-    group.add_argument(
-        "--seed", type=int, default=0, help="seed of the initial velocities, the Langevin/Bussi noise and the MC noise"
+        "--seed",
+        type=int,
+        default=D.seed,
+        help="seed of the initial velocities, the Langevin/Bussi noise and the MC noise",
     )
 
 
 def _add_monitor(group) -> None:
-    group.add_argument("--n-samples", type=int, default=16, help="Monte Carlo samples per uncertainty check")
-    group.add_argument("--uq-interval", type=int, default=10, help="steps between uncertainty checks")
+    group.add_argument("--n-samples", type=int, default=D.n_samples, help="Monte Carlo samples per uncertainty check")
+    group.add_argument("--uq-interval", type=int, default=D.uq_interval, help="steps between uncertainty checks")
     group.add_argument(
         "--flag-force-std-eV-per-A",
         type=_optional_float,
@@ -129,7 +146,12 @@ def _add_monitor(group) -> None:
     group.add_argument(
         "--halt-relative", type=_optional_float, default=None, help="halt threshold on max_i std_i / (|F_i| + nu)"
     )
-    group.add_argument("--relative-nu-eV-per-A", type=float, default=1.0, help="nu of the relative force std (eV/A)")
+    group.add_argument(
+        "--relative-nu-eV-per-A",
+        type=float,
+        default=D.thresholds.relative_nu,
+        help="nu of the relative force std (eV/A)",
+    )
     group.add_argument(
         "--flag-energy-std-eV-per-atom",
         type=_optional_float,
@@ -152,71 +174,81 @@ def _add_monitor(group) -> None:
     )
 
 
+_THRESHOLD_FIELDS = {  # blip md option (argparse dest) -> Thresholds field
+    "flag_force_std_eV_per_A": "force_std_flag",
+    "halt_force_std_eV_per_A": "force_std_halt",
+    "flag_relative": "relative_flag",
+    "halt_relative": "relative_halt",
+    "relative_nu_eV_per_A": "relative_nu",
+    "flag_energy_std_eV_per_atom": "energy_std_flag",
+    "halt_energy_std_eV_per_atom": "energy_std_halt",
+    "element_threshold": "per_element",
+}
+_NEGATED = {"no_progress": "progress", "no_plot": "plot"}  # option -> MDConfig field it switches off
+_FIELD_OF_OPTION = {**_NEGATED, **dict.fromkeys(_THRESHOLD_FIELDS, "thresholds")}
+
+
 def config_from_args(args: argparse.Namespace):
-    """The :class:`~blip_ase.md.MDConfig` described by parsed ``blip md`` options."""
+    """The :class:`~blip_ase.md.MDConfig` described by parsed ``blip md`` options (every option
+    whose name is a field of MDConfig maps onto it; see ``_THRESHOLD_FIELDS`` and ``_NEGATED``)."""
+    from dataclasses import fields
+
     from blip_ase.md import MDConfig, Thresholds
 
-    thresholds = Thresholds(
-        force_std_flag=args.flag_force_std_eV_per_A,
-        force_std_halt=args.halt_force_std_eV_per_A,
-        relative_flag=args.flag_relative,
-        relative_halt=args.halt_relative,
-        relative_nu=args.relative_nu_eV_per_A,
-        energy_std_flag=args.flag_energy_std_eV_per_atom,
-        energy_std_halt=args.halt_energy_std_eV_per_atom,
-        per_element=dict(args.element_threshold or []),
-    )
-    return MDConfig(
-        model=args.model,
-        structure=args.structure,
-        out=args.out,
-        ensemble=args.ensemble,
-        steps=args.steps,
-        timestep_fs=args.timestep_fs,
-        temperature_K=args.temperature_K,
-        pressure_bar=args.pressure_bar,
-        friction_per_fs=args.friction_per_fs,
-        tdamp_fs=args.tdamp_fs,
-        pdamp_fs=args.pdamp_fs,
-        compressibility_per_bar=args.compressibility_per_bar,
-        init_temperature_K=args.init_temperature_K,
-        seed=args.seed,
-        n_samples=args.n_samples,
-        uq_interval=args.uq_interval,
-        traj_interval=args.traj_interval,
-        thresholds=thresholds,
-        device=args.device,
-        overwrite=args.overwrite,
-        restart=args.restart,
-        progress=not args.no_progress,
-        plot=not args.no_plot,
-    )
+    values = vars(args)
+    thresholds = {field: values[option] for option, field in _THRESHOLD_FIELDS.items()}
+    thresholds["per_element"] = dict(thresholds["per_element"] or [])
+    config = {f.name: values[f.name] for f in fields(MDConfig) if f.name in values}
+    config.update({field: not values[option] for option, field in _NEGATED.items()})
+    return MDConfig(**config, thresholds=Thresholds(**thresholds))
+
+
+def _given_fields(options: set[str] | None) -> set[str] | None:
+    """The :class:`MDConfig` fields set on the command line (None when unknown)."""
+    return None if options is None else {_FIELD_OF_OPTION.get(name, name) for name in options}
 
 
 def _interrupt(signum, frame):
-    raise KeyboardInterrupt
+    from blip_ase.md.run import Interrupted
+
+    raise Interrupted(signum)
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run MD; SIGTERM and Ctrl-C end it cleanly (summary and plot are still written)."""
+    """Run MD; Ctrl-C and SIGTERM end it cleanly (summary and plot are still written).
+
+    Returns:
+        The exit code of ``EXIT_CODES`` (a bad input raises before anything is created: 2).
+    """
     import signal
     import threading
 
-    import torch
-
     from blip_ase.md import run_md
+    from blip_ase.md.run import MDRunFailed
 
-    if args.torch_threads < 1:
-        raise ValueError(f"--torch-threads must be >= 1, got {args.torch_threads}")
     config = config_from_args(args)
-    torch.set_num_threads(args.torch_threads)
     in_main_thread = threading.current_thread() is threading.main_thread()  # signal handlers need it
-    previous = signal.signal(signal.SIGTERM, _interrupt) if in_main_thread else None
+    signals = (signal.SIGTERM, signal.SIGINT) if in_main_thread else ()
+    handlers = {sig: signal.signal(sig, _interrupt) for sig in signals}
     try:
-        summary = run_md(config)
+        summary = run_md(config, given=_given_fields(getattr(args, "given_options", None)))
+    except MDRunFailed as exc:
+        print(f"blip md: failed: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt as exc:  # a signal before the first step: nothing ran
+        signum = getattr(exc, "signum", signal.SIGINT)
+        print(f"blip md: interrupted by {signal.Signals(signum).name} before the run started", file=sys.stderr)
+        return 128 + signum
     finally:
-        if in_main_thread:
-            signal.signal(signal.SIGTERM, previous)
+        for sig, previous in handlers.items():
+            signal.signal(sig, previous)
+    _print_summary(summary, config.out)
+    if summary["status"] == "interrupted":
+        return 128 + int(signal.Signals[summary["signal"]])
+    return EXIT_OK
+
+
+def _print_summary(summary: dict, out: str) -> None:
     timings = summary["timings"]
     ms = timings["ms_per_step"]
     print(
@@ -225,6 +257,5 @@ def run(args: argparse.Namespace) -> int:
         f"{summary['n_flagged']} flagged, max force std {summary['max_force_std_max'] or 0:.3f} eV/A"
     )
     if summary["stop_reason"]:
-        print(f"halted at {summary['stop_reason']}")
-    print(f"outputs in {config.out}/: flagged.extxyz flagged.h5 summary.json uncertainty.csv md.traj md.log")
-    return 0
+        print(f"stopped at {summary['stop_reason']}")
+    print(f"outputs in {out}/: flagged.extxyz flagged.h5 summary.json uncertainty.csv md.traj md.log")

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import json
+
+from blip_ase.cli.compute import add_compute_options
+from blip_ase.strict_json import dumps
 
 HELP = "train a BLIP (or, with --deterministic, a plain) potential; writes OUT/model.pt and OUT/log.csv"
 
@@ -20,9 +22,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--ensemble", type=int, default=None, metavar="N",
         help="override the config's ensemble: train N seeds into OUT/member_<k>/ and write the ensemble OUT/model.pt",
     )
-    parser.add_argument("--device", default=None, help="override the config's device (cpu, cuda)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT/model.pt")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_compute_options(parser, device_help="override the config's device (cpu, cuda, cuda:1)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -35,5 +37,5 @@ def run(args: argparse.Namespace) -> int:
         overrides["progress"] = False
     cfg = load_config(args.config, **overrides)
     summary = train(cfg, args.train, args.val, args.out, overwrite=args.overwrite)
-    print(json.dumps(summary, indent=2))
+    print(dumps(summary))
     return 0

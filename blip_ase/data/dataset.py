@@ -13,6 +13,7 @@ from ase import Atoms
 
 from blip_ase.data.graph import AtomGraph
 from blip_ase.data.readers import frame_labels
+from blip_ase.voigt import voigt_to_matrix
 
 
 @dataclass
@@ -36,12 +37,6 @@ class Batch:
             self.forces.to(device, dtype),
             None if self.stress is None else self.stress.to(device, dtype),
         )
-
-
-def voigt_to_matrix(stress: np.ndarray) -> np.ndarray:
-    """ASE Voigt ``(6,)`` (xx yy zz yz xz xy) -> symmetric ``(3, 3)``."""
-    xx, yy, zz, yz, xz, xy = stress
-    return np.array([[xx, xy, xz], [xy, yy, yz], [xz, yz, zz]])
 
 
 class GraphDataset:
@@ -82,7 +77,7 @@ class GraphDataset:
         labels = [self.labels[k] for k in indices]
         stress = None
         if self.use_stress:
-            stress = torch.tensor(np.stack([voigt_to_matrix(lab["stress"]) for lab in labels]))
+            stress = torch.tensor(voigt_to_matrix(np.stack([lab["stress"] for lab in labels])))
         return Batch(
             graph=self.collate([self.graphs[k] for k in indices]),
             energy=torch.tensor([lab["energy"] for lab in labels], dtype=torch.float64),
@@ -114,3 +109,25 @@ def fit_reference_energies(frames: list[Atoms], energies: np.ndarray, elements: 
             counts[row, lookup[int(z)]] += 1
     solution, *_ = np.linalg.lstsq(counts, energies, rcond=None)
     return solution
+
+
+def energy_statistics(
+    frames: list[Atoms], energies: np.ndarray, forces: np.ndarray, elements: list[int]
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """What every backend's normalisation is fitted from (one home for PaiNN and ORB).
+
+    Args:
+        frames: training structures; energies: ``(F,)`` eV; forces: ``(sum n, 3)`` eV/A;
+            elements: atomic numbers (column order).
+
+    Returns:
+        ``(reference, residual, rms)``: per-element reference energies ``(n_elements,)`` eV
+        (:func:`fit_reference_energies`), the per-atom residual ``(F,)`` eV/atom of each frame
+        after them, and the RMS force component, eV/A.
+    """
+    energies = np.asarray(energies, dtype=float)
+    reference = fit_reference_energies(frames, energies, elements)
+    lookup = dict(zip(elements, reference))
+    residual = np.array([(e - sum(lookup[int(z)] for z in a.numbers)) / len(a) for e, a in zip(energies, frames)])
+    rms = float(np.sqrt(np.mean(np.asarray(forces, dtype=float) ** 2)))
+    return reference, residual, rms

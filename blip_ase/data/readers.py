@@ -17,6 +17,8 @@ import numpy as np
 from ase import Atoms
 from ase.calculators.singlepoint import SinglePointCalculator
 
+from blip_ase.voigt import matrix_to_voigt
+
 EXTXYZ_SUFFIXES = {".xyz", ".extxyz"}
 HDF5_SUFFIXES = {".h5", ".hdf5"}
 DB_SUFFIXES = {".db", ".json"}
@@ -71,7 +73,7 @@ def frame_labels(atoms: Atoms, *, need_stress: bool = False, where: str = "") ->
             raise ValueError(f"{where or 'frame'} has no {key} label")
         value = np.asarray(value, dtype=float)
         if key == "stress" and value.shape == (3, 3):
-            value = value[[0, 1, 2, 1, 0, 0], [0, 1, 2, 2, 2, 1]]
+            value = matrix_to_voigt(value)
         if value.shape != shape or not np.all(np.isfinite(value)):
             raise ValueError(f"{where or 'frame'} has an invalid {key} label (shape {value.shape}, expected {shape})")
         labels[key] = float(value) if key == "energy" else value

@@ -1,6 +1,7 @@
 """Uncertainty-monitored molecular dynamics: monitor, dynamics factory, flagged-frame writers."""
 
-from blip_ase.md.dynamics import ENSEMBLES, MDConfig, check_ensemble, make_dynamics, run_md, thermalize
+from blip_ase.md.config import MDConfig
+from blip_ase.md.dynamics import ENSEMBLES, check_ensemble, make_dynamics, thermalize
 from blip_ase.md.monitor import FrameReport, Thresholds, UncertaintyMonitor, evaluate_frame
 from blip_ase.md.writers import (
     ExtXYZFrameWriter,
@@ -11,6 +12,7 @@ from blip_ase.md.writers import (
     read_hdf5_frames,
     read_history,
 )
+from blip_ase.md.run import run_md
 
 __all__ = [
     "ENSEMBLES",

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 from ase import Atoms, units
@@ -130,9 +130,14 @@ def evaluate_frame(stats: Mapping[str, np.ndarray], atoms: Atoms, thresholds: Th
         thresholds: the policy.
 
     Returns:
-        The report; a metric is exceeded when it is strictly above its threshold.
+        The report; a metric is exceeded when it is strictly above its threshold. A non-finite
+        prediction or variance (NaN or inf, e.g. two coincident atoms) is level 2 whatever the
+        thresholds, with the reason ``"halt: non-finite prediction: ..."`` naming the quantities.
     """
     symbols = atoms.get_chemical_symbols()
+    non_finite = non_finite_keys(stats)
+    if non_finite:
+        return _non_finite_report(stats, atoms, thresholds, non_finite)
     std = np.sqrt(np.clip(np.asarray(stats["forces_variance"], dtype=float).reshape(-1), 0.0, None))
     fnorm = np.linalg.norm(np.asarray(stats["forces"], dtype=float).reshape(-1, 3), axis=1)
     rel = std / (fnorm + thresholds.relative_nu)
@@ -167,6 +172,38 @@ def evaluate_frame(stats: Mapping[str, np.ndarray], atoms: Atoms, thresholds: Th
         level=level,
         reason=f"{LEVELS[level]}: " + "; ".join(reasons[level]) if level else "",
         flagged_atoms=(std > flag_i) | (rel > rel_flag),
+    )
+
+
+PREDICTION_KEYS = ("energy", "forces", "stress", "energy_variance", "forces_variance", "stress_variance")
+
+
+def non_finite_keys(stats: Mapping[str, np.ndarray]) -> list[str]:
+    """The keys of ``PREDICTION_KEYS`` present in ``stats`` that hold a NaN or an infinity."""
+    return [k for k in PREDICTION_KEYS if k in stats and not np.isfinite(np.asarray(stats[k], dtype=float)).all()]
+
+
+def _non_finite_report(stats, atoms: Atoms, thresholds: Thresholds, keys: list[str]) -> FrameReport:
+    """Level 2 for a frame with non-finite predictions; metrics are NaN where undefined.
+
+    NaN compares False with every threshold, so without this a NaN frame would pass as level 0.
+    """
+    n = len(atoms)
+    variance = np.asarray(stats.get("forces_variance", np.full(n, np.nan)), dtype=float).reshape(-1)
+    std = np.sqrt(np.abs(variance))
+    fnorm = np.linalg.norm(np.asarray(stats["forces"], dtype=float).reshape(-1, 3), axis=1)
+    rel = std / (fnorm + thresholds.relative_nu)
+    e_std = float(np.sqrt(abs(float(stats.get("energy_variance", np.nan)))))
+    return FrameReport(
+        force_std=std,
+        relative_force_std=rel,
+        max_force_std=float(np.max(std)) if np.isfinite(std).all() else float("nan"),
+        max_relative_force_std=float(np.max(rel)) if np.isfinite(rel).all() else float("nan"),
+        energy_std=e_std,
+        energy_std_per_atom=e_std / n,
+        level=2,
+        reason="halt: non-finite prediction: " + ", ".join(keys),
+        flagged_atoms=~(np.isfinite(std) & np.isfinite(fnorm)),
     )
 
 
@@ -230,10 +267,13 @@ class UncertaintyMonitor:
             raise TypeError(
                 f"UncertaintyMonitor needs a calculator with monte_carlo() (BLIPCalculator), got {type(calc).__name__}"
             )
+        map_bad = self._non_finite_results()
         start = time.perf_counter()
         stats = calc.monte_carlo(atoms, n_samples=self.n_samples)
         self.uq_seconds += time.perf_counter() - start
         report = evaluate_frame(stats, atoms, self.thresholds)
+        if map_bad and report.level < 2:  # the MAP forces that drive the dynamics are unusable
+            report = replace(report, level=2, reason="halt: non-finite prediction: MAP " + ", ".join(map_bad))
         step, time_fs = int(self.dyn.nsteps), round(float(self.dyn.get_time() / units.fs), 9)
         record = {
             "step": step,
@@ -260,6 +300,28 @@ class UncertaintyMonitor:
         if self.on_check is not None:
             self.on_check(self, report)
 
+    def check_finite(self) -> None:
+        """Every-step observer: a non-finite energy, force or stress in the calculator's results
+        (the MAP forces that move the atoms) triggers a check of this step at once, which halts.
+
+        Attach it with ``dyn.attach(monitor.check_finite, interval=1)`` after the monitor itself;
+        without it a NaN between two checks is propagated into the positions and the next step
+        fails with a misleading error. It costs a comparison of the cached results per step.
+        """
+        step = int(self.dyn.nsteps)
+        if self.triggered or (self.history and self.history[-1]["step"] == step):
+            return
+        if self._non_finite_results():
+            self()
+
+    def _non_finite_results(self) -> list[str]:
+        """Keys of the calculator's current results (this configuration) that are not finite."""
+        calc = self.atoms.calc
+        results = getattr(calc, "results", None)
+        if not results or calc.atoms is None or calc.check_state(self.atoms):
+            return []
+        return non_finite_keys({k: results[k] for k in ("energy", "forces", "stress") if k in results})
+
     def _export(self, atoms: Atoms, stats: Mapping, report: FrameReport, step: int, time_fs: float) -> None:
         frame = FlaggedFrame(
             atoms=atoms.copy(),
@@ -280,7 +342,7 @@ class UncertaintyMonitor:
 
     def summary(self) -> dict:
         """Counts, thresholds, stop reason and Monte Carlo timing, JSON-serialisable."""
-        stds = [r["max_force_std"] for r in self.history]
+        stds = [r["max_force_std"] for r in self.history if np.isfinite(r["max_force_std"])]
         return {
             "n_checked": self.n_checked,
             "n_flagged": self.n_flagged,
@@ -288,7 +350,7 @@ class UncertaintyMonitor:
             "halt_step": self.halt_step,
             "stop_reason": self.stop_reason,
             "thresholds": self.thresholds.to_dict(),
-            "max_force_std_max": max(stds) if stds else None,
+            "max_force_std_max": max(stds) if stds else None,  # over finite values: NaN frames halt
             "max_force_std_mean": float(np.mean(stds)) if stds else None,
             "uq_seconds": self.uq_seconds,
             "exports": [str(w.path) for w in self.writers],

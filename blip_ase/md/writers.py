@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -120,8 +119,8 @@ def frame_to_atoms(frame: FlaggedFrame) -> Atoms:
     return atoms
 
 
-class ExtXYZFrameWriter:
-    """Appends flagged frames to an extended XYZ file (one open/append/close per frame).
+class _AppendedFile:
+    """A file that frames are appended to.
 
     Args:
         path: output file; created (emptied unless ``append``) on construction.
@@ -131,7 +130,16 @@ class ExtXYZFrameWriter:
     def __init__(self, path: str | Path, *, append: bool = False):
         self.path = Path(path)
         if not append or not self.path.exists():
-            self.path.write_text("")
+            self._start()
+
+    def _start(self) -> None:
+        """Create the file empty (subclasses write their header)."""
+        self.path.write_text("")
+
+
+class ExtXYZFrameWriter(_AppendedFile):
+    """Appends flagged frames to an extended XYZ file (one open/append/close per frame); arguments
+    as for every appended file (``path``, ``append``)."""
 
     def write(self, frame: FlaggedFrame) -> None:
         """Append one frame with a single ``write`` system call (a kill never leaves half a frame)."""
@@ -155,7 +163,7 @@ class ExtXYZFrameWriter:
         tmp.replace(self.path)
 
 
-class HDF5FrameWriter:
+class HDF5FrameWriter(_AppendedFile):
     """Appends flagged frames to HDF5 datasets (``maxshape=(None, ...)``), closing after each.
 
     Layout: per-run datasets ``numbers (n,)``, ``pbc (3,)``; per-frame datasets
@@ -163,20 +171,15 @@ class HDF5FrameWriter:
     ``blip_forces (F, n, 3)``, ``blip_forces_variance (F, n)``, ``flagged_atoms (F, n)``,
     ``step (F,)``, ``time (F,)`` fs, ``reason (F,)`` strings, and for periodic cells
     ``blip_stress (F, 6)``, ``blip_stress_variance (F, 6)``. Attribute ``units`` documents units.
-
-    Args:
-        path: output file; created (emptied unless ``append``) on construction.
-        append: keep existing frames (restart).
+    Arguments as for every appended file (``path``, ``append``).
     """
 
-    def __init__(self, path: str | Path, *, append: bool = False):
-        self.path = Path(path)
-        if not append or not self.path.exists():
-            import h5py
+    def _start(self) -> None:
+        import h5py
 
-            with h5py.File(self.path, "w", locking=False) as fh:
-                fh.attrs["units"] = "energy eV, forces eV/A, variances squared units, time fs, stress eV/A^3"
-                fh.attrs["n_frames"] = 0
+        with h5py.File(self.path, "w", locking=False) as fh:
+            fh.attrs["units"] = "energy eV, forces eV/A, variances squared units, time fs, stress eV/A^3"
+            fh.attrs["n_frames"] = 0
 
     def _create(self, fh, frame: FlaggedFrame) -> None:
         import h5py
@@ -273,13 +276,11 @@ def read_hdf5_frames(path: str | Path) -> list[Atoms]:
     return frames
 
 
-class HistoryCSV:
+class HistoryCSV(_AppendedFile):
     """The monitor's history as CSV, one flushed line per checked frame (columns ``HISTORY_FIELDS``)."""
 
-    def __init__(self, path: str | Path, *, append: bool = False):
-        self.path = Path(path)
-        if not append or not self.path.exists():
-            self.path.write_text(",".join(HISTORY_FIELDS) + "\n")
+    def _start(self) -> None:
+        self.path.write_text(",".join(HISTORY_FIELDS) + "\n")
 
     def write(self, record: dict) -> None:
         buffer = io.StringIO()
@@ -308,22 +309,6 @@ def read_history(path: str | Path) -> list[dict]:
             rec["step"], rec["level"] = int(rec["step"]), int(rec["level"])
             rows.append(rec)
     return rows
-
-
-def write_json(path: str | Path, data: dict) -> None:
-    """Write ``data`` as indented JSON atomically (temporary file renamed into place)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=_json_default) + "\n")
-    tmp.replace(path)
-
-
-def _json_default(value):
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, (np.ndarray, Path)):
-        return value.tolist() if isinstance(value, np.ndarray) else str(value)
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
 def plot_history(

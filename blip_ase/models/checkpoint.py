@@ -4,7 +4,8 @@ Format version 1 holds: ``format_version``, ``backend``, ``config`` (the backend
 ``config_dict()``: elements, architecture, Bayesian settings), ``state_dict``, ``elements``,
 ``reference_energies`` (eV, per element), ``normalisation`` (``scale``),
 ``calibration`` (variance scale factors ``energy``, ``forces``, ``stress``) and ``training``
-metadata. Older versions are upgraded by functions in ``_UPGRADES``.
+metadata, and ``bayesian_layers`` (the Bayesian linears' names in alpha/beta column order,
+checked at load; absent in older files). Older versions are upgraded by functions in ``_UPGRADES``.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ import torch
 from blip_ase.models.potential import BACKENDS, Potential
 
 FORMAT_VERSION = 1
-DEFAULT_CALIBRATION = {"energy": 1.0, "forces": 1.0, "stress": 1.0}
+CALIBRATION_QUANTITIES = ("energy", "forces", "stress")  # the one list of calibration keys
+DEFAULT_CALIBRATION = dict.fromkeys(CALIBRATION_QUANTITIES, 1.0)  # variance scale factors
+ISOTONIC_KEYS = tuple(f"{q}_isotonic" for q in CALIBRATION_QUANTITIES)  # optional isotonic maps
 
 # version -> function upgrading a checkpoint dict of that version to version + 1
 _UPGRADES: dict[int, Callable[[dict], dict]] = {}
@@ -46,6 +49,7 @@ def save_checkpoint(
         "normalisation": {k: float(state[k]) for k in ("scale",) if k in state},
         "calibration": {**DEFAULT_CALIBRATION, **(calibration or {})},
         "training": training or {},
+        "bayesian_layers": model.bayesian_layout(),
     }
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
@@ -61,7 +65,7 @@ def read_checkpoint(path: str | Path) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle, zip and weights_only errors all mean "not ours"
-        raise CheckpointError(f"{path} is not a readable blip-ase checkpoint: {exc}") from exc
+        raise CheckpointError(_refusal(path, exc)) from None
     if not isinstance(ckpt, dict) or "format_version" not in ckpt:
         raise CheckpointError(f"{path} is not a blip-ase checkpoint (no 'format_version' key)")
     version = ckpt["format_version"]
@@ -77,6 +81,19 @@ def read_checkpoint(path: str | Path) -> dict:
     return ckpt
 
 
+def _refusal(path: Path, exc: Exception) -> str:
+    """Why ``path`` was refused, in our words: torch's own message suggests ``weights_only=False``,
+    which would let the file run code, so it is never passed on."""
+    import pickle
+
+    if isinstance(exc, pickle.UnpicklingError) and "Unsupported operand" not in str(exc):
+        return (
+            f"{path} is not a blip-ase checkpoint: it holds Python objects other than tensors and plain "
+            "data (a blip-ase checkpoint never does), and loading it could run code, so it was refused"
+        )
+    return f"{path} is not a blip-ase checkpoint: not a readable torch.save file ({type(exc).__name__})"
+
+
 def load_checkpoint(path: str | Path, *, device: torch.device | str = "cpu") -> tuple[Potential, dict]:
     """Build the model stored at ``path``.
 
@@ -89,5 +106,31 @@ def load_checkpoint(path: str | Path, *, device: torch.device | str = "cpu") -> 
         model.load_state_dict(ckpt["state_dict"])
     except RuntimeError as exc:
         raise CheckpointError(f"{path}: weights do not match the stored architecture: {exc}") from exc
+    check_bayesian_layout(path, ckpt.get("bayesian_layers"), model.bayesian_layout())
     model.to(device=device, dtype=ckpt["state_dict"]["scale"].dtype).eval()
     return model, ckpt
+
+
+def check_bayesian_layout(path: str | Path, stored: dict | None, built: dict[str, list[str]]) -> None:
+    """Refuse a model whose Bayesian layers differ from the checkpoint's, in names or order.
+
+    The weights would load (same keys), but alpha/beta column k would drive another layer than
+    in training: permuted noise. Checkpoints written before the layout was stored (no key) are
+    not checked.
+
+    Raises:
+        CheckpointError: naming the first difference.
+    """
+    if stored is None:
+        return
+    for role, kind in (("edge", "alpha"), ("node", "beta")):
+        a, b = list(stored.get(role, [])), list(built.get(role, []))
+        if a == b:
+            continue
+        k = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        first = f"column {k}: stored {a[k] if k < len(a) else 'nothing'!r}, built {b[k] if k < len(b) else 'nothing'!r}"
+        raise CheckpointError(
+            f"{path}: the model built here wraps other {role} layers ({kind} columns) than the checkpoint "
+            f"({len(a)} stored, {len(b)} built; first difference at {first}); loading it would apply the "
+            "learned noise to the wrong layers (did the backend library change its module names or order?)"
+        )

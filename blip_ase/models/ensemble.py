@@ -66,12 +66,10 @@ class EnsemblePotential(Potential):
                     f"ensemble members disagree on the elements: member 0 knows {members[0].elements}, "
                     f"member {k} knows {m.elements}"
                 )
-        super().__init__(members[0].elements, None)
+        super().__init__(members[0].elements, None, cutoff=max(m.cutoff for m in members))
         dtype = members[0].dtype
         self.members = nn.ModuleList(m.to(dtype) for m in members)
-        self.cutoff = max(float(getattr(m, "cutoff", 0.0)) for m in members)
-        # The common checkpoint format reads the model dtype from a "scale" buffer; unused here.
-        self.register_buffer("scale", torch.ones((), dtype=dtype))
+        self.scale = self.scale.to(dtype)  # checkpoints read the model dtype from it; unused otherwise
         keys = [_graph_key(m) for m in members]
         self._graph_owner = [keys.index(key) for key in keys]  # member whose graph member k uses
 
@@ -127,16 +125,10 @@ class EnsemblePotential(Potential):
     def fit_normalisation(self, frames: list[Atoms], energies: np.ndarray, forces: np.ndarray) -> None:
         raise NotImplementedError(_NOT_TRAINABLE)
 
-    def forward(
-        self,
-        graph: list[Any],
-        *,
-        coefficients: Any = None,
-        noise: NoiseSource | None = None,
-        compute_forces: bool = True,
-        compute_stress: bool = False,
-        create_graph: bool = False,
-    ) -> dict[str, torch.Tensor]:
+    def forward(  # the signature of Potential.forward
+        self, graph: list[Any], *, coefficients: Any = None, noise: NoiseSource | None = None,
+        compute_forces: bool = True, compute_stress: bool = False, create_graph: bool = False,
+    ) -> dict[str, torch.Tensor]:  # fmt: skip
         """Outputs of ``S = noise.n_samples`` samples (sample ``s`` = member ``s % N``), or with
         ``noise=None`` the members' mean (``S = 1``).
 

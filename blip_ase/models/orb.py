@@ -28,11 +28,10 @@ import numpy as np
 import torch
 from ase import Atoms
 
-from blip_ase.bayes import (
-    BayesConfig, Coefficients, InferenceNetwork, NoiseSource, PosteriorInputs, bayesianize, noise_context,
-)  # fmt: skip
-from blip_ase.data.dataset import fit_reference_energies
+from blip_ase.bayes import BayesConfig, Coefficients, NoiseSource, PosteriorInputs, noise_context
+from blip_ase.data.dataset import energy_statistics
 from blip_ase.models.potential import Potential
+from blip_ase.voigt import voigt_to_matrix
 
 if TYPE_CHECKING:  # orb-models is imported when a model is built, not with this module
     from blip_ase.data.dataset import GraphDataset
@@ -196,26 +195,16 @@ class OrbPotential(Potential):
     def __init__(self, elements: list[int], config: OrbConfig = OrbConfig(), bayes: BayesConfig | None = None):
         if bayes is not None and getattr(bayes, "method", "blip") != "blip":
             raise ValueError(f"the ORB backend implements BLIP only, not bayes.method={bayes.method!r}")
-        super().__init__(elements, bayes)
-        self.config = config.resolved()
+        config = config.resolved()
+        super().__init__(elements, bayes, cutoff=config.radius)  # scale: unused, ORB normalises in its heads
+        self.config = config
         self.net = build_regressor(self.config)
         if self.config.weights_path is not None:
             load_base_weights(self.net, self.config.weights_path)
         freeze_normalisers(self.net)
-        self.cutoff = self.config.radius
         self.system_config = self.net.system_config
-        # Energy unit scale of the common checkpoint format; ORB normalises inside its heads.
-        self.register_buffer("scale", torch.ones(()))
-        self.posterior: InferenceNetwork | None = None
         if bayes is not None:
-            edge, node = bayesianize(
-                self.net, edge_pattern=bayes.edge_pattern or EDGE_PATTERN, node_pattern=bayes.node_pattern or NODE_PATTERN
-            )
-            self.posterior = InferenceNetwork(
-                len(self.elements), len(edge), len(node), cutoff=self.config.radius, hidden=bayes.hidden,
-                n_hidden=bayes.n_hidden, n_rbf=bayes.n_rbf, unit_vector=bayes.unit_vector,
-                p_min=bayes.p_min, p_max=bayes.p_max, p_init=bayes.p_init, neighbourhood=bayes.neighbourhood,
-            )  # fmt: skip
+            self.make_bayesian(self.net, edge_pattern=EDGE_PATTERN, node_pattern=NODE_PATTERN)
 
     @property
     def conservative(self) -> bool:
@@ -224,6 +213,11 @@ class OrbPotential(Potential):
     @property
     def implements_stress(self) -> bool:  # type: ignore[override]
         return self.conservative or "stress" in self.net.heads
+
+    @property
+    def alpha_needs_jacobian(self) -> bool:  # type: ignore[override]
+        """Direct forces come from a head: no derivative of alpha is needed."""
+        return self.conservative
 
     def config_dict(self) -> dict:
         return {"elements": self.elements, "orb": asdict(self.config), "bayes": self.bayes and asdict(self.bayes)}
@@ -254,20 +248,14 @@ class OrbPotential(Potential):
 
         return GraphDataset(frames, to_graph=to_graph, collate=batch_orb_graphs, use_stress=use_stress, name=name)
 
-    def coefficients(self, graph: OrbGraph) -> Coefficients | None:
-        """alpha per edge and beta per node of ``graph`` (None for a deterministic model)."""
-        if self.posterior is None:
-            return None
-        x = self.posterior_inputs(graph)
-        if not self.conservative:  # forces come from a head: no derivative of alpha is needed
-            return self.posterior(x.species, x.edge_index, x.edge_vector)
-        create_graph = self.training and torch.is_grad_enabled()
-        return self.posterior.with_jacobian(x.species, x.edge_index, x.edge_vector, create_graph=create_graph)
-
     def posterior_inputs(self, graph: OrbGraph) -> PosteriorInputs:
+        """:meth:`Potential.posterior_inputs`. orb-models' edge vectors point from receiver to
+        sender's opposite (``r_receiver - r_sender``); the inference network's convention is
+        ``r_sender - r_receiver``, as for PaiNN, so they are negated here."""
         n_node = graph.graphs.n_node
         atom_graph = torch.repeat_interleave(torch.arange(len(n_node), device=n_node.device), n_node)
-        return PosteriorInputs(graph.species, graph.edge_index(), graph.graphs.edge_features["vectors"], atom_graph, len(n_node))
+        vectors = -graph.graphs.edge_features["vectors"]
+        return PosteriorInputs(graph.species, graph.edge_index(), vectors, atom_graph, len(n_node))
 
     @torch.no_grad()
     def fit_normalisation(self, frames: list[Atoms], energies: np.ndarray, forces: np.ndarray) -> None:
@@ -288,14 +276,11 @@ class OrbPotential(Potential):
         readout = [m for m in heads["energy"].mlp.modules() if isinstance(m, torch.nn.Linear)][-1]
         readout.weight.zero_()
         readout.bias.zero_()
-        ref = fit_reference_energies(frames, energies, self.elements)
+        ref, residual, rms = energy_statistics(frames, energies, forces, self.elements)
         weight = heads["energy"].reference.linear.weight.view(-1)  # one column per atomic number
         weight.zero_()
         for z, e in zip(self.elements, ref):
             weight[z] = float(e)
-        lookup = dict(zip(self.elements, ref))
-        residual = np.array([(e - sum(lookup[int(z)] for z in a.numbers)) / len(a) for e, a in zip(energies, frames)])
-        rms = float(np.sqrt(np.mean(np.asarray(forces) ** 2)))
         # Per-atom energy scale = RMS force (x 1 A), as for PaiNN: the residual's spread alone can
         # be far too small to give an untrained network forces of the right size.
         _set_normaliser(heads["energy"].normalizer, float(residual.mean()), max(rms, float(residual.std())))
@@ -307,16 +292,10 @@ class OrbPotential(Potential):
                 _set_normaliser(heads["stress"].diag_normalizer, float(stress[:, :3].mean()), float(stress[:, :3].std()))
                 _set_normaliser(heads["stress"].offdiag_normalizer, 0.0, float(np.sqrt(np.mean(stress[:, 3:] ** 2))))
 
-    def forward(
-        self,
-        graph: OrbGraph,
-        *,
-        coefficients: Coefficients | None = None,
-        noise: NoiseSource | None = None,
-        compute_forces: bool = True,
-        compute_stress: bool = False,
-        create_graph: bool = False,
-    ) -> dict[str, torch.Tensor]:
+    def forward(  # the signature of Potential.forward
+        self, graph: OrbGraph, *, coefficients: Coefficients | None = None, noise: NoiseSource | None = None,
+        compute_forces: bool = True, compute_stress: bool = False, create_graph: bool = False,
+    ) -> dict[str, torch.Tensor]:  # fmt: skip
         """:meth:`Potential.forward`. A direct model always returns forces (its head predicts
         them) and raises ``ValueError`` if asked for stress without a stress head; a
         conservative one differentiates its energy."""
@@ -352,9 +331,7 @@ class OrbPotential(Potential):
         forces = net.heads["forces"].denormalize(out["forces"], batch)
         stress = None
         if compute_stress:
-            voigt = net.heads["stress"].denormalize(out["stress"], batch)
-            xx, yy, zz, yz, xz, xy = voigt.unbind(-1)
-            stress = torch.stack([xx, xy, xz, xy, yy, yz, xz, yz, zz], dim=-1).view(-1, 3, 3)
+            stress = voigt_to_matrix(net.heads["stress"].denormalize(out["stress"], batch))
         return energy, forces, stress
 
     def _conservative(self, batch, coefficients, noise, compute_forces: bool, compute_stress: bool, create_graph: bool):
@@ -380,8 +357,8 @@ class OrbPotential(Potential):
             edge_features={**batch.edge_features, "vectors": vectors},
         )
         head = net.heads["energy"]
-        if coefficients is not None:
-            coefficients = coefficients.edge_at(vectors)
+        if coefficients is not None:  # in the inference network's sign convention (posterior_inputs)
+            coefficients = coefficients.edge_at(-vectors)
         with noise_context(net, coefficients, noise):
             energy = head.denormalize(head(net.model(batch)["node_features"], batch), batch)
         if net.pair_repulsion:

@@ -9,6 +9,7 @@ forward and one backward (:meth:`Potential.forward`). MAP mode is ``noise=None``
 from __future__ import annotations
 
 import importlib
+from abc import ABCMeta, abstractmethod
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict
 from typing import Any, ClassVar
@@ -28,6 +29,7 @@ from blip_ase.bayes import (
     PosteriorInputs,
     bayesianize,
     dropoutize,
+    input_gradients_only,
     no_coefficients,
     noise_context,
 )
@@ -35,24 +37,41 @@ from blip_ase.data.graph import AtomGraph, atoms_to_graph
 from blip_ase.models.painn import EDGE_PATTERN, NODE_PATTERN, PaiNN, PaiNNConfig
 
 
-class Potential(nn.Module):
-    """Base class of backends.
+class Potential(nn.Module, metaclass=ABCMeta):
+    """The backend contract: everything the calculator, MD, training and checkpoints use.
 
-    Subclasses set ``backend`` and implement :meth:`build_graph`, :meth:`coefficients`,
-    :meth:`forward` and :meth:`config_dict`.
+    A backend subclasses this, sets ``backend``, implements the abstract methods and runs the
+    contract's test battery (:mod:`blip_ase.testing`). Callers use nothing else.
 
     Attributes:
+        backend: the name stored in checkpoints (a key of :data:`BACKENDS`).
+        implements_stress: whether ``forward(compute_stress=True)`` works (a property where it
+            depends on the instance).
         elements: atomic numbers the model knows, in species-index order.
         bayes: the BLIP configuration, or None for a deterministic model.
+        cutoff: neighbour cutoff, Angstrom.
+        posterior: the inference network (alpha per edge, beta per node), or None (deterministic
+            models, MC dropout, ensembles).
+        scale: ``()`` buffer, the energy unit scale; checkpoints read the model's dtype from it.
+        sample_period: 1, or ``N`` for a model whose samples are a fixed set of ``N`` (a deep
+            ensemble: sample ``s`` is member ``s % N``); batched chunks start at multiples of it.
+        alpha_needs_jacobian: whether forces are derivatives of the energy, so that alpha must
+            carry its derivative with respect to the edge vectors (False for direct forces).
     """
 
     backend: ClassVar[str]
     implements_stress: ClassVar[bool] = True
+    alpha_needs_jacobian: ClassVar[bool] = True
+    cutoff: float
+    posterior: InferenceNetwork | None
 
-    def __init__(self, elements: list[int], bayes: BayesConfig | None):
+    def __init__(self, elements: list[int], bayes: BayesConfig | None, *, cutoff: float):
         super().__init__()
         self.elements = [int(z) for z in elements]
         self.bayes = bayes
+        self.cutoff = float(cutoff)
+        self.posterior = None
+        self.register_buffer("scale", torch.ones(()))
 
     @property
     def dtype(self) -> torch.dtype:
@@ -66,17 +85,51 @@ class Potential(nn.Module):
     def is_bayesian(self) -> bool:
         return self.bayes is not None
 
-    def build_graph(self, atoms: Atoms) -> Any:
-        raise NotImplementedError
+    @property
+    def sample_period(self) -> int:
+        return 1
 
-    def coefficients(self, graph: Any) -> Coefficients | None:
-        raise NotImplementedError
+    @classmethod
+    @abstractmethod
+    def from_config(cls, config: dict) -> Potential:
+        """The architecture described by :meth:`config_dict` (weights come from a state_dict)."""
+
+    @abstractmethod
+    def config_dict(self) -> dict:
+        """JSON-ready architecture: elements, backend settings, ``bayes``."""
+
+    @abstractmethod
+    def build_graph(self, atoms: Atoms) -> Any:
+        """This backend's graph of one structure (neighbour list), on the model's device and dtype."""
 
     def posterior_inputs(self, graph: Any) -> PosteriorInputs:
-        """What the inference network sees of ``graph`` (for the noise-contrastive prior, which
-        evaluates it at perturbed edge vectors)."""
-        raise NotImplementedError
+        """What the inference network sees, in its one convention: ``species (N,)``,
+        ``edge_index (2, E)`` as (receiver i, sender j), edge vectors ``(E, 3)`` ``r_j - r_i``
+        (+ lattice shift of j) in Angstrom, and each atom's structure (see
+        :class:`~blip_ase.bayes.PosteriorInputs`)."""
+        raise NotImplementedError(f"{type(self).__name__} has no inference network inputs")
 
+    def _rerun_posterior(self) -> bool:
+        """True when :meth:`forward` reruns the inference network on its own edge vectors, so
+        :meth:`coefficients` need not carry the Jacobian (PaiNN in training)."""
+        return False
+
+    def coefficients(self, graph: Any) -> Coefficients | None:
+        """alpha per edge and beta per node of ``graph``, once per configuration (None for a
+        deterministic model; zero columns for MC dropout, which has no learned rates)."""
+        if self.bayes is None:
+            return None
+        x = self.posterior_inputs(graph)
+        if self.posterior is None:
+            return no_coefficients(x.edge_index.shape[1], len(x.species), like=x.edge_vector)
+        if not self.alpha_needs_jacobian or self._rerun_posterior():
+            return self.posterior(x.species, x.edge_index, x.edge_vector)
+        # alpha depends on the edge vectors: keep d alpha / d vector so that forward() can give
+        # every sample the full derivative of its energy (the network still runs once).
+        create_graph = self.training and torch.is_grad_enabled()
+        return self.posterior.with_jacobian(x.species, x.edge_index, x.edge_vector, create_graph=create_graph)
+
+    @abstractmethod
     def forward(
         self,
         graph: Any,
@@ -100,10 +153,45 @@ class Potential(nn.Module):
             ``energy (S, G)`` eV; ``forces (S, N, 3)`` eV/A; ``stress (S, G, 3, 3)`` eV/A^3
             (``dE/d(strain) / V``).
         """
-        raise NotImplementedError
 
-    def config_dict(self) -> dict:
-        raise NotImplementedError
+    def predict(
+        self, graph: Any, *, coefficients: Coefficients | None, noise: NoiseSource | None, compute_stress: bool
+    ) -> dict[str, torch.Tensor]:
+        """:meth:`forward` with forces for inference: only derivatives with respect to the inputs
+        (forces, stress) are taken, never parameter gradients, so sampling layers may use their
+        cheaper hand-written backward (:func:`blip_ase.bayes.input_gradients_only`). What the
+        calculator calls; training calls :meth:`forward`."""
+        with input_gradients_only():
+            return self(graph, coefficients=coefficients, noise=noise, compute_stress=compute_stress)
+
+    def make_bayesian(self, module: nn.Module, *, edge_pattern: str, node_pattern: str) -> None:
+        """Wrap ``module``'s matching linears and build :attr:`posterior` from :attr:`bayes`
+        (the one construction of the inference network for every backend); patterns set in
+        ``bayes`` take precedence over the backend defaults given here."""
+        b = self.bayes
+        edge, node = bayesianize(
+            module, edge_pattern=b.edge_pattern or edge_pattern, node_pattern=b.node_pattern or node_pattern
+        )
+        self.posterior = InferenceNetwork(
+            len(self.elements), len(edge), len(node), cutoff=self.cutoff, hidden=b.hidden, n_hidden=b.n_hidden,
+            n_rbf=b.n_rbf, unit_vector=b.unit_vector, p_min=b.p_min, p_max=b.p_max, p_init=b.p_init,
+            neighbourhood=b.neighbourhood,
+        )  # fmt: skip
+
+    def bayesian_layout(self) -> dict[str, list[str]]:
+        """Which linears are Bayesian, in the column order of alpha (``"edge"``) and beta
+        (``"node"``): ``{"edge": [module names], "node": [...]}``; empty lists when none.
+
+        Stored in checkpoints and checked at load, so a change of the wrapped layers or of their
+        order (e.g. an orb-models upgrade renaming modules) is an error, not permuted noise.
+        """
+        from blip_ase.bayes.linear import BayesianLinear
+
+        layout: dict[str, list[tuple[int, str]]] = {"edge": [], "node": []}
+        for name, module in self.named_modules():
+            if isinstance(module, BayesianLinear):
+                layout[module.role].append((module.column, name))
+        return {role: [name for _, name in sorted(entries)] for role, entries in layout.items()}
 
     def make_dataset(self, frames: list[Atoms], *, use_stress: bool = False, name: str = "data") -> Any:
         """Labelled graphs of ``frames`` in this backend's graph format, for training.
@@ -145,36 +233,15 @@ class PaiNNPotential(Potential):
     backend = "painn"
 
     def __init__(self, elements: list[int], config: PaiNNConfig = PaiNNConfig(), bayes: BayesConfig | None = None):
-        super().__init__(elements, bayes)
+        super().__init__(elements, bayes, cutoff=config.cutoff)
         self.config = config
-        self.cutoff = config.cutoff
         self.net = PaiNN(len(self.elements), config)
         self.register_buffer("reference_energies", torch.zeros(len(self.elements)))
-        self.register_buffer("scale", torch.ones(()))
-        self.posterior: InferenceNetwork | None = None
         if bayes is not None and bayes.method == "mc_dropout":
             edge_pattern, node_pattern = bayes.edge_pattern or EDGE_PATTERN, bayes.node_pattern or NODE_PATTERN
             dropoutize(self.net, edge_pattern=edge_pattern, node_pattern=node_pattern, p=bayes.dropout_p)
         elif bayes is not None:
-            edge, node = bayesianize(
-                self.net,
-                edge_pattern=bayes.edge_pattern or EDGE_PATTERN,
-                node_pattern=bayes.node_pattern or NODE_PATTERN,
-            )
-            self.posterior = InferenceNetwork(
-                len(self.elements),
-                len(edge),
-                len(node),
-                cutoff=config.cutoff,
-                hidden=bayes.hidden,
-                n_hidden=bayes.n_hidden,
-                n_rbf=bayes.n_rbf,
-                unit_vector=bayes.unit_vector,
-                p_min=bayes.p_min,
-                p_max=bayes.p_max,
-                p_init=bayes.p_init,
-                neighbourhood=bayes.neighbourhood,
-            )
+            self.make_bayesian(self.net, edge_pattern=EDGE_PATTERN, node_pattern=NODE_PATTERN)
 
     def config_dict(self) -> dict:
         return {"elements": self.elements, "painn": asdict(self.config), "bayes": self.bayes and asdict(self.bayes)}
@@ -188,13 +255,9 @@ class PaiNNPotential(Potential):
     def fit_normalisation(self, frames: list[Atoms], energies: np.ndarray, forces: np.ndarray) -> None:
         """Per-element reference energies (least squares, plus the mean per-atom residual) and the
         force scale (RMS force component) from the training set."""
-        from blip_ase.data.dataset import fit_reference_energies
+        from blip_ase.data.dataset import energy_statistics
 
-        energies = np.asarray(energies)
-        ref = fit_reference_energies(frames, energies, self.elements)
-        lookup = {z: k for k, z in enumerate(self.elements)}
-        residual = [(e - sum(ref[lookup[int(z)]] for z in a.numbers)) / len(a) for e, a in zip(energies, frames)]
-        rms = float(np.sqrt(np.mean(np.asarray(forces) ** 2)))
+        ref, residual, rms = energy_statistics(frames, energies, forces, self.elements)
         self.reference_energies.copy_(torch.as_tensor(ref + np.mean(residual)))
         self.scale.fill_(rms if rms > 1e-8 else 1.0)
 
@@ -209,19 +272,6 @@ class PaiNNPotential(Potential):
         shift = torch.einsum("ek,ekl->el", graph.cell_shifts, cell.index_select(0, graph.batch.index_select(0, i)))
         return positions.index_select(0, j) - positions.index_select(0, i) + shift
 
-    def coefficients(self, graph: AtomGraph) -> Coefficients | None:
-        """alpha per edge and beta per node of ``graph`` (None for a deterministic model)."""
-        if self.posterior is None:  # deterministic: None; MC dropout: sample with no learned rates
-            if self.bayes is None:
-                return None
-            return no_coefficients(graph.edge_index.shape[1], len(graph.species), like=graph.positions)
-        inputs = self.posterior_inputs(graph)
-        if self._rerun_posterior():  # training: forward() reruns the network on its own vectors
-            return self.posterior(inputs.species, inputs.edge_index, inputs.edge_vector)
-        # alpha depends on the edge vectors: keep d alpha / d vector so that forward() can give
-        # every sample the full derivative of its energy (the network still runs once).
-        return self.posterior.with_jacobian(inputs.species, inputs.edge_index, inputs.edge_vector)
-
     def _rerun_posterior(self) -> bool:
         """In training (grad enabled) the inference network runs inside :meth:`forward` on the
         pass's own edge vectors: exact derivatives, and cheaper to differentiate twice than
@@ -229,6 +279,7 @@ class PaiNNPotential(Potential):
         return self.posterior is not None and self.training and torch.is_grad_enabled()
 
     def posterior_inputs(self, graph: AtomGraph) -> PosteriorInputs:
+        """:meth:`Potential.posterior_inputs`: the graph's own edges and vectors."""
         vectors = self.edge_vectors(graph, graph.positions, graph.cell)
         return PosteriorInputs(graph.species, graph.edge_index, vectors, graph.batch, graph.n_graphs)
 
@@ -252,16 +303,10 @@ class PaiNNPotential(Potential):
             self._lone_cache = (key, out)
         return out
 
-    def forward(
-        self,
-        graph: AtomGraph,
-        *,
-        coefficients: Coefficients | None = None,
-        noise: NoiseSource | None = None,
-        compute_forces: bool = True,
-        compute_stress: bool = False,
-        create_graph: bool = False,
-    ) -> dict[str, torch.Tensor]:
+    def forward(  # the signature of Potential.forward
+        self, graph: AtomGraph, *, coefficients: Coefficients | None = None, noise: NoiseSource | None = None,
+        compute_forces: bool = True, compute_stress: bool = False, create_graph: bool = False,
+    ) -> dict[str, torch.Tensor]:  # fmt: skip
         """:meth:`Potential.forward`; forces and stress are derivatives of each sample's energy."""
         sampling = noise is not None and coefficients is not None
         n_samples = noise.n_samples if sampling else 1

@@ -14,6 +14,7 @@ import torch
 from blip_ase.bayes import NoiseSource
 from blip_ase.data.dataset import Batch, GraphDataset
 from blip_ase.data.readers import read_frames
+from blip_ase.devices import resolve_device
 from blip_ase.models.checkpoint import save_checkpoint
 from blip_ase.models.potential import BACKENDS, Potential
 from blip_ase.training.config import TrainConfig
@@ -22,11 +23,6 @@ from blip_ase.training.loss import elbo_loss
 
 LOG_FIELDS = ["epoch", "lr", "train_loss", "train_energy", "train_forces", "train_kl", "train_kl_contrastive",
               "val_loss", "val_energy_mae", "val_forces_mae", "val_mc_nll", "seconds"]
-
-
-def resolve_device(device: str | None) -> torch.device:
-    """``None`` -> CUDA when available, else CPU."""
-    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def build_model(cfg: TrainConfig, elements: list[int]) -> Potential:

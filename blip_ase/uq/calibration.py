@@ -21,8 +21,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import stats
 
-QUANTITIES = ("energy", "forces", "stress")
-ISOTONIC_KEYS = tuple(f"{q}_isotonic" for q in QUANTITIES)
+from blip_ase.models.checkpoint import CALIBRATION_QUANTITIES as QUANTITIES
+
 MIN_STRUCTURES = 5
 
 

@@ -9,17 +9,18 @@ pass gives the metrics before and after calibration.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
+from blip_ase.strict_json import write_json
 from blip_ase.uq import metrics as m
 from blip_ase.uq.coefficients import collect_coefficients, summarise_coefficients
 from blip_ase.uq.calibration import (
     MIN_STRUCTURES,
+    QUANTITIES,
     apply_isotonic,
     fit_isotonic,
     fit_variance_scale,
@@ -103,13 +104,16 @@ def predict(
     n_samples: int = 100,
     seed: int = 0,
     device: str | None = None,
+    progress: str | None = None,
 ) -> Predictions:
     """Predict every frame with :class:`~blip_ase.BLIPCalculator` (no calibration applied).
 
     Stochastic models run in MC mode with ``n_samples`` (an ensemble: its number of members,
     sample = member) and the calculator seeded by ``seed``; deterministic ones in MAP mode.
+    ``progress``: label of a progress bar on stderr (None: no bar).
     """
     from ase import Atoms
+    from tqdm.auto import tqdm
 
     from blip_ase.calculator import BLIPCalculator
 
@@ -121,7 +125,7 @@ def predict(
         model, mode="mc" if mc else "map", n_samples=n_samples, seed=seed, device=device, calibration={}
     )
     e_pred, f_pred, e_var, f_var = [], [], [], []
-    for atoms in frames:
+    for atoms in tqdm(frames, desc=progress, unit="structure", disable=progress is None, dynamic_ncols=True):
         bare = Atoms(atoms.numbers, atoms.positions, cell=atoms.cell, pbc=atoms.pbc)
         if mc:
             r = calc.monte_carlo(bare)
@@ -196,8 +200,26 @@ def structure_uncertainty(pred: Predictions, reduce: Literal["mean", "max"] = "m
 def is_identity(calibration: dict | None) -> bool:
     """True when ``calibration`` changes nothing (all scales 1, no isotonic map)."""
     calibration = calibration or {}
-    scales = all(float(calibration.get(q, 1.0)) == 1.0 for q in ("energy", "forces", "stress"))
+    scales = all(float(calibration.get(q, 1.0)) == 1.0 for q in QUANTITIES)
     return scales and not any(k.endswith("_isotonic") and v is not None for k, v in calibration.items())
+
+
+EVAL_OUTPUTS = (
+    "metrics.json", "energy_parity.png", "forces_parity.png", "calibration_curve.png", "error_vs_std.png",
+    "coefficients.png",
+)
+
+
+def check_output_dir(out_dir: Path, *, overwrite: bool) -> None:
+    """Refuse an ``out_dir`` that is a file, or holds files while ``overwrite`` is False.
+
+    Raises:
+        FileExistsError: naming the directory and ``--overwrite``.
+    """
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f"output path {out_dir} exists and is not a directory")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        raise FileExistsError(f"output directory {out_dir} already exists; pass --overwrite to replace its results")
 
 
 def evaluate(
@@ -210,24 +232,35 @@ def evaluate(
     device: str | None = None,
     out_dir: str | Path | None = None,
     plots: bool = True,
+    overwrite: bool = False,
+    progress: bool = False,
 ) -> dict:
     """Metrics of the checkpoint at ``model_path`` on ``data_path`` (section ``id``) and, with
     ``ood_path``, on out-of-distribution data (section ``ood``, top-level ``auroc``).
 
     Sections ``id``/``ood`` use the checkpoint's calibration, as the calculator reports it;
     when that calibration is not the identity, ``id_uncalibrated``/``ood_uncalibrated`` hold the
-    metrics before it. With ``out_dir``: writes ``metrics.json`` and (``plots``) PNG plots there.
+    metrics before it. With ``out_dir``: writes ``metrics.json`` and (``plots``) PNG plots there;
+    an ``out_dir`` that holds files is refused unless ``overwrite`` (then this command's earlier
+    outputs there are deleted first, so old plots never sit beside new metrics). ``progress``
+    shows a progress bar per data set on stderr.
 
     Returns:
         The ``metrics.json`` dict.
+
+    Raises:
+        FileExistsError: ``out_dir`` holds files and ``overwrite`` is False (checked first).
     """
     from blip_ase.models.checkpoint import load_checkpoint
 
+    if out_dir is not None:
+        check_output_dir(Path(out_dir), overwrite=overwrite)
     model, ckpt = load_checkpoint(model_path, device=device or "cpu")
     calibration = ckpt.get("calibration") or {}
     method = model_method(model)
     sets = {"id": data_path} | ({"ood": ood_path} if ood_path is not None else {})
-    preds = {name: predict(model, *read_labelled(path), n_samples=n_samples, seed=seed, device=device)
+    preds = {name: predict(model, *read_labelled(path), n_samples=n_samples, seed=seed, device=device,
+                           progress=f"predict {name}" if progress else None)
              for name, path in sets.items()}
     report: dict[str, Any] = {
         "model": str(model_path),
@@ -253,8 +286,10 @@ def evaluate(
             report[key] = m.auroc(*scores)
     if out_dir is not None:
         out_dir = Path(out_dir)
+        for name in EVAL_OUTPUTS:  # with overwrite: this command's earlier outputs
+            (out_dir / name).unlink(missing_ok=True)
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
+        write_json(out_dir / "metrics.json", report)
         if plots:
             from blip_ase.uq.plots import write_plots
 
@@ -297,6 +332,7 @@ def calibrate(
     seed: int = 0,
     device: str | None = None,
     overwrite: bool = False,
+    progress: bool = False,
 ) -> dict:
     """Fit calibration on the validation set ``data_path`` and write the calibrated checkpoint.
 
@@ -325,7 +361,8 @@ def calibrate(
         raise ValueError(
             f"the calibration set {data_path} has {len(frames)} structures; at least {MIN_STRUCTURES} are needed"
         )
-    pred = predict(model, frames, labels, n_samples=n_samples, seed=seed, device=device)
+    pred = predict(model, frames, labels, n_samples=n_samples, seed=seed, device=device,
+                   progress="predict" if progress else None)
     calibration = fit_calibration(pred, isotonic=isotonic)
     training = dict(ckpt.get("training") or {})
     used = model.n_members if model_method(model) == "ensemble" else n_samples

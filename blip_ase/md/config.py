@@ -1,0 +1,116 @@
+"""``MDConfig``: everything an uncertainty-monitored run needs, and its round trip through JSON.
+
+The run stores its configuration in ``summary.json`` (``"config"``, with the thresholds); a
+restart rebuilds the run from it (:mod:`blip_ase.md.restart`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+from blip_ase.md import dynamics as d
+from blip_ase.md.monitor import Thresholds
+
+
+@dataclass(frozen=True)
+class MDConfig:
+    """Everything :func:`~blip_ase.md.run.run_md` needs; ``blip md`` options map one to one onto
+    these fields and take their defaults from here.
+
+    Attributes:
+        model: checkpoint path; None = the shipped ammonia model (:mod:`blip_ase.assets`).
+        structure: starting structure, any file ``ase.io.read`` understands (first frame;
+            ``FILE@INDEX`` picks another, e.g. ``md_out/md.traj@-1``); None = the shipped NH3.
+        out: output directory.
+        ensemble: see :func:`~blip_ase.md.dynamics.make_dynamics`.
+        steps: total number of MD steps (on restart: the total including the steps already run).
+        timestep_fs, temperature_K, pressure_bar, friction_per_fs, tdamp_fs, pdamp_fs,
+            compressibility_per_bar: see :func:`~blip_ase.md.dynamics.make_dynamics`.
+        init_temperature_K: temperature of the initial Maxwell-Boltzmann velocities (None = the
+            thermostat's ``temperature_K``).
+        seed: seeds the velocities, the stochastic thermostat and the Monte Carlo noise.
+        n_samples: Monte Carlo samples per uncertainty check.
+        uq_interval: steps between uncertainty checks.
+        traj_interval: steps between trajectory/log frames.
+        thresholds: flag/halt policy.
+        device: torch device (None: CUDA if available, else CPU).
+        overwrite: replace the outputs of an earlier run in ``out``.
+        restart: continue the run in ``out`` from the last frame of ``md.traj`` with the stored
+            configuration (see :mod:`blip_ase.md.restart` for what may change).
+        progress: show a progress bar (stderr).
+        plot: write ``uncertainty.png``.
+        summary_every_s: minimum seconds between rewrites of ``summary.json`` during the run.
+
+    Raises:
+        ValueError: an unknown ensemble, a count below its minimum, a non-positive time step or
+            time constant, a negative temperature, or ``overwrite`` with ``restart``.
+    """
+
+    model: str | None = None
+    structure: str | None = None
+    out: str = "md_out"
+    ensemble: d.Ensemble = d.DEFAULT_ENSEMBLE
+    steps: int = 2000
+    timestep_fs: float = d.DEFAULT_TIMESTEP_FS
+    temperature_K: float = d.DEFAULT_TEMPERATURE_K
+    pressure_bar: float = d.DEFAULT_PRESSURE_BAR
+    friction_per_fs: float = d.DEFAULT_FRICTION_PER_FS
+    tdamp_fs: float = d.DEFAULT_TDAMP_FS
+    pdamp_fs: float = d.DEFAULT_PDAMP_FS
+    compressibility_per_bar: float = d.DEFAULT_COMPRESSIBILITY_PER_BAR
+    init_temperature_K: float | None = None
+    seed: int = 0
+    n_samples: int = 16
+    uq_interval: int = 10
+    traj_interval: int = 10
+    thresholds: Thresholds = field(default_factory=Thresholds)
+    device: str | None = None
+    overwrite: bool = False
+    restart: bool = False
+    progress: bool = False
+    plot: bool = True
+    summary_every_s: float = 2.0
+
+    def __post_init__(self):
+        if self.ensemble not in d.ENSEMBLES:
+            raise ValueError(f"unknown ensemble {self.ensemble!r}; choose one of {', '.join(d.ENSEMBLES)}")
+        for name in ("steps", "n_samples", "uq_interval", "traj_interval"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or int(value) != value or value < (0 if name == "steps" else 1):
+                raise ValueError(f"{name} must be an integer >= {0 if name == 'steps' else 1}, got {value!r}")
+        if self.n_samples < 2:
+            raise ValueError(f"n_samples must be >= 2 (variances need two samples), got {self.n_samples}")
+        if self.overwrite and self.restart:
+            raise ValueError("overwrite and restart exclude each other")
+        d.check_settings(
+            timestep_fs=self.timestep_fs,
+            temperature_K=self.temperature_K,
+            tdamp_fs=self.tdamp_fs,
+            pdamp_fs=self.pdamp_fs,
+        )
+        if self.init_temperature_K is not None and not self.init_temperature_K >= 0:
+            raise ValueError(f"init_temperature_K must be >= 0, got {self.init_temperature_K!r}")
+
+    def to_dict(self) -> dict:
+        """JSON-ready fields (thresholds as :meth:`Thresholds.to_dict`)."""
+        out = asdict(self)
+        out["thresholds"] = self.thresholds.to_dict()
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict) -> MDConfig:
+        """Inverse of :meth:`to_dict`; unknown keys are an error.
+
+        Raises:
+            ValueError: a key that is not a field.
+        """
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown MD configuration keys {unknown}")
+        values = dict(data)
+        if isinstance(values.get("thresholds"), dict):
+            t = dict(values["thresholds"])
+            t["per_element"] = {k: tuple(v) for k, v in t.get("per_element", {}).items()}
+            values["thresholds"] = Thresholds(**t)
+        return cls(**values)
