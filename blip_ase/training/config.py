@@ -115,6 +115,18 @@ def _is_dataclass_type(tp: Any) -> bool:
     return isinstance(tp, type) and dataclasses.is_dataclass(tp)
 
 
+def _check_keys(cls: type, data: dict, where: str) -> None:
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise ValueError(f"unknown key(s) {unknown} in {where}; allowed: {names}")
+
+
+def _check_choice(tp: Any, value: Any, where: str) -> None:
+    if typing.get_origin(tp) is Literal and value not in typing.get_args(tp):
+        raise ValueError(f"{where} must be one of {list(typing.get_args(tp))}, got {value!r}")
+
+
 def from_dict(cls: type, data: dict, where: str = "config") -> Any:
     """Build dataclass ``cls`` from ``data``; nested dataclasses recursively.
 
@@ -123,16 +135,12 @@ def from_dict(cls: type, data: dict, where: str = "config") -> Any:
     """
     if not isinstance(data, dict):
         raise ValueError(f"{where} must be a mapping, got {type(data).__name__}")
+    _check_keys(cls, data, where)
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(data) - set(names))
-    if unknown:
-        raise ValueError(f"unknown key(s) {unknown} in {where}; allowed: {names}")
     kwargs = {}
     for key, value in data.items():
         tp = hints[key]
-        if typing.get_origin(tp) is Literal and value not in typing.get_args(tp):
-            raise ValueError(f"{where}.{key} must be one of {list(typing.get_args(tp))}, got {value!r}")
+        _check_choice(tp, value, f"{where}.{key}")
         if _is_dataclass_type(tp):
             value = from_dict(tp, value or {}, f"{where}.{key}")
         elif isinstance(tp, types.UnionType) and value is not None:
@@ -145,21 +153,16 @@ def from_dict(cls: type, data: dict, where: str = "config") -> Any:
 
 def with_overrides(cfg: Any, overrides: dict, where: str = "overrides") -> Any:
     """Copy of dataclass ``cfg`` with nested ``overrides`` (``{"bayes": {"kl_weight": 1.0}}``)
-    replaced; unknown keys are rejected like in :func:`from_dict`."""
-    names = [f.name for f in dataclasses.fields(cfg)]
-    unknown = sorted(set(overrides) - set(names))
-    if unknown:
-        raise ValueError(f"unknown key(s) {unknown} in {where}; allowed: {names}")
+    replaced; unknown keys and values outside their choices are rejected as in :func:`from_dict`."""
+    _check_keys(type(cfg), overrides, where)
+    hints = typing.get_type_hints(type(cfg))
     changes = {}
     for key, value in overrides.items():
         current = getattr(cfg, key)
         if dataclasses.is_dataclass(current) and isinstance(value, dict):
             value = with_overrides(current, value, f"{where}.{key}")
+        _check_choice(hints[key], value, f"{where}.{key}")
         changes[key] = value
-    hints = typing.get_type_hints(type(cfg))
-    for key, value in changes.items():
-        if typing.get_origin(hints[key]) is Literal and value not in typing.get_args(hints[key]):
-            raise ValueError(f"{where}.{key} must be one of {list(typing.get_args(hints[key]))}, got {value!r}")
     return dataclasses.replace(cfg, **changes)
 
 
