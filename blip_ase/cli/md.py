@@ -33,7 +33,7 @@ EXIT_BAD_INPUT = 2  # raised before anything was created (blip_ase.cli.main's er
 
 # Thresholds for the shipped ammonia model (blip_ase/assets/ammonia_model.pt), measured: see
 # README.md, section "Uncertainty-monitored molecular dynamics". Every other default is MDConfig's.
-DEFAULT_FLAG = 0.45
+DEFAULT_FLAG = 0.25
 DEFAULT_HALT = 1.0
 D = MDConfig()
 
