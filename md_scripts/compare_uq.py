@@ -291,7 +291,9 @@ def main(argv: list[str] | None = None) -> int:
                    for job in jobs]
         rows = [row for f in futures for row in f.result()]
     wall = time.perf_counter() - start
-    (out / "results.json").write_text(json.dumps({"args": vars(args), "wall_seconds": wall, "runs": rows}, indent=1))
+    from blip_ase.strict_json import write_json
+
+    write_json(out / "results.json", {"args": vars(args), "wall_seconds": wall, "runs": rows})
     command = " ".join(["python", "md_scripts/" + Path(__file__).name, *argv])
     tables = [f"Produced by `{command}` in {wall / 60:.0f} min on 2 CPU cores ({args.jobs} runs at a time, "
               f"one torch thread each); mean ± std over seeds {args.seeds}; {args.n_samples} Monte Carlo samples "
