@@ -72,6 +72,17 @@ def test_a_bad_contrastive_setting_is_rejected(bad):
         ContrastiveConfig(**bad)
 
 
+@pytest.mark.parametrize("bad, match", [({"select_samples": 1}, "select_samples"), ({"kl_warmup_epochs": -1}, "kl_warmup")])
+def test_a_bad_selection_or_warm_up_setting_is_rejected(tmp_path, bad, match):
+    """One sample has no variance: the MC NLL would be NaN and no epoch would ever be kept."""
+    import yaml
+
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(bad))
+    with pytest.raises(ValueError, match=match):
+        load_config(path)
+
+
 def test_kl_warm_up_rises_linearly_to_one():
     assert [kl_factor(e, 4) for e in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
     assert kl_factor(0, 0) == 1.0

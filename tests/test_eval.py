@@ -84,14 +84,32 @@ def test_eval_metrics_are_those_of_the_calculator_predictions(data):
     assert report["id"]["forces_mae"] == pytest.approx(np.abs(np.concatenate(errors)).mean(), rel=1e-12)
 
 
+def test_eval_reports_and_plots_alpha_and_beta_per_layer_for_id_and_ood(data, tmp_path):
+    """The issue's check that the inference network is adaptive: per-layer statistics of alpha
+    (edges) and beta (nodes) for both sets, and their plot."""
+    report = evaluate(SHIPPED, data["id"], ood_path=data["ood"], n_samples=4, out_dir=tmp_path)
+    coefficients = report["coefficients"]
+    assert set(coefficients) == {"id", "ood"}
+    for section in coefficients.values():
+        assert len(section["edge"]["mean"]) == 6 and len(section["node"]["mean"]) == 6
+        for kind in ("edge", "node"):
+            assert np.all(np.array(section[kind]["p10"]) <= np.array(section[kind]["p90"]))
+    # the shipped model's alpha is larger on the OOD edges in every message layer
+    assert np.all(np.array(coefficients["ood"]["edge"]["p90"]) > np.array(coefficients["id"]["edge"]["p90"]))
+    assert (tmp_path / "coefficients.png").read_bytes()[:4] == PNG
+    assert json.loads((tmp_path / "metrics.json").read_text())["coefficients"] == coefficients
+
+
 def test_a_deterministic_model_is_evaluated_for_accuracy_only(data, tmp_path):
     save_checkpoint(tmp_path / "det.pt", tiny())
     assert run_blip("eval", "--model", tmp_path / "det.pt", "--data", data["id"], "--ood", data["ood"],
                     "--out", tmp_path / "out") == 0
     report = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert report["method"] == "deterministic" and report["n_samples"] is None and report["auroc"] is None
+    assert report["coefficients"] is None
     assert report["id"]["forces_mae"] > 0 and report["id"]["forces_ece"] is None and report["ood"]["spearman"] is None
     assert (tmp_path / "out" / "forces_parity.png").is_file()
+    assert not (tmp_path / "out" / "coefficients.png").exists()
     assert not (tmp_path / "out" / "calibration_curve.png").exists()
 
 

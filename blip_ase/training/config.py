@@ -79,7 +79,8 @@ class TrainConfig:
         dtype: ``float32`` or ``float64``. device: ``cpu``, ``cuda``, or None for auto.
         progress: show a progress bar.
         contrastive: the noise-contrastive prior (KL on perturbed copies; weight 0 = off).
-        kl_warmup_epochs: both KL weights rise linearly from 0 over this many epochs (0: off).
+        kl_warmup_epochs: both KL weights rise linearly to their value over this many epochs (epoch
+            ``k`` gets ``(k + 1) / N`` of it; 0: off).
         select_by: which epoch's model is kept: ``val_loss`` (MAP validation data loss) or
             ``mc_nll`` (Gaussian NLL of the validation forces under ``select_samples`` Monte
             Carlo samples, after the NLL-optimal variance scale, so it rewards how well the
@@ -109,6 +110,12 @@ class TrainConfig:
     select_by: Literal["val_loss", "mc_nll"] = "val_loss"
     select_samples: int = 8
     ensemble: int = 1
+
+    def __post_init__(self):
+        if isinstance(self.select_samples, bool) or not isinstance(self.select_samples, int) or self.select_samples < 2:
+            raise ValueError(f"select_samples must be an integer >= 2 (a variance needs two), got {self.select_samples!r}")
+        if isinstance(self.kl_warmup_epochs, bool) or not isinstance(self.kl_warmup_epochs, int) or self.kl_warmup_epochs < 0:
+            raise ValueError(f"kl_warmup_epochs must be an integer >= 0, got {self.kl_warmup_epochs!r}")
 
 
 def _is_dataclass_type(tp: Any) -> bool:

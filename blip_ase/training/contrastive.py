@@ -21,7 +21,8 @@ from blip_ase.bayes import PosteriorInputs, kl_per_coefficient
 
 @dataclass(frozen=True)
 class ContrastiveConfig:
-    """Perturbed copies on which the KL to the prior is evaluated.
+    """Perturbed copies on which the KL to the prior is evaluated (BLIP only: models without an
+    inference network, deterministic or MC dropout, ignore it).
 
     Attributes:
         weight: weight of their KL in the loss (0: off). It is independent of ``bayes.kl_weight``,

@@ -105,7 +105,10 @@ def evaluate_mc_nll(model: Potential, data: GraphDataset, cfg: TrainConfig, devi
         var.append(forces.var(0).sum(-1, keepdim=True).expand(-1, 3) / 3.0)
     err2, v = torch.cat(sq_err).flatten(), torch.cat(var).flatten().clamp_min(1e-12)
     scale = float((err2 / v).mean())
-    return float(0.5 * torch.log(2 * math.pi * scale * v).mean() + 0.5)
+    nll = float(0.5 * torch.log(2 * math.pi * scale * v).mean() + 0.5)
+    if not math.isfinite(nll):
+        raise ValueError(f"the Monte Carlo validation NLL is {nll}: the model predicts non-finite forces")
+    return nll
 
 
 def train_step(
@@ -142,7 +145,8 @@ def _load(path: str | Path, model: Potential, use_stress: bool, name: str) -> Gr
 
 
 def train(cfg: TrainConfig, train_path: str | Path, val_path: str | Path, out_dir: str | Path, *, overwrite: bool = False) -> dict:
-    """Train a model and write ``out_dir/model.pt`` (best validation loss) and ``out_dir/log.csv``.
+    """Train a model and write ``out_dir/model.pt`` (the epoch chosen by ``cfg.select_by``) and
+    ``out_dir/log.csv``.
 
     Returns:
         Summary: best epoch, validation metrics of the best checkpoint (MAP), wall time.

@@ -259,9 +259,10 @@ def evaluate(
     calibration = ckpt.get("calibration") or {}
     method = model_method(model)
     sets = {"id": data_path} | ({"ood": ood_path} if ood_path is not None else {})
-    preds = {name: predict(model, *read_labelled(path), n_samples=n_samples, seed=seed, device=device,
+    labelled = {name: read_labelled(path) for name, path in sets.items()}  # read once: predictions, alpha/beta
+    preds = {name: predict(model, frames, labels, n_samples=n_samples, seed=seed, device=device,
                            progress=f"predict {name}" if progress else None)
-             for name, path in sets.items()}
+             for name, (frames, labels) in labelled.items()}
     report: dict[str, Any] = {
         "model": str(model_path),
         "method": method,
@@ -275,7 +276,7 @@ def evaluate(
         report[name] = compute_metrics(pred, calibration)
         if not is_identity(calibration):
             report[f"{name}_uncalibrated"] = compute_metrics(pred, None)
-    coefficients = {name: collect_coefficients(model, read_labelled(path)[0]) for name, path in sets.items()}
+    coefficients = {name: collect_coefficients(model, frames) for name, (frames, _) in labelled.items()}
     report["coefficients"] = None
     if coefficients["id"] is not None:
         report["coefficients"] = {name: summarise_coefficients(c) for name, c in coefficients.items()}
