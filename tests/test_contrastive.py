@@ -72,7 +72,9 @@ def test_a_bad_contrastive_setting_is_rejected(bad):
         ContrastiveConfig(**bad)
 
 
-@pytest.mark.parametrize("bad, match", [({"select_samples": 1}, "select_samples"), ({"kl_warmup_epochs": -1}, "kl_warmup")])
+@pytest.mark.parametrize(
+    "bad, match", [({"select_samples": 1}, "select_samples"), ({"kl_warmup_epochs": -1}, "kl_warmup_epochs")]
+)
 def test_a_bad_selection_or_warm_up_setting_is_rejected(tmp_path, bad, match):
     """One sample has no variance: the MC NLL would be NaN and no epoch would ever be kept."""
     import yaml

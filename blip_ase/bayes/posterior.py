@@ -67,7 +67,8 @@ class Coefficients:
             node_jac = self.node_jacobian.repeat(n_samples, 1, 1)
             offsets = torch.arange(n_samples, device=self.receiver.device) * self.node.shape[0]
             receiver = (self.receiver[None, :] + offsets[:, None]).reshape(-1)
-        return Coefficients(self.edge.repeat(n_samples, 1), self.node.repeat(n_samples, 1), rep, jac, node_jac, receiver)
+        edge, node = self.edge.repeat(n_samples, 1), self.node.repeat(n_samples, 1)
+        return Coefficients(edge, node, rep, jac, node_jac, receiver)
 
     def edge_at(self, edge_vector: torch.Tensor) -> Coefficients:
         """Coefficients whose alpha carries the derivative with respect to ``edge_vector``.

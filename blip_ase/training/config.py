@@ -112,10 +112,10 @@ class TrainConfig:
     ensemble: int = 1
 
     def __post_init__(self):
-        if isinstance(self.select_samples, bool) or not isinstance(self.select_samples, int) or self.select_samples < 2:
-            raise ValueError(f"select_samples must be an integer >= 2 (a variance needs two), got {self.select_samples!r}")
-        if isinstance(self.kl_warmup_epochs, bool) or not isinstance(self.kl_warmup_epochs, int) or self.kl_warmup_epochs < 0:
-            raise ValueError(f"kl_warmup_epochs must be an integer >= 0, got {self.kl_warmup_epochs!r}")
+        for name, least in (("select_samples", 2), ("kl_warmup_epochs", 0)):  # a variance needs 2 samples
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
 
 
 def _is_dataclass_type(tp: Any) -> bool:

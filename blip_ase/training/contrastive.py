@@ -46,7 +46,8 @@ class ContrastiveConfig:
     seed: int = 12345
 
     def __post_init__(self):
-        if self.weight < 0 or not 0 <= self.rattle_min_A <= self.rattle_A or not 0 <= self.stretch < 1 or self.copies < 1:
+        rattle_ok = 0 <= self.rattle_min_A <= self.rattle_A
+        if self.weight < 0 or not rattle_ok or not 0 <= self.stretch < 1 or self.copies < 1:
             raise ValueError(
                 f"contrastive needs weight >= 0, 0 <= rattle_min_A <= rattle_A, 0 <= stretch < 1 and copies >= 1, "
                 f"got {self}"
