@@ -307,8 +307,9 @@ class BLIPCalculator(Calculator):
         return prepared.coefficients
 
     def _evaluate(self, prepared: _Prepared, noise: NoiseSource | None) -> dict[str, np.ndarray]:
-        """Raw per-sample outputs (float64, CPU): ``energy (S,)``, ``forces (S, n, 3)``,
-        ``stress (S, 6)`` (ASE Voigt, periodic only). ``noise=None``: MAP, ``S = 1``."""
+        """Raw per-sample outputs (float64, CPU) of the prepared graph of ``G`` structures (one for
+        an ``Atoms``, many for batched walkers): ``energy (S, G)``, ``forces (S, n, 3)``,
+        ``stress (S, G, 6)`` (ASE Voigt, periodic only). ``noise=None``: MAP, ``S = 1``."""
         compute_stress = prepared.periodic and self.model.implements_stress
         coefficients = None if noise is None else self._coefficients(prepared)
         if noise is None:
@@ -326,47 +327,63 @@ class BLIPCalculator(Calculator):
             )
             for key, value in out.items():
                 parts.setdefault(key, []).append(value.detach())
-        result = {"energy": torch.cat(parts["energy"])[:, 0], "forces": torch.cat(parts["forces"])}
+        result = {"energy": torch.cat(parts["energy"]), "forces": torch.cat(parts["forces"])}
         if "stress" in parts:
-            stress = torch.cat(parts["stress"])[:, 0]
+            stress = torch.cat(parts["stress"])
             result["stress"] = matrix_to_voigt(0.5 * (stress + stress.transpose(-1, -2)))
         return {key: value.to("cpu", torch.float64).numpy() for key, value in result.items()}
 
     def _map(self, prepared: _Prepared) -> dict[str, Any]:
         """MAP results: one deterministic pass, no variances."""
         raw = self._evaluate(prepared, None)
-        energy = float(raw["energy"][0])
+        energy = float(raw["energy"][0, 0])
         results: dict[str, Any] = {"energy": energy, "free_energy": energy, "forces": raw["forces"][0]}
         if "stress" in raw:
-            results["stress"] = raw["stress"][0]
+            results["stress"] = raw["stress"][0, 0]
         return results
 
     def _monte_carlo(self, prepared: _Prepared, n_samples: int) -> dict[str, Any]:
-        """MC means and calibrated unbiased variances over ``n_samples`` samples.
-
-        For a model whose samples are a fixed set (a deep ensemble: ``sample_period`` members),
-        exactly one sample per member is taken whatever ``n_samples`` says, so the mean and the
-        unbiased variance are the ensemble's own (repeating members would shrink the variance by
-        ``S (N - 1) / (N (S - 1))`` and weight members unequally when ``N`` does not divide ``S``).
-        """
-        period = self.model.sample_period
-        if period > 1:
-            n_samples = period
-        noise = NoiseSource.spawn(self.generator, n_samples, device=self.model.device)
+        """MC means and calibrated unbiased variances over ``n_samples`` samples (see
+        :meth:`samples_per_check` for ensembles and :func:`monte_carlo_statistics`)."""
+        noise = NoiseSource.spawn(self.generator, self.samples_per_check(n_samples), device=self.model.device)
         raw = self._evaluate(prepared, noise)
-        scale = self._variance_factors
-        energy = float(raw["energy"].mean())
-        results: dict[str, Any] = {
-            "energy": energy,
-            "free_energy": energy,
-            "forces": raw["forces"].mean(axis=0),
-            "energy_variance": float(raw["energy"].var(ddof=1)) * scale["energy"],
-            "forces_variance": raw["forces"].var(axis=0, ddof=1).sum(axis=-1) * scale["forces"],
-        }
-        if "stress" in raw:
-            results["stress"] = raw["stress"].mean(axis=0)
-            results["stress_variance"] = raw["stress"].var(axis=0, ddof=1) * scale["stress"]
-        if self.keep_samples:
-            results["energy_samples"] = raw["energy"]
-            results["forces_samples"] = raw["forces"]
-        return results
+        one = {key: value[:, 0] if key != "forces" else value for key, value in raw.items()}
+        return monte_carlo_statistics(one, self._variance_factors, keep_samples=self.keep_samples)
+
+    def samples_per_check(self, n_samples: int) -> int:
+        """``n_samples``, or for a model whose samples are a fixed set (a deep ensemble:
+        ``sample_period`` members) exactly one sample per member whatever ``n_samples`` says, so
+        the mean and the unbiased variance are the ensemble's own (repeating members would shrink
+        the variance by ``S (N - 1) / (N (S - 1))`` and weight members unequally when ``N`` does
+        not divide ``S``)."""
+        period = self.model.sample_period
+        return period if period > 1 else n_samples
+
+
+def monte_carlo_statistics(raw: Mapping[str, np.ndarray], factors: Mapping[str, float], *, keep_samples: bool = False
+                           ) -> dict[str, Any]:  # fmt: skip
+    """MC means and calibrated unbiased (ddof=1) variances of one structure's samples.
+
+    Args:
+        raw: ``energy (S,)``, ``forces (S, n, 3)`` and for periodic cells ``stress (S, 6)``.
+        factors: variance multipliers ``{"energy", "forces", "stress"}`` (the calibration).
+        keep_samples: also return ``energy_samples`` and ``forces_samples``.
+
+    Returns:
+        The MC-mode results of :class:`BLIPCalculator` (see :meth:`BLIPCalculator.monte_carlo`).
+    """
+    energy = float(raw["energy"].mean())
+    results: dict[str, Any] = {
+        "energy": energy,
+        "free_energy": energy,
+        "forces": raw["forces"].mean(axis=0),
+        "energy_variance": float(raw["energy"].var(ddof=1)) * factors["energy"],
+        "forces_variance": raw["forces"].var(axis=0, ddof=1).sum(axis=-1) * factors["forces"],
+    }
+    if "stress" in raw:
+        results["stress"] = raw["stress"].mean(axis=0)
+        results["stress_variance"] = raw["stress"].var(axis=0, ddof=1) * factors["stress"]
+    if keep_samples:
+        results["energy_samples"] = raw["energy"]
+        results["forces_samples"] = raw["forces"]
+    return results

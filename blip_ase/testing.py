@@ -24,7 +24,7 @@ from ase import Atoms
 from ase.calculators.calculator import Calculator, all_changes
 from ase.calculators.fd import calculate_numerical_forces, calculate_numerical_stress
 
-from blip_ase.bayes import NoiseSource
+from blip_ase.bayes import NoiseSource, StructureNoise, structure_sizes
 from blip_ase.models.potential import Potential
 from blip_ase.voigt import matrix_to_voigt
 
@@ -129,6 +129,50 @@ def check_batched_samples_equal_sequential(
             n = alone[key].shape[0]
             part = batched[key][start : start + n]
             torch.testing.assert_close(part, alone[key], rtol=rtol, atol=atol, msg=f"{key} of samples from {start}")
+
+
+def structure_noise(model: Potential, graph, seeds: Sequence[Sequence[int]]) -> StructureNoise:
+    """:class:`StructureNoise` for ``graph`` (a batch of ``G`` structures): ``seeds[s][g]``
+    seeds sample ``s`` of structure ``g``; the edge and atom counts come from the graph."""
+    edges, nodes = structure_sizes(model, graph, len(seeds[0]))
+    generators = [[torch.Generator().manual_seed(int(seed)) for seed in row] for row in seeds]
+    return StructureNoise(generators, edges, nodes)
+
+
+def check_batched_structures_equal_separate(
+    model: Potential, structures: Sequence[Atoms], *, seeds: Sequence[int] = (3, 4), rtol: float = 1e-9,
+    atol: float = 1e-9,
+) -> None:  # fmt: skip
+    """A batch of structures (:meth:`Potential.batch`) gives each structure's MAP outputs and, with a
+    :class:`StructureNoise`, its samples as if it were evaluated alone (what batched many-walker MD
+    relies on)."""
+    graphs = [model.build_graph(atoms) for atoms in structures]
+    batch = model.batch(graphs)
+    stress = all(atoms.pbc.all() for atoms in structures) and model.implements_stress
+    grid = [[1000 * seed + g for g in range(len(structures))] for seed in seeds]
+    sampled = model.is_bayesian
+    out = model(
+        batch,
+        coefficients=model.coefficients(batch) if sampled else None,
+        noise=structure_noise(model, batch, grid) if sampled else None,
+        compute_stress=stress,
+    )
+    first_atom = 0
+    for g, graph in enumerate(graphs):
+        alone = model(
+            graph,
+            coefficients=model.coefficients(graph) if sampled else None,
+            noise=structure_noise(model, graph, [[row[g]] for row in grid]) if sampled else None,
+            compute_stress=stress,
+        )
+        n = len(structures[g])
+        parts = {"energy": out["energy"][:, g : g + 1], "forces": out["forces"][:, first_atom : first_atom + n]}
+        if stress:
+            parts["stress"] = out["stress"][:, g : g + 1]
+        for key, value in parts.items():
+            torch.testing.assert_close(value.detach(), alone[key].detach(), rtol=rtol, atol=atol,
+                                       msg=f"{key} of structure {g} batched differs from alone")  # fmt: skip
+        first_atom += n
 
 
 def check_seeds(model: Potential, atoms: Atoms, *, stochastic: bool = True) -> None:

@@ -228,3 +228,11 @@ def test_translation_and_rotation_act_as_the_model_promises(case, rotation):
 def test_bad_inputs_are_refused_by_every_backend(case):
     _, model = case
     testing.check_bad_inputs(model, small_molecule())
+
+
+def test_a_batch_of_structures_equals_each_structure_alone(case):
+    """MAP outputs, and samples drawn with StructureNoise, do not depend on the batch-mates."""
+    _, model = case
+    cell = small_cell()
+    testing.check_batched_structures_equal_separate(model, [small_molecule(), small_molecule(), cell][:2])
+    testing.check_batched_structures_equal_separate(model, [cell, cell])

@@ -3,7 +3,7 @@
 from blip_ase.bayes.config import BayesConfig
 from blip_ase.bayes.dropout import DropoutLinear, dropoutize, no_coefficients
 from blip_ase.bayes.kl import kl_divergence, kl_per_coefficient
-from blip_ase.bayes.linear import BayesianLinear, NoiseSource, input_gradients_only
+from blip_ase.bayes.linear import BayesianLinear, NoiseSource, StructureNoise, input_gradients_only, structure_sizes
 from blip_ase.bayes.posterior import Coefficients, InferenceNetwork, PosteriorInputs, edge_jacobian
 from blip_ase.bayes.wrap import bayesian_layers, bayesianize, noise_context
 
@@ -14,6 +14,8 @@ __all__ = [
     "DropoutLinear",
     "InferenceNetwork",
     "NoiseSource",
+    "StructureNoise",
+    "structure_sizes",
     "PosteriorInputs",
     "bayesian_layers",
     "bayesianize",

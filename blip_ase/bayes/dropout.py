@@ -55,7 +55,7 @@ class DropoutLinear(BayesianLinear):
         """Args: h: ``(rows, in_features)``; rows are ``S`` sample-major blocks while sampling."""
         if self.noise is None or self.p == 0.0:
             return F.linear(h, self.weight, self.bias)
-        eps = self.noise.draw(h.shape[0], self.in_features, dtype=h.dtype, device=h.device)
+        eps = self.noise.draw(h.shape[0], self.in_features, dtype=h.dtype, device=h.device, role=self.role)
         keep = eps < NormalDist().inv_cdf(1.0 - self.p)
         return F.linear(h * keep / (1.0 - self.p), self.weight, self.bias)
 

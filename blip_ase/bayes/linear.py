@@ -123,8 +123,12 @@ class NoiseSource:
         """Draw the ``per_sample`` numbers each sample's coming draws will take, in one call per sample."""
         self._tape, self._offset = self._fill(per_sample, dtype), 0
 
-    def draw(self, rows: int, cols: int, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """Noise of shape ``(rows, cols)``; rows are ``n_samples`` equal blocks, one per sample."""
+    def draw(
+        self, rows: int, cols: int, *, dtype: torch.dtype, device: torch.device, role: Role | None = None
+    ) -> torch.Tensor:
+        """Noise of shape ``(rows, cols)``; rows are ``n_samples`` equal blocks, one per sample.
+        ``role`` (``"edge"`` or ``"node"``: what the rows are) is for sources that split a
+        sample's rows by structure (:class:`StructureNoise`); this one does not need it."""
         if rows % self.n_samples:
             raise ValueError(f"{rows} rows cannot be split into {self.n_samples} samples")
         size = rows // self.n_samples * cols
@@ -134,6 +138,88 @@ class NoiseSource:
         block = tape[:, self._offset : self._offset + size]
         self._offset += size
         return block.reshape(rows, cols).to(device)
+
+
+def structure_sizes(model, graph, n_graphs: int) -> tuple[list[int], list[int]]:
+    """Edges and atoms of each of the ``n_graphs`` structures of ``graph`` (a batch of a
+    :class:`~blip_ase.models.potential.Potential`), from its inference network inputs; zeros for a
+    model that has none (a deep ensemble draws no noise)."""
+    try:
+        x = model.posterior_inputs(graph)
+    except NotImplementedError:
+        return [0] * n_graphs, [0] * n_graphs
+    nodes = torch.bincount(x.atom_graph, minlength=x.n_graphs)
+    edges = torch.bincount(x.atom_graph[x.edge_index[0]], minlength=x.n_graphs)
+    return edges.tolist(), nodes.tolist()
+
+
+class StructureNoise(NoiseSource):
+    """Noise for ``S`` samples of a batch of ``G`` structures, one generator per sample and structure.
+
+    Structure ``g`` of sample ``s`` draws its rows from ``generators[s][g]`` only, so a
+    structure's samples do not depend on which other structures share the batch: a batched
+    pass equals ``G`` separate passes that each use a :class:`StructureNoise` of one structure
+    (batched many-walker MD, :mod:`blip_ase.md.walkers`). Each draw is filled piece by piece
+    (no :meth:`prepare` tape), so it costs ``S * G`` generator calls per layer.
+
+    Args:
+        generators: ``[S][G]`` generators.
+        edges, nodes: ``(G,)`` edges and atoms of each structure, in batch order (the rows of an
+            edge or node layer are the structures' edges or atoms, concatenated).
+    """
+
+    def __init__(self, generators: list[list[torch.Generator]], edges: list[int], nodes: list[int]):
+        super().__init__([row[0] for row in generators])
+        if any(len(row) != len(edges) for row in generators) or len(edges) != len(nodes):
+            raise ValueError(
+                f"StructureNoise needs one generator per sample and structure and the edge and atom counts of "
+                f"every structure: got {[len(row) for row in generators]} generators, {len(edges)} edge and "
+                f"{len(nodes)} atom counts"
+            )
+        self.structure_generators = [list(row) for row in generators]
+        self.counts = {"edge": [int(n) for n in edges], "node": [int(n) for n in nodes]}
+
+    @classmethod
+    def spawn_per_structure(
+        cls, generators: list[torch.Generator], n_samples: int, edges: list[int], nodes: list[int],
+        device: torch.device | str = "cpu",
+    ) -> StructureNoise:  # fmt: skip
+        """Draw ``n_samples`` seeds from each structure's own ``generators[g]`` (as
+        :meth:`NoiseSource.spawn` does from one) and build the source from them."""
+        seeds = [torch.randint(0, 2**62, (n_samples,), generator=g).tolist() for g in generators]
+        grid = [[torch.Generator(device=device).manual_seed(int(seeds[g][s])) for g in range(len(generators))]
+                for s in range(n_samples)]  # fmt: skip
+        return cls(grid, edges, nodes)
+
+    def split(self, start: int, stop: int) -> StructureNoise:
+        return StructureNoise(self.structure_generators[start:stop], self.counts["edge"], self.counts["node"])
+
+    def prepare(self, per_sample: int, *, dtype: torch.dtype) -> None:
+        """Nothing is drawn ahead: a structure's share of ``per_sample`` is not known here."""
+
+    def draw(
+        self, rows: int, cols: int, *, dtype: torch.dtype, device: torch.device, role: Role | None = None
+    ) -> torch.Tensor:
+        """As :meth:`NoiseSource.draw`; ``role`` says whether the rows are edges or atoms.
+
+        Raises:
+            ValueError: no ``role``, or a row count that is not ``n_samples`` times the
+                structures' edges (or atoms) in total.
+        """
+        counts = self.counts.get(role or "")
+        if counts is None or rows != self.n_samples * sum(counts):
+            raise ValueError(
+                f"StructureNoise cannot split {rows} {role} rows into {self.n_samples} samples of structures with "
+                f"{self.counts[role] if role in self.counts else '?'} rows each (role must be 'edge' or 'node')"
+            )
+        gen_device = self.generators[0].device
+        out = torch.empty(rows, cols, dtype=dtype, device=gen_device)
+        row = 0
+        for sample in self.structure_generators:
+            for g, n in zip(sample, counts):
+                out[row : row + n].normal_(generator=g)
+                row += n
+        return out.to(device)
 
 
 class BayesianLinear(nn.Linear):
@@ -195,7 +281,7 @@ class BayesianLinear(nn.Linear):
         # (as the matmul's bias: cheaper than a clamp, whose backward needs a mask).
         c = self.coefficient
         sqrt_c = torch.where(c > 0, c.clamp_min(1e-30).sqrt(), torch.zeros_like(c))
-        eps = self.noise.draw(h.shape[0], self.out_features, dtype=h.dtype, device=h.device)
+        eps = self.noise.draw(h.shape[0], self.out_features, dtype=h.dtype, device=h.device, role=self.role)
         if _INPUT_GRADIENTS_ONLY.get():
             bias = None if self.bias is None else self.bias.detach()
             return _SampledLinear.apply(h, self.weight.detach(), bias, sqrt_c, eps)

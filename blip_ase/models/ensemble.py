@@ -115,6 +115,13 @@ class EnsemblePotential(Potential):
             graphs.append(self.members[k].build_graph(atoms) if owner == k else graphs[owner])
         return graphs
 
+    def batch(self, graphs: list[list[Any]]) -> list[Any]:
+        """Each member's graphs batched by the member (shared graphs stay shared)."""
+        batched: list[Any] = []
+        for k, owner in enumerate(self._graph_owner):
+            batched.append(self.members[k].batch([g[k] for g in graphs]) if owner == k else batched[owner])
+        return batched
+
     def coefficients(self, graph: list[Any]) -> None:
         """An ensemble has no noise coefficients (the member index is the randomness)."""
         return None

@@ -238,6 +238,12 @@ class OrbPotential(Potential):
             atoms, system_config=self.system_config, elements=self.elements, device=self.device, dtype=self.dtype
         )
 
+    def batch(self, graphs: list[OrbGraph]) -> OrbGraph:
+        """:meth:`Potential.batch` with orb-models' own batching."""
+        from blip_ase.models.orb_graph import batch_orb_graphs
+
+        return batch_orb_graphs(graphs)
+
     def make_dataset(self, frames: list[Atoms], *, use_stress: bool = False, name: str = "data") -> GraphDataset:
         """Labelled orb-models graphs of ``frames`` for training."""
         from blip_ase.data.dataset import GraphDataset

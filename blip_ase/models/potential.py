@@ -102,6 +102,13 @@ class Potential(nn.Module, metaclass=ABCMeta):
     def build_graph(self, atoms: Atoms) -> Any:
         """This backend's graph of one structure (neighbour list), on the model's device and dtype."""
 
+    def batch(self, graphs: list[Any]) -> Any:
+        """One disjoint batch of graphs from :meth:`build_graph`, structures in the given order
+        (the default concatenates :class:`~blip_ase.data.graph.AtomGraph` objects)."""
+        from blip_ase.data.graph import batch_graphs
+
+        return batch_graphs(graphs)
+
     def posterior_inputs(self, graph: Any) -> PosteriorInputs:
         """What the inference network sees, in its one convention: ``species (N,)``,
         ``edge_index (2, E)`` as (receiver i, sender j), edge vectors ``(E, 3)`` ``r_j - r_i``
