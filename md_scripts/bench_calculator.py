@@ -108,7 +108,7 @@ def measure(
 
     replicas = graph.replicate(n_samples)
     rows = {"edge": graph.edge_index.shape[1], "node": len(graph.species)}
-    per_sample = sum(rows[layer.role] * layer.noise_columns for layer in bayesian_layers(model))  # normals
+    layout = [(layer.role, rows[layer.role], layer.noise_columns) for layer in bayesian_layers(model)]  # normals
 
     calls = {
         "map_call": cycle(map_.calculate, configs),
@@ -118,7 +118,7 @@ def measure(
         "single_stochastic_pass": single_pass,
         # parts of an MC call that any implementation of the method pays (see floor_over_map)
         "map_pass_over_replicas": lambda: model(replicas, compute_stress=stress),
-        "noise_draw": lambda: NoiseSource.spawn(generator, n_samples).prepare(per_sample, dtype=model.dtype),
+        "noise_draw": lambda: NoiseSource.spawn(generator, n_samples).prepare(layout, dtype=model.dtype),
     }
     times = best_times(calls, number=number, repeat=repeat)
     for t in times.values():

@@ -14,6 +14,7 @@ from blip_ase.bayes import (
     Coefficients,
     InferenceNetwork,
     NoiseSource,
+    StructureNoise,
     bayesian_layers,
     bayesianize,
     input_gradients_only,
@@ -141,7 +142,7 @@ def test_prepared_noise_is_handed_out_in_pieces_and_stays_per_sample():
 
     def pieces(seeds):
         src = NoiseSource.from_seeds(seeds)
-        src.prepare(5 * 2 + 1 * 3, dtype=torch.float64)
+        src.prepare([("edge", 5, 2), ("node", 1, 3)], dtype=torch.float64)
         s = len(seeds)
         return [src.draw(5 * s, 2, dtype=torch.float64, device=cpu), src.draw(s, 3, dtype=torch.float64, device=cpu),
                 src.draw(2 * s, 4, dtype=torch.float64, device=cpu)]  # the last one is not prepared
@@ -152,6 +153,35 @@ def test_prepared_noise_is_handed_out_in_pieces_and_stays_per_sample():
         assert torch.equal(b, torch.cat([f, s])) and b.shape == (2 * n, f.shape[1])
     numbers = torch.cat([p.flatten() for p in both])
     assert len(torch.unique(numbers)) == numbers.numel()
+
+
+@pytest.mark.parametrize("prepared", [False, True], ids=["drawn-per-layer", "prepared"])
+def test_structure_noise_of_a_batch_equals_each_structure_alone(prepared):
+    """Each structure of each sample draws from its own generator, prepared or not: a batch's
+    noise rows are the structures' own rows, concatenated per sample; all numbers differ."""
+    cpu, f64 = torch.device("cpu"), torch.float64
+    edges, nodes = [6, 2, 4], [3, 1, 2]
+    seeds = [[10, 11, 12], [20, 21, 22]]  # [sample][structure]
+    layout = [("edge", sum(edges), 2), ("node", sum(nodes), 3)]
+
+    def draws(rows_seeds, e, n):
+        src = StructureNoise([[torch.Generator().manual_seed(x) for x in row] for row in rows_seeds], e, n)
+        if prepared:
+            src.prepare(layout, dtype=f64)
+        s = len(rows_seeds)
+        return src.draw(s * sum(e), 2, dtype=f64, device=cpu, role="edge"), src.draw(
+            s * sum(n), 3, dtype=f64, device=cpu, role="node"
+        )
+
+    batch = draws(seeds, edges, nodes)
+    alone = [draws([[row[g]] for row in seeds], [edges[g]], [nodes[g]]) for g in range(3)]
+    for k, counts in ((0, edges), (1, nodes)):
+        expected = torch.cat([alone[g][k][s * c : (s + 1) * c] for s in range(2) for g, c in enumerate(counts)])
+        assert torch.equal(batch[k], expected)
+    numbers = torch.cat([b.flatten() for b in batch])
+    assert len(torch.unique(numbers)) == numbers.numel()
+    with pytest.raises(ValueError, match="cannot split 5 edge rows"):
+        StructureNoise([[torch.Generator()]], [3], [1]).draw(5, 2, dtype=f64, device=cpu, role="edge")
 
 
 def test_noise_source_rejects_no_generators_and_rows_not_divisible_by_samples():

@@ -25,6 +25,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+PREPARE_LIMIT = 1 << 18  # standard normals per sample (1 MiB in float32) drawn ahead by prepare()
+
 Role = Literal["edge", "node"]
 
 _FLOOR = 1e-30  # added to every per-activation variance: sqrt has an infinite derivative at 0
@@ -119,9 +121,17 @@ class NoiseSource:
             row.normal_(generator=g)
         return tape
 
-    def prepare(self, per_sample: int, *, dtype: torch.dtype) -> None:
-        """Draw the ``per_sample`` numbers each sample's coming draws will take, in one call per sample."""
-        self._tape, self._offset = self._fill(per_sample, dtype), 0
+    def prepare(self, layout: list[tuple[Role, int, int]], *, dtype: torch.dtype) -> None:
+        """Draw the numbers each sample's coming draws will take, in one call per sample, when they
+        are at most :data:`PREPARE_LIMIT` per sample (a large structure draws per layer, which
+        bounds memory; the choice depends on the per-sample size only, so batched and sequential
+        samples agree).
+
+        Args:
+            layout: the coming draws in order, ``(role, rows per sample, columns)`` each.
+        """
+        per_sample = sum(rows * cols for _, rows, cols in layout)
+        self._tape, self._offset = (self._fill(per_sample, dtype) if 0 < per_sample <= PREPARE_LIMIT else None), 0
 
     def draw(
         self, rows: int, cols: int, *, dtype: torch.dtype, device: torch.device, role: Role | None = None
@@ -159,8 +169,8 @@ class StructureNoise(NoiseSource):
     Structure ``g`` of sample ``s`` draws its rows from ``generators[s][g]`` only, so a
     structure's samples do not depend on which other structures share the batch: a batched
     pass equals ``G`` separate passes that each use a :class:`StructureNoise` of one structure
-    (batched many-walker MD, :mod:`blip_ase.md.walkers`). Each draw is filled piece by piece
-    (no :meth:`prepare` tape), so it costs ``S * G`` generator calls per layer.
+    (batched many-walker MD, :mod:`blip_ase.md.walkers`). :meth:`prepare` fills each structure's
+    share of a pass in one generator call per sample and structure.
 
     Args:
         generators: ``[S][G]`` generators.
@@ -178,6 +188,8 @@ class StructureNoise(NoiseSource):
             )
         self.structure_generators = [list(row) for row in generators]
         self.counts = {"edge": [int(n) for n in edges], "node": [int(n) for n in nodes]}
+        self._tapes: list[torch.Tensor | None] = []
+        self._offsets: list[int] = []
 
     @classmethod
     def spawn_per_structure(
@@ -194,8 +206,20 @@ class StructureNoise(NoiseSource):
     def split(self, start: int, stop: int) -> StructureNoise:
         return StructureNoise(self.structure_generators[start:stop], self.counts["edge"], self.counts["node"])
 
-    def prepare(self, per_sample: int, *, dtype: torch.dtype) -> None:
-        """Nothing is drawn ahead: a structure's share of ``per_sample`` is not known here."""
+    def prepare(self, layout: list[tuple[Role, int, int]], *, dtype: torch.dtype) -> None:
+        """As :meth:`NoiseSource.prepare`, per structure: structure ``g`` of every sample fills its
+        share of the coming draws in one call when that share is at most :data:`PREPARE_LIMIT`
+        (decided from the structure alone, so a batched pass and a pass of the structure alone agree)."""
+        self._tapes, self._offsets = [], []
+        for g in range(len(self.counts["edge"])):
+            size = sum(self.counts[role][g] * cols for role, _, cols in layout)
+            tape = None
+            if 0 < size <= PREPARE_LIMIT:
+                tape = torch.empty(self.n_samples, size, dtype=dtype, device=self.generators[0].device)
+                for row, sample in zip(tape, self.structure_generators):
+                    row.normal_(generator=sample[g])
+            self._tapes.append(tape)
+            self._offsets.append(0)
 
     def draw(
         self, rows: int, cols: int, *, dtype: torch.dtype, device: torch.device, role: Role | None = None
@@ -212,14 +236,19 @@ class StructureNoise(NoiseSource):
                 f"StructureNoise cannot split {rows} {role} rows into {self.n_samples} samples of structures with "
                 f"{self.counts[role] if role in self.counts else '?'} rows each (role must be 'edge' or 'node')"
             )
-        gen_device = self.generators[0].device
-        out = torch.empty(rows, cols, dtype=dtype, device=gen_device)
-        row = 0
-        for sample in self.structure_generators:
-            for g, n in zip(sample, counts):
-                out[row : row + n].normal_(generator=g)
-                row += n
-        return out.to(device)
+        tapes = self._tapes or [None] * len(counts)
+        blocks = []  # (S, n_g * cols) per structure: sample s's rows of structure g
+        for g, n in enumerate(counts):
+            size, tape = n * cols, tapes[g]
+            if tape is not None and tape.dtype == dtype and self._offsets[g] + size <= tape.shape[1]:
+                blocks.append(tape[:, self._offsets[g] : self._offsets[g] + size])
+                self._offsets[g] += size
+            else:
+                block = torch.empty(self.n_samples, size, dtype=dtype, device=self.generators[0].device)
+                for row, sample in zip(block, self.structure_generators):
+                    row.normal_(generator=sample[g])
+                blocks.append(block)
+        return torch.cat(blocks, dim=1).reshape(rows, cols).to(device)
 
 
 class BayesianLinear(nn.Linear):

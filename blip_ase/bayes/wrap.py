@@ -17,7 +17,6 @@ from blip_ase.bayes.linear import BayesianLinear, NoiseSource, Role
 from blip_ase.bayes.posterior import Coefficients
 
 
-PREPARE_LIMIT = 1 << 18  # standard normals per sample (1 MiB in float32)
 
 
 def _replace(model: nn.Module, name: str, layer: nn.Module) -> None:
@@ -88,7 +87,7 @@ def noise_context(model: nn.Module, coefficients: Coefficients | None, noise: No
     """
     layers = bayesian_layers(model)
     try:
-        per_sample = 0
+        layout = []
         for layer in layers:
             if coefficients is None or noise is None:
                 layer.coefficient, layer.noise = None, None
@@ -96,9 +95,9 @@ def noise_context(model: nn.Module, coefficients: Coefficients | None, noise: No
             block = coefficients.edge if layer.role == "edge" else coefficients.node
             layer.coefficient = block[:, layer.column : layer.column + 1]
             layer.noise = noise
-            per_sample += block.shape[0] // noise.n_samples * layer.noise_columns
-        if 0 < per_sample <= PREPARE_LIMIT:
-            noise.prepare(per_sample, dtype=coefficients.edge.dtype)
+            layout.append((layer.role, block.shape[0] // noise.n_samples, layer.noise_columns))
+        if layout:
+            noise.prepare(layout, dtype=coefficients.edge.dtype)
         yield
     finally:
         for layer in layers:

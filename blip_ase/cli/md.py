@@ -60,6 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _add_io(parser.add_argument_group("input and output"))
     _add_dynamics(parser.add_argument_group("dynamics"))
     _add_monitor(parser.add_argument_group("uncertainty monitor (a threshold given as 'none' is off)"))
+    _add_walkers(parser.add_argument_group("many walkers in one batched pass (torch-sim)"))
     add_compute_options(parser)
 
 
@@ -67,9 +68,11 @@ def _add_io(group) -> None:
     group.add_argument("--model", default=None, help="BLIP checkpoint; None = the shipped ammonia model")
     group.add_argument(
         "--structure",
+        nargs="+",
         default=None,
         help="starting structure, any ase.io format: FILE (first frame) or FILE@INDEX (e.g. md_out/md.traj@-1); "
-        "None = the shipped NH3 geometry",
+        "None = the shipped NH3 geometry. With --walkers: one or more files, every frame of each (FILE@INDEX or "
+        "FILE@A:B picks frames) is a start structure, walker k starts from start k modulo their number",
     )
     group.add_argument("--out", default=D.out, help="output directory")
     group.add_argument("--overwrite", action="store_true", help="replace the outputs of an earlier run in --out")
@@ -89,7 +92,7 @@ def _add_io(group) -> None:
 
 _DYNAMICS_OPTIONS = (  # (option, MDConfig field, help) of the float settings of make_dynamics
     ("--timestep-fs", "timestep_fs", "time step (fs)"),
-    ("--temperature-K", "temperature_K", "thermostat temperature (K)"),
+    ("--temperature-K", "temperature_K", "thermostat temperature (K); with --walkers a list, one per walker"),
     ("--pressure-bar", "pressure_bar", "barostat pressure (bar), NPT only"),
     ("--friction-per-fs", "friction_per_fs", "Langevin friction (1/fs)"),
     ("--tdamp-fs", "tdamp_fs", "thermostat time constant (fs): Bussi, Nose-Hoover, MTK, Berendsen"),
@@ -110,7 +113,8 @@ def _add_dynamics(group) -> None:
     )
     group.add_argument("--steps", type=int, default=D.steps, help="total number of MD steps")
     for option, name, text in _DYNAMICS_OPTIONS:
-        group.add_argument(option, type=float, default=getattr(D, name), help=text)
+        kind = _temperatures if name == "temperature_K" else float
+        group.add_argument(option, type=kind, default=getattr(D, name), help=text)
     group.add_argument(
         "--init-temperature-K",
         type=_optional_float,
@@ -123,6 +127,32 @@ def _add_dynamics(group) -> None:
         default=D.seed,
         help="seed of the initial velocities, the Langevin/Bussi noise and the MC noise",
     )
+
+
+def _add_walkers(group) -> None:
+    group.add_argument(
+        "--walkers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="run N walkers as one batch on torch-sim (nve or nvt-langevin): walker k has seed --seed + k, "
+        "--temperature-K may list one temperature per walker (300,600,...), the thresholds apply per walker, a "
+        "halted walker leaves the batch; outputs carry a walker id (see blip_ase.md.walkers). Not restartable",
+    )
+    group.add_argument(
+        "--respawn",
+        action="store_true",
+        help="with --walkers: restart a halted walker from its start structure with a new seed instead of removing it",
+    )
+
+
+def _temperatures(text: str) -> float | tuple[float, ...]:
+    """``"300"`` -> 300.0; ``"300,600"`` -> (300.0, 600.0) (one per walker, with --walkers)."""
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a temperature in K or a comma-separated list, got {text!r}") from None
+    return values[0] if len(values) == 1 else values
 
 
 def _add_monitor(group) -> None:
@@ -195,12 +225,43 @@ def config_from_args(args: argparse.Namespace):
 
     from blip_ase.md import MDConfig, Thresholds
 
-    values = vars(args)
+    values = dict(vars(args))
+    _walker_settings(values)  # a list of temperatures or structures is for --walkers only
     thresholds = {field: values[option] for option, field in _THRESHOLD_FIELDS.items()}
     thresholds["per_element"] = dict(thresholds["per_element"] or [])
     config = {f.name: values[f.name] for f in fields(MDConfig) if f.name in values}
     config.update({field: not values[option] for option, field in _NEGATED.items()})
     return MDConfig(**config, thresholds=Thresholds(**thresholds))
+
+
+def _walker_settings(values: dict) -> tuple[tuple[float, ...], tuple[str, ...]]:
+    """Split the per-walker lists off ``values`` (in place: ``temperature_K`` and ``structure``
+    keep their first entry, as MDConfig holds one) and return them.
+
+    Raises:
+        ValueError: several temperatures or structures without ``--walkers``.
+    """
+    temperatures, structures = values.get("temperature_K"), values.get("structure")
+    temperatures = temperatures if isinstance(temperatures, tuple) else ()
+    structures = tuple(structures or ())
+    if values.get("walkers") is None and (temperatures or len(structures) > 1):
+        what = "temperatures" if temperatures else "structures"
+        raise ValueError(f"several {what} need --walkers N (one run has one temperature and one start structure)")
+    if temperatures:
+        values["temperature_K"] = temperatures[0]
+    values["structure"] = structures[0] if structures else None
+    return temperatures, structures
+
+
+def walkers_config_from_args(args: argparse.Namespace):
+    """The :class:`~blip_ase.md.walkers.WalkersConfig` of ``blip md --walkers N``."""
+    from blip_ase.md.walkers import WalkersConfig
+
+    temperatures, structures = _walker_settings(dict(vars(args)))
+    return WalkersConfig(
+        md=config_from_args(args), n_walkers=args.walkers, temperatures_K=temperatures, structures=structures,
+        respawn=args.respawn,
+    )  # fmt: skip
 
 
 def _given_fields(options: set[str] | None) -> set[str] | None:
@@ -226,6 +287,10 @@ def run(args: argparse.Namespace) -> int:
     from blip_ase.md import run_md
     from blip_ase.md.run import MDRunFailed
 
+    if args.respawn and args.walkers is None:
+        raise ValueError("--respawn needs --walkers N")
+    if args.walkers is not None:
+        return _run_walkers(args)
     config = config_from_args(args)
     in_main_thread = threading.current_thread() is threading.main_thread()  # signal handlers need it
     signals = (signal.SIGTERM, signal.SIGINT) if in_main_thread else ()
@@ -243,6 +308,40 @@ def run(args: argparse.Namespace) -> int:
         for sig, previous in handlers.items():
             signal.signal(sig, previous)
     _print_summary(summary, config.out)
+    if summary["status"] == "interrupted":
+        return 128 + int(signal.Signals[summary["signal"]])
+    return EXIT_OK
+
+
+def _run_walkers(args: argparse.Namespace) -> int:
+    """``blip md --walkers N``: the batched run, with the same signal handling and exit codes."""
+    import signal
+    import threading
+
+    from blip_ase.md.run import MDRunFailed
+    from blip_ase.md.walkers import run_walkers
+
+    config = walkers_config_from_args(args)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    handlers = {sig: signal.signal(sig, _interrupt) for sig in ((signal.SIGTERM, signal.SIGINT) if in_main_thread else ())}
+    try:
+        summary = run_walkers(config)
+    except MDRunFailed as exc:
+        print(f"blip md: failed: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    finally:
+        for sig, previous in handlers.items():
+            signal.signal(sig, previous)
+    t = summary["timings"]
+    print(
+        f"{summary['status']}: {summary['n_walkers']} walkers to step {summary['final_step']} "
+        f"({t['walker_steps_per_second']:.0f} walker-steps/s), {summary['n_running']} running at the end, "
+        f"{summary['n_halted']} halted, {summary['n_checked']} checks, {summary['n_flagged']} flagged"
+    )
+    for w in summary["walkers"]:
+        if w["stop_reason"]:
+            print(f"walker {w['walker']} ({w['temperature_K']:g} K): {w['status']} at {w['stop_reason']}")
+    print(f"outputs in {config.md.out}/: flagged.extxyz flagged.h5 summary.json uncertainty.csv walker_<k>.traj")
     if summary["status"] == "interrupted":
         return 128 + int(signal.Signals[summary["signal"]])
     return EXIT_OK

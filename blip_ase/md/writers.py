@@ -45,6 +45,8 @@ HISTORY_FIELDS = (
     "level",
 )
 """Columns of the uncertainty history (``level``: 0 ok, 1 flagged, 2 halted)."""
+WALKER_HISTORY_FIELDS = ("walker", *HISTORY_FIELDS)
+"""Columns of a many-walker run's history (:mod:`blip_ase.md.walkers`)."""
 
 
 @dataclass
@@ -62,6 +64,8 @@ class FlaggedFrame:
         forces: ``(n, 3)`` MC mean forces, eV/A.
         forces_variance: ``(n,)`` per-atom trace of the force covariance, eV^2/A^2.
         stress, stress_variance: ``(6,)`` Voigt, eV/A^3 and eV^2/A^6 (periodic cells only).
+        extra: more per-frame integers (``int``) written under their own keys in both exports,
+            e.g. ``{"walker": 3}`` for batched many-walker runs.
     """
 
     atoms: Atoms
@@ -113,6 +117,7 @@ def frame_to_atoms(frame: FlaggedFrame) -> Atoms:
     if frame.stress is not None:
         atoms.info["blip_stress"] = np.asarray(frame.stress, dtype=float)
         atoms.info["blip_stress_variance"] = np.asarray(frame.stress_variance, dtype=float)
+    atoms.info.update({key: int(value) for key, value in frame.extra.items()})
     atoms.arrays["blip_forces"] = np.asarray(frame.forces, dtype=float).reshape(-1, 3)
     atoms.arrays["blip_forces_variance"] = np.asarray(frame.forces_variance, dtype=float).reshape(-1)
     atoms.arrays["flagged_atoms"] = np.asarray(frame.flagged_atoms, dtype=bool).reshape(-1)
@@ -169,8 +174,9 @@ class HDF5FrameWriter(_AppendedFile):
     Layout: per-run datasets ``numbers (n,)``, ``pbc (3,)``; per-frame datasets
     ``positions (F, n, 3)``, ``cell (F, 3, 3)``, ``blip_energy (F,)``, ``blip_energy_variance (F,)``,
     ``blip_forces (F, n, 3)``, ``blip_forces_variance (F, n)``, ``flagged_atoms (F, n)``,
-    ``step (F,)``, ``time (F,)`` fs, ``reason (F,)`` strings, and for periodic cells
-    ``blip_stress (F, 6)``, ``blip_stress_variance (F, 6)``. Attribute ``units`` documents units.
+    ``step (F,)``, ``time (F,)`` fs, ``reason (F,)`` strings, for periodic cells
+    ``blip_stress (F, 6)``, ``blip_stress_variance (F, 6)``, and one ``(F,)`` integer dataset per
+    key of :attr:`FlaggedFrame.extra` (``walker``). Attribute ``units`` documents units.
     Arguments as for every appended file (``path``, ``append``).
     """
 
@@ -201,6 +207,7 @@ class HDF5FrameWriter(_AppendedFile):
         }
         if frame.stress is not None:
             shapes.update(blip_stress=((6,), "f8"), blip_stress_variance=((6,), "f8"))
+        shapes.update({name: ((), "i8") for name in frame.extra})
         for name, (shape, dtype) in shapes.items():
             fh.create_dataset(name, shape=(0, *shape), maxshape=(None, *shape), dtype=dtype, chunks=(16, *shape))
 
@@ -220,6 +227,7 @@ class HDF5FrameWriter(_AppendedFile):
             "reason": frame.reason,
             "blip_stress": frame.stress,
             "blip_stress_variance": frame.stress_variance,
+            **{name: int(value) for name, value in frame.extra.items()},
         }
         with h5py.File(self.path, "a", locking=False) as fh:
             if "step" not in fh:
@@ -244,6 +252,12 @@ class HDF5FrameWriter(_AppendedFile):
                 if fh[name].maxshape[:1] == (None,):
                     fh[name].resize(keep, axis=0)
             fh.attrs["n_frames"] = keep
+
+
+_HDF5_KEYS = {
+    "numbers", "pbc", "positions", "cell", "blip_energy", "blip_energy_variance", "blip_forces",
+    "blip_forces_variance", "flagged_atoms", "step", "time", "reason", "blip_stress", "blip_stress_variance",
+}  # fmt: skip
 
 
 def read_hdf5_frames(path: str | Path) -> list[Atoms]:
@@ -272,19 +286,24 @@ def read_hdf5_frames(path: str | Path) -> list[Atoms]:
                 atoms.info[name] = data[name][k]
         for name in ("blip_forces", "blip_forces_variance", "flagged_atoms"):
             atoms.arrays[name] = data[name][k]
+        for name in set(data) - _HDF5_KEYS:  # FlaggedFrame.extra
+            atoms.info[name] = int(data[name][k])
         frames.append(atoms)
     return frames
 
 
 class HistoryCSV(_AppendedFile):
-    """The monitor's history as CSV, one flushed line per checked frame (columns ``HISTORY_FIELDS``)."""
+    """The monitor's history as CSV, one flushed line per checked frame (columns ``fields``:
+    ``HISTORY_FIELDS``, or ``WALKER_HISTORY_FIELDS`` for many-walker runs)."""
+
+    fields: tuple[str, ...] = HISTORY_FIELDS
 
     def _start(self) -> None:
-        self.path.write_text(",".join(HISTORY_FIELDS) + "\n")
+        self.path.write_text(",".join(self.fields) + "\n")
 
     def write(self, record: dict) -> None:
         buffer = io.StringIO()
-        csv.writer(buffer).writerow([record[k] for k in HISTORY_FIELDS])
+        csv.writer(buffer).writerow([record[k] for k in self.fields])
         _append_atomically(self.path, buffer.getvalue())
 
     def truncate_after(self, step: int) -> None:
@@ -292,21 +311,32 @@ class HistoryCSV(_AppendedFile):
         tmp = self.path.with_name(self.path.name + ".tmp")
         with open(tmp, "w", newline="") as fh:
             out = csv.writer(fh)
-            out.writerow(HISTORY_FIELDS)
-            out.writerows([[r[k] for k in HISTORY_FIELDS] for r in rows])
+            out.writerow(self.fields)
+            out.writerows([[r[k] for k in self.fields] for r in rows])
         tmp.replace(self.path)
 
 
+class WalkerHistoryCSV(HistoryCSV):
+    """History of a many-walker run: ``HISTORY_FIELDS`` with the walker id first."""
+
+    fields = WALKER_HISTORY_FIELDS
+
+
 def read_history(path: str | Path) -> list[dict]:
-    """Rows of a history CSV as dicts of numbers (an incomplete last line is skipped)."""
+    """Rows of a history CSV as dicts of numbers (an incomplete last line is skipped); a
+    many-walker history also has ``walker``."""
     rows = []
     with open(path, newline="") as fh:
-        for row in csv.DictReader(fh):
+        reader = csv.DictReader(fh)
+        names = [k for k in WALKER_HISTORY_FIELDS if k in (reader.fieldnames or ())]
+        for row in reader:
             try:
-                rec = {k: float(row[k]) for k in HISTORY_FIELDS}
+                rec = {k: float(row[k]) for k in names}
             except (TypeError, ValueError):
                 continue
-            rec["step"], rec["level"] = int(rec["step"]), int(rec["level"])
+            for k in ("walker", "step", "level"):
+                if k in rec:
+                    rec[k] = int(rec[k])
             rows.append(rec)
     return rows
 
@@ -319,11 +349,12 @@ def plot_history(
     halt: float | None,
     title: str = "",
 ) -> None:
-    """PNG of the max per-atom force std (eV/A) and temperature (K) against time (fs).
+    """PNG of the max per-atom force std (eV/A) and temperature (K) against time (fs); one line
+    per walker when the records have a ``walker`` key.
 
     Args:
         path: output PNG.
-        history: records with the ``HISTORY_FIELDS`` keys.
+        history: records with the ``HISTORY_FIELDS`` keys (and ``walker``).
         flag, halt: force-std thresholds drawn as horizontal lines (None = not drawn).
         title: figure title.
     """
@@ -335,8 +366,16 @@ def plot_history(
     t = np.array([r["time_fs"] for r in history], dtype=float)
     std = np.array([r["max_force_std"] for r in history], dtype=float)
     level = np.array([r["level"] for r in history], dtype=int)
+    walker = np.array([r.get("walker", 0) for r in history], dtype=int)
+    lines = np.unique(walker)
     fig, (ax, ax_t) = plt.subplots(2, 1, figsize=(7, 5), sharex=True, height_ratios=(2, 1))
-    ax.plot(t, std, "-", color="tab:blue", lw=1, label="max atomic force std")
+    temperature = np.array([r["temperature_K"] for r in history], dtype=float)
+    for k, w in enumerate(lines):
+        mine = walker == w
+        label = "max atomic force std" + (f" ({len(lines)} walkers, one line each)" if len(lines) > 1 else "")
+        color = "tab:blue" if len(lines) == 1 else plt.cm.viridis(k / max(len(lines) - 1, 1))
+        ax.plot(t[mine], std[mine], "-", color=color, lw=1 if len(lines) < 8 else 0.6, label=None if k else label)
+        ax_t.plot(t[mine], temperature[mine], color="tab:gray" if len(lines) == 1 else color, lw=1 if len(lines) < 8 else 0.5)
     ax.plot(t[level == 1], std[level == 1], "o", color="tab:orange", ms=4, label="flagged")
     ax.plot(t[level == 2], std[level == 2], "X", color="tab:red", ms=8, label="halted")
     if flag is not None:
@@ -349,7 +388,6 @@ def plot_history(
     ax.set_ylabel("force std (eV/A)")
     ax.legend(fontsize=8, loc="upper left")
     ax.set_title(title, fontsize=9)
-    ax_t.plot(t, [r["temperature_K"] for r in history], color="tab:gray", lw=1)
     ax_t.set_ylabel("T (K)")
     ax_t.set_xlabel("time (fs)")
     fig.tight_layout()
