@@ -148,6 +148,11 @@ def check_batched_structures_equal_separate(
     relies on)."""
     graphs = [model.build_graph(atoms) for atoms in structures]
     batch = model.batch(graphs)
+    built = model.build_batch(structures)  # a backend may build the batch at once: same edges, same order
+    x, y = (model.posterior_inputs(g) for g in (batch, built)) if model.posterior is not None else (None, None)
+    if x is not None:
+        assert torch.equal(x.edge_index, y.edge_index), "build_batch gives other edges than batch of build_graph"
+        torch.testing.assert_close(x.edge_vector, y.edge_vector, rtol=0, atol=1e-12)
     stress = all(atoms.pbc.all() for atoms in structures) and model.implements_stress
     grid = [[1000 * seed + g for g in range(len(structures))] for seed in seeds]
     sampled = model.is_bayesian

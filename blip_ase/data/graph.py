@@ -146,6 +146,47 @@ def atoms_to_graph(atoms: Atoms, *, cutoff: float, elements: list[int]) -> AtomG
     )
 
 
+def molecules_to_graph(structures: list[Atoms], *, cutoff: float, elements: list[int]) -> AtomGraph:
+    """The batch of :func:`atoms_to_graph` of non-periodic ``structures`` from one neighbour list.
+
+    The molecules are set apart along x (by their extent plus twice the cutoff) only for the
+    neighbour search, so no pair spans two molecules; positions and edges are each molecule's own,
+    in :func:`atoms_to_graph`'s order. For many small molecules (batched walkers) one matscipy call
+    replaces one per molecule.
+
+    Raises:
+        ValueError: as :func:`atoms_to_graph`, or a periodic structure.
+    """
+    for atoms in structures:
+        validate_atoms(atoms)
+        if atoms.pbc.any():
+            raise ValueError("molecules_to_graph takes non-periodic structures only; use atoms_to_graph")
+    numbers = np.concatenate([a.numbers for a in structures])
+    species = species_index(numbers, elements)
+    positions = np.concatenate([a.positions for a in structures])
+    sizes = np.array([len(a) for a in structures])
+    lows = np.array([a.positions.min(axis=0) for a in structures])
+    widths = np.array([np.ptp(a.positions, axis=0) for a in structures])
+    starts = np.concatenate([[0.0], np.cumsum(widths[:, 0] + 2.0 * cutoff + 1.0)[:-1]])
+    shift = np.repeat(np.column_stack([starts, np.zeros((len(starts), 2))]) - lows, sizes, axis=0)
+    apart = positions + shift
+    box = np.diag([starts[-1] + widths[-1, 0] + 2.0 * cutoff + 1.0, *(widths[:, 1:].max(axis=0) + 2.0 * cutoff + 1.0)])
+    i, j = neighbour_list("ij", positions=apart, cutoff=cutoff, cell=box, pbc=[False] * 3, cell_origin=-cutoff * np.ones(3))
+    order = np.lexsort((j, i))
+    i, j = i[order], j[order]
+    n_graphs = len(structures)
+    return AtomGraph(
+        species=torch.from_numpy(species),
+        positions=torch.tensor(positions, dtype=torch.float64),
+        edge_index=torch.from_numpy(np.stack([i, j]).astype(np.int64)),
+        cell_shifts=torch.zeros(len(i), 3, dtype=torch.float64),
+        cell=torch.tensor(np.stack([np.asarray(a.cell.array, dtype=np.float64) for a in structures])),
+        pbc=torch.zeros(n_graphs, 3, dtype=torch.bool),
+        batch=torch.from_numpy(np.repeat(np.arange(n_graphs), sizes)),
+        n_atoms=torch.from_numpy(sizes.astype(np.int64)),
+    )
+
+
 def batch_graphs(graphs: list[AtomGraph]) -> AtomGraph:
     """Concatenate graphs into one disjoint batch."""
     if len(graphs) == 1:

@@ -68,9 +68,9 @@ class BLIPModel(ModelInterface):
         cached = self._prepared
         if cached is not None and all(a.shape == b.shape and torch.equal(a, b) for a, b in zip(cached.key, key)):
             return cached
-        graphs = [self.potential.build_graph(atoms) for atoms in state_structures(state)]
+        graph = self.potential.build_batch(state_structures(state))
         key = tuple(t.clone() for t in key)
-        self._prepared = _Prepared(key, self.potential.batch(graphs), state.n_atoms, periodic=False)
+        self._prepared = _Prepared(key, graph, state.n_atoms, periodic=False)
         return self._prepared
 
     def forward(self, state: SimState, **_: Any) -> dict[str, torch.Tensor]:

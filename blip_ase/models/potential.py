@@ -33,7 +33,7 @@ from blip_ase.bayes import (
     no_coefficients,
     noise_context,
 )
-from blip_ase.data.graph import AtomGraph, atoms_to_graph
+from blip_ase.data.graph import AtomGraph, atoms_to_graph, molecules_to_graph
 from blip_ase.models.painn import EDGE_PATTERN, NODE_PATTERN, PaiNN, PaiNNConfig
 
 
@@ -108,6 +108,11 @@ class Potential(nn.Module, metaclass=ABCMeta):
         from blip_ase.data.graph import batch_graphs
 
         return batch_graphs(graphs)
+
+    def build_batch(self, structures: list[Atoms]) -> Any:
+        """The batched graph of ``structures``: :meth:`batch` of each :meth:`build_graph` (a backend
+        may build it at once, e.g. one neighbour list for many molecules); same result."""
+        return self.batch([self.build_graph(atoms) for atoms in structures])
 
     def posterior_inputs(self, graph: Any) -> PosteriorInputs:
         """What the inference network sees, in its one convention: ``species (N,)``,
@@ -271,6 +276,13 @@ class PaiNNPotential(Potential):
     def build_graph(self, atoms: Atoms) -> AtomGraph:
         """Neighbour list and tensors of one structure, on the model's device and dtype."""
         return atoms_to_graph(atoms, cutoff=self.cutoff, elements=self.elements).to(self.device, self.dtype)
+
+    def build_batch(self, structures: list[Atoms]) -> AtomGraph:
+        """:meth:`Potential.build_batch`; molecules share one neighbour list
+        (:func:`~blip_ase.data.graph.molecules_to_graph`)."""
+        if any(atoms.pbc.any() for atoms in structures):
+            return super().build_batch(structures)
+        return molecules_to_graph(structures, cutoff=self.cutoff, elements=self.elements).to(self.device, self.dtype)
 
     @staticmethod
     def edge_vectors(graph: AtomGraph, positions: torch.Tensor, cell: torch.Tensor) -> torch.Tensor:

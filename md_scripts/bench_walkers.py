@@ -1,0 +1,85 @@
+"""Throughput of batched many-walker monitored MD against separate ``blip md`` runs, from one run.
+
+For each N, N NH3 walkers of the shipped model run as one batch (``run_walkers``, torch-sim
+Langevin) and, for comparison, as separate ``run_md`` runs (ASE Langevin, one calculator each):
+the same steps, temperature, thresholds, Monte Carlo samples and check interval, walker ``k``
+seeded ``k`` in both. Separate runs are independent and run one after another, so N of them take
+N times one run: ``--separate-runs M`` times M of them (``min(M, N)``) and scales to N.
+Throughput is walker-steps per second of the runs' own wall time (model loading excluded for
+both). Prints a table and writes JSON with the ratios.
+
+    OMP_NUM_THREADS=1 python md_scripts/bench_walkers.py --walkers 1 4 16 64 --out bench_walkers.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from blip_ase.md import MDConfig, Thresholds, run_md
+from blip_ase.md.walkers import WalkersConfig, run_walkers
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--walkers", type=int, nargs="+", default=[1, 4, 16, 64])
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--n-samples", type=int, default=16)
+    parser.add_argument("--uq-interval", type=int, default=10)
+    parser.add_argument("--temperature-K", type=float, default=300.0)
+    parser.add_argument("--separate-runs", type=int, default=4, help="separate runs timed per N (scaled to N)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (both engines)")
+    parser.add_argument("--out", default="bench_walkers.json")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    thresholds = Thresholds(force_std_flag=0.25, force_std_halt=1.0)  # blip md's defaults for the shipped model
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        def md(name: str, seed: int = 0) -> MDConfig:
+            return MDConfig(
+                out=str(Path(tmp) / name), steps=args.steps, temperature_K=args.temperature_K, seed=seed,
+                n_samples=args.n_samples, uq_interval=args.uq_interval, thresholds=thresholds, plot=False,
+                device=args.device,
+            )  # fmt: skip
+
+        run_walkers(WalkersConfig(md("warm-up"), n_walkers=2))  # imports and first-call costs
+        for n in args.walkers:
+            batch = run_walkers(WalkersConfig(md(f"batch{n}"), n_walkers=n))["timings"]
+            m = min(n, args.separate_runs)
+            separate = [run_md(md(f"single{n}_{k}", seed=k))["timings"]["wall_seconds"] for k in range(m)]
+            single_rate = m * args.steps / sum(separate)
+            batch_rate = batch["walker_steps"] / batch["wall_seconds"]
+            rows.append({
+                "walkers": n,
+                "batched_walker_steps_per_s": batch_rate,
+                "separate_walker_steps_per_s": single_rate,
+                "ratio": batch_rate / single_rate,
+                "batched_seconds": batch["wall_seconds"],
+                "batched_uq_seconds": batch["uq_seconds"],
+                "separate_runs_timed": m,
+                "separate_seconds_per_run": sum(separate) / m,
+            })  # fmt: skip
+            r = rows[-1]
+            print(f"N={n:3d}: batched {batch_rate:8.1f} walker-steps/s, separate {single_rate:6.1f} "
+                  f"({m} runs timed), ratio {r['ratio']:.2f}", flush=True)  # fmt: skip
+    result = {
+        "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+        "settings": {k: v for k, v in vars(args).items() if k != "out"},
+        "machine": {"platform": platform.platform(), "processor": platform.processor(),
+                    "torch": torch.__version__, "device": args.device},  # fmt: skip
+        "rows": rows,
+    }
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
