@@ -69,7 +69,7 @@ def test_batched_samples_equal_sequential_passes_also_when_noise_is_drawn_per_la
     bayesian_potential, mo_cell, monkeypatch
 ):
     """As for a structure too large to draw its noise up front (the battery covers the other case)."""
-    monkeypatch.setattr("blip_ase.bayes.wrap.PREPARE_LIMIT", 0)
+    monkeypatch.setattr("blip_ase.bayes.linear.PREPARE_LIMIT", 0)
     testing.check_batched_samples_equal_sequential(bayesian_potential, mo_cell, seeds=SEEDS, rtol=1e-10, atol=1e-12)
 
 

@@ -81,7 +81,7 @@ def noise_context(model: nn.Module, coefficients: Coefficients | None, noise: No
 
     With ``coefficients`` or ``noise`` None the layers run in MAP mode (plain linears).
     ``coefficients`` must already be repeated to the number of samples in ``noise``. For a small
-    structure (at most :data:`PREPARE_LIMIT` numbers per sample) the noise of a pass that applies
+    structure (at most :data:`~blip_ase.bayes.linear.PREPARE_LIMIT` numbers per sample) the noise of a pass that applies
     each Bayesian layer once is drawn up front; a large one draws per layer, which bounds memory.
     The choice depends on the per-sample size only, so batched and sequential samples agree.
     """

@@ -151,7 +151,7 @@ def _temperatures(text: str) -> float | tuple[float, ...]:
     try:
         values = tuple(float(v) for v in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a temperature in K or a comma-separated list, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected a temperature (K) or a comma-separated list, got {text!r}") from None
     return values[0] if len(values) == 1 else values
 
 
@@ -323,7 +323,8 @@ def _run_walkers(args: argparse.Namespace) -> int:
 
     config = walkers_config_from_args(args)
     in_main_thread = threading.current_thread() is threading.main_thread()
-    handlers = {sig: signal.signal(sig, _interrupt) for sig in ((signal.SIGTERM, signal.SIGINT) if in_main_thread else ())}
+    signals = (signal.SIGTERM, signal.SIGINT) if in_main_thread else ()
+    handlers = {sig: signal.signal(sig, _interrupt) for sig in signals}
     try:
         summary = run_walkers(config)
     except MDRunFailed as exc:

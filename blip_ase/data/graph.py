@@ -171,7 +171,8 @@ def molecules_to_graph(structures: list[Atoms], *, cutoff: float, elements: list
     shift = np.repeat(np.column_stack([starts, np.zeros((len(starts), 2))]) - lows, sizes, axis=0)
     apart = positions + shift
     box = np.diag([starts[-1] + widths[-1, 0] + 2.0 * cutoff + 1.0, *(widths[:, 1:].max(axis=0) + 2.0 * cutoff + 1.0)])
-    i, j = neighbour_list("ij", positions=apart, cutoff=cutoff, cell=box, pbc=[False] * 3, cell_origin=-cutoff * np.ones(3))
+    origin = -cutoff * np.ones(3)
+    i, j = neighbour_list("ij", positions=apart, cutoff=cutoff, cell=box, pbc=[False] * 3, cell_origin=origin)
     order = np.lexsort((j, i))
     i, j = i[order], j[order]
     n_graphs = len(structures)

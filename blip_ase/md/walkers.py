@@ -106,7 +106,8 @@ class WalkersConfig:
         if self.md.restart:
             raise ValueError("a batched many-walker run cannot be restarted; start a new run with another --out")
         if self.md.ensemble not in ENGINE_ENSEMBLES:
-            raise ValueError(f"--walkers cannot run {self.md.ensemble}: {REFUSED[self.md.ensemble]}; use nve or nvt-langevin")
+            reason = REFUSED[self.md.ensemble]
+            raise ValueError(f"--walkers cannot run {self.md.ensemble}: {reason}; use nve or nvt-langevin")
 
     def temperature(self, k: int) -> float:
         if not self.temperatures_K:
@@ -215,7 +216,8 @@ class WalkerRun:
         tensor = {"dtype": model.dtype, "device": model.device}
         self.dt = torch.tensor(md.timestep_fs * units.fs, **tensor)
         integrator = getattr(ts.integrators, ENGINE_ENSEMBLES[md.ensemble])
-        extra = {"gamma": torch.tensor(md.friction_per_fs / units.fs, **tensor)} if md.ensemble == "nvt-langevin" else {}
+        langevin = md.ensemble == "nvt-langevin"
+        extra = {"gamma": torch.tensor(md.friction_per_fs / units.fs, **tensor)} if langevin else {}
         kT = torch.tensor([w.temperature_K * units.kB for w in walkers], **tensor)
         self.init_fn, self.update_fn = integrator(model, dt=self.dt, kT=kT, **extra)
         self.tensor = tensor
@@ -426,7 +428,8 @@ def run_walkers(config: WalkersConfig) -> dict:
 
         info["error"] = f"{type(exc).__name__}: {exc}"
         write_json(out / "summary.json", _summary(run, info, "failed", started))
-        raise MDRunFailed(f"the run failed at step {run.step}: {info['error']} (summary in {out / 'summary.json'})") from exc
+        where = out / "summary.json"
+        raise MDRunFailed(f"the run failed at step {run.step}: {info['error']} (summary in {where})") from exc
     finally:
         if run.state is not None:
             run.write_frames()  # the last frame of every running walker

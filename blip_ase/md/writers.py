@@ -375,7 +375,8 @@ def plot_history(
         label = "max atomic force std" + (f" ({len(lines)} walkers, one line each)" if len(lines) > 1 else "")
         color = "tab:blue" if len(lines) == 1 else plt.cm.viridis(k / max(len(lines) - 1, 1))
         ax.plot(t[mine], std[mine], "-", color=color, lw=1 if len(lines) < 8 else 0.6, label=None if k else label)
-        ax_t.plot(t[mine], temperature[mine], color="tab:gray" if len(lines) == 1 else color, lw=1 if len(lines) < 8 else 0.5)
+        thin = 1 if len(lines) < 8 else 0.5
+        ax_t.plot(t[mine], temperature[mine], color="tab:gray" if len(lines) == 1 else color, lw=thin)
     ax.plot(t[level == 1], std[level == 1], "o", color="tab:orange", ms=4, label="flagged")
     ax.plot(t[level == 2], std[level == 2], "X", color="tab:red", ms=8, label="halted")
     if flag is not None:
