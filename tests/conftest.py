@@ -101,3 +101,14 @@ def rotation() -> np.ndarray:
     if np.linalg.det(q) < 0:
         q[:, 0] = -q[:, 0]
     return q
+
+
+def save_tiny_checkpoint(path, *, dtype: torch.dtype = torch.float32):
+    """Checkpoint of a tiny random Bayesian PaiNN for H and N (fast; forces are smooth) at ``path``."""
+    from blip_ase.models.checkpoint import save_checkpoint
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = PaiNNPotential([1, 7], PaiNNConfig(n_features=16, n_interactions=2), BayesConfig(p_init=0.1))
+    save_checkpoint(path, model.to(dtype))
+    return path

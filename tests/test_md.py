@@ -38,7 +38,8 @@ from blip_ase.md import (
     run_md,
     thermalize,
 )
-from blip_ase.models import PaiNNConfig, PaiNNPotential, save_checkpoint
+from blip_ase.models import PaiNNConfig, PaiNNPotential
+from conftest import save_tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED_MODEL = ROOT / "blip_ase" / "assets" / "ammonia_model.pt"
@@ -58,12 +59,7 @@ def shipped_model() -> Path:
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> Path:
     """Checkpoint of a tiny random Bayesian PaiNN for H and N (fast; forces are smooth)."""
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        model = PaiNNPotential([1, 7], PaiNNConfig(n_features=16, n_interactions=2), BayesConfig(p_init=0.1))
-    path = tmp_path_factory.mktemp("models") / "tiny.pt"
-    save_checkpoint(path, model)
-    return path
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("models") / "tiny.pt")
 
 
 def stats_for(forces_std: list[float], forces: np.ndarray | None = None, energy_std: float = 0.0) -> dict:

@@ -11,13 +11,11 @@ import torch
 from ase.build import molecule
 from ase.io import read, write
 
-from blip_ase.bayes import BayesConfig
 from blip_ase.calculator import BLIPCalculator
 from blip_ase.cli.main import main as blip
 from blip_ase.md import MDConfig, Thresholds, read_hdf5_frames, read_history
 from blip_ase.md.walkers import WalkersConfig, run_walkers
-from blip_ase.models import PaiNNConfig, PaiNNPotential
-from blip_ase.models.checkpoint import save_checkpoint
+from conftest import save_tiny_checkpoint
 
 pytest.importorskip("torch_sim", reason="torch-sim-atomistic is a dependency of blip-ase")
 
@@ -25,12 +23,7 @@ pytest.importorskip("torch_sim", reason="torch-sim-atomistic is a dependency of 
 @pytest.fixture(scope="module")
 def model_path(tmp_path_factory) -> Path:
     """A tiny random Bayesian PaiNN (H, N) in float64, so batched and single runs agree tightly."""
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        model = PaiNNPotential([1, 7], PaiNNConfig(n_features=16, n_interactions=2), BayesConfig(p_init=0.1))
-    path = tmp_path_factory.mktemp("models") / "tiny64.pt"
-    save_checkpoint(path, model.to(torch.float64))
-    return path
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("models") / "tiny64.pt", dtype=torch.float64)
 
 
 @pytest.fixture(scope="module")

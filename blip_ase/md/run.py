@@ -110,23 +110,38 @@ def read_structure(spec: str | Path) -> Atoms:
     """One frame of a structure file: ``FILE`` (first frame) or ``FILE@INDEX`` (e.g. ``md.traj@-1``).
 
     Raises:
+        FileNotFoundError: no such file. ValueError: unreadable, no atoms, or several frames picked;
+            the file is named.
+    """
+    path, index, frames = read_frames(spec, default_index="0")
+    if len(frames) != 1:
+        raise ValueError(f"{spec} picks {len(frames)} frames of {path}; one start structure is needed")
+    return frames[0]
+
+
+def read_frames(spec: str | Path, *, default_index: str = ":") -> tuple[Path, str, list[Atoms]]:
+    """The frames ``FILE@INDEX`` picks (``INDEX`` as ``ase.io.read`` takes it: ``-1``, ``0:4``, ``:``),
+    or ``default_index`` of ``FILE``; returns the path, the index and the frames.
+
+    Raises:
         FileNotFoundError: no such file. ValueError: unreadable, or no atoms; the file is named.
     """
     from ase.io import read
 
-    path, index = Path(spec), 0
+    path, index = Path(spec), default_index
     name, _, tail = str(spec).rpartition("@")
-    if name and not path.exists() and tail.lstrip("-").isdigit():
-        path, index = Path(name), int(tail)
+    if name and not path.exists():
+        path, index = Path(name), tail
     if not path.is_file():
         raise FileNotFoundError(f"structure file {path} does not exist")
     try:
-        atoms = read(path, index=index)
+        frames = read(path, index=index)
     except Exception as exc:  # ase.io raises many types for unreadable files
-        raise ValueError(f"cannot read structure file {path}: {type(exc).__name__}: {exc}") from exc
-    if not isinstance(atoms, Atoms) or len(atoms) == 0:
-        raise ValueError(f"structure file {path} holds no atoms")
-    return atoms
+        raise ValueError(f"cannot read structure file {path} (frames {index!r}): {type(exc).__name__}: {exc}") from exc
+    frames = [frames] if isinstance(frames, Atoms) else list(frames)
+    if not frames or any(not isinstance(a, Atoms) or len(a) == 0 for a in frames):
+        raise ValueError(f"structure file {path} holds no atoms (frames {index!r})")
+    return path, index, frames
 
 
 def check_inputs(atoms: Atoms, model, config: MDConfig, *, source: str) -> None:

@@ -38,7 +38,7 @@ from ase import Atoms, units
 from blip_ase.md.config import MDConfig
 from blip_ase.md.dynamics import thermalize
 from blip_ase.md.monitor import FrameReport, evaluate_frame
-from blip_ase.md.run import check_inputs, check_output, model_path, prepare_output, structure_path
+from blip_ase.md.run import check_inputs, check_output, prepare_output, read_frames, structure_path
 from blip_ase.md.writers import (
     ExtXYZFrameWriter,
     FlaggedFrame,
@@ -116,29 +116,17 @@ class WalkersConfig:
 
 
 def read_structures(spec: str) -> list[tuple[str, Atoms]]:
-    """Every frame of ``FILE`` (or the frames ``FILE@INDEX`` / ``FILE@A:B`` picks), each with a label
-    ``FILE@i``.
+    """Every frame of ``FILE`` (or the frames ``FILE@INDEX`` / ``FILE@A:B`` picks), each with a label.
 
     Raises:
         FileNotFoundError: no such file. ValueError: unreadable, or no atoms; the file is named.
     """
-    from ase.io import read
-
-    path, index = Path(spec), ":"
-    name, _, tail = spec.rpartition("@")
-    if name and not path.exists():
-        path, index = Path(name), tail
-    if not path.is_file():
-        raise FileNotFoundError(f"structure file {path} does not exist")
-    try:
-        frames = read(path, index=index)
-    except Exception as exc:  # ase.io raises many types for unreadable files
-        raise ValueError(f"cannot read structure file {path} (frames {index!r}): {type(exc).__name__}: {exc}") from exc
-    frames = [frames] if isinstance(frames, Atoms) else list(frames)
-    if not frames or any(len(a) == 0 for a in frames):
-        raise ValueError(f"structure file {path} holds no atoms (frames {index!r})")
-    label = str(path) if len(frames) == 1 and index == ":" else None
-    return [(label or f"{path}@{k}", a) for k, a in enumerate(frames)]
+    path, index, frames = read_frames(spec)
+    if len(frames) == 1 and index == ":":
+        return [(str(path), frames[0])]
+    if index == ":":
+        return [(f"{path}@{k}", a) for k, a in enumerate(frames)]
+    return [(f"{path}@{index}" + (f"[{k}]" if len(frames) > 1 else ""), a) for k, a in enumerate(frames)]
 
 
 @dataclass
