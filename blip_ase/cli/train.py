@@ -72,5 +72,5 @@ def launch(n: int, argv: list[str], *, threads: int) -> int:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}"]
     status = subprocess.run([*cmd, "-m", "blip_ase.cli.main", "train", *rest]).returncode
     if status:
-        print(f"blip train: error: training across {n} processes failed (torchrun exit status {status})", file=sys.stderr)
+        print(f"blip train: error: training on {n} processes failed (torchrun exit status {status})", file=sys.stderr)
     return status

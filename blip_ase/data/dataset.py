@@ -86,8 +86,9 @@ class GraphDataset:
         )
 
     def batch_indices(
-        self, batch_size: int, *, shuffle: bool = False, rng: np.random.Generator | None = None, shard: tuple[int, int] = (0, 1)
-    ) -> Iterator[np.ndarray]:
+        self, batch_size: int, *, shuffle: bool = False, rng: np.random.Generator | None = None,
+        shard: tuple[int, int] = (0, 1),
+    ) -> Iterator[np.ndarray]:  # fmt: skip
         """Indices of each mini-batch; with ``shuffle`` the order comes from ``rng`` (seeded by the caller).
 
         With ``shard = (rank, n)`` (distributed training) the order is padded with its first

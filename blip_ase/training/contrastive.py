@@ -74,8 +74,9 @@ def perturb_edge_vectors(x: PosteriorInputs, cfg: ContrastiveConfig, generator: 
 
 
 def contrastive_kl(
-    model, graph, cfg: ContrastiveConfig, generator: torch.Generator, p0: float, *, weights: tuple[float, float] = (1.0, 1.0)
-) -> torch.Tensor:
+    model, graph, cfg: ContrastiveConfig, generator: torch.Generator, p0: float, *,
+    weights: tuple[float, float] = (1.0, 1.0),
+) -> torch.Tensor:  # fmt: skip
     """KL to the prior of alpha (and of beta, when the node head sees the neighbourhood) on
     ``cfg.copies`` perturbed copies of ``graph``, averaged over edges (nodes) and copies and
     summed over layers by :func:`~blip_ase.bayes.kl_divergence` (with its ``weights``); a scalar tensor."""

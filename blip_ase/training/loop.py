@@ -207,7 +207,8 @@ def _fit(model, cfg, train_data, val_data, optimizer, scheduler, per_step, rng, 
     select_mc = cfg.select_by == "mc_nll" and model.is_bayesian
     start, best, best_epoch, stale = time.perf_counter(), math.inf, -1, 0
     best_metrics: dict[str, float] = {}
-    main, shard, forward = distributed.is_main(), (distributed.rank(), distributed.world_size()), distributed.wrap(model)
+    main, forward, n = distributed.is_main(), distributed.wrap(model), distributed.world_size()
+    shard = (distributed.rank(), n)
     with open(out_dir / "log.csv" if main else os.devnull, "w", newline="") as fh:
         log = csv.DictWriter(fh, fieldnames=LOG_FIELDS)
         log.writeheader()
@@ -230,9 +231,10 @@ def _fit(model, cfg, train_data, val_data, optimizer, scheduler, per_step, rng, 
             if scheduler is not None and not per_step:
                 scheduler.step(val["loss"])
             names = ("loss", "energy", "forces", "kl", "kl_contrastive")
-            means = distributed.all_sum([np.mean([p.get(k, 0.0) for p in parts]) / distributed.world_size() for k in names])
+            means = distributed.all_sum([np.mean([p.get(k, 0.0) for p in parts]) / n for k in names])  # over ranks
             row = {
-                "epoch": epoch, "lr": optimizer.param_groups[0]["lr"], **{f"train_{k}": v for k, v in zip(names, means)},
+                "epoch": epoch, "lr": optimizer.param_groups[0]["lr"],
+                **{f"train_{k}": v for k, v in zip(names, means)},
                 "val_loss": val["loss"], "val_energy_mae": val["energy_mae"], "val_forces_mae": val["forces_mae"],
                 "val_mc_nll": val.get("mc_nll", ""), "seconds": time.perf_counter() - start,
             }
