@@ -3,8 +3,7 @@
     python -m torch.distributed.run --standalone --nproc-per-node 2 tests/ddp_worker.py step OUT BLIP_TRAIN_ARGS...
     python -m torch.distributed.run --standalone --nproc-per-node 2 tests/ddp_worker.py crash BLIP_TRAIN_ARGS...
 
-``step``: one training step of a deterministic and of a BLIP model on this rank's half of a
-global batch; every rank saves its parameters and gradients as ``OUT/<kind>_rank<r>.pt``. Then
+``step``: one training step of each of :data:`KINDS` on this rank's half of a global batch; every rank saves its parameters and gradients as ``OUT/<kind>_rank<r>.pt``. Then
 ``blip train BLIP_TRAIN_ARGS`` (what ``torchrun -m blip_ase.cli.main train ...`` runs), in the
 same processes to spare CI a start-up.
 ``crash``: ``blip train`` whose first training step raises on rank 1 (a stand-in for any failure).
@@ -18,35 +17,44 @@ from pathlib import Path
 import torch
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+MO_CELLS = Path(__file__).resolve().parent / "data" / "mo_small.extxyz"
 GLOBAL_BATCH = 8
+KINDS = ("deterministic", "blip", "orb")  # PaiNN without and with BLIP; BLIP on a small ORB v3
 
 
-def mixed_frames() -> list:
-    """8 structures of unequal size (acetylacetone: 15 atoms, NH3: 4): rank 0 of 2 takes
-    structures 0, 2, 4, 6 (both acetylacetones), rank 1 four NH3, so the ranks' shares of the
-    batch hold different numbers of atoms and edges, and local means differ from global ones."""
+def frames(kind: str) -> list:
+    """8 structures whose halves differ in size. PaiNN: rank 0 of 2 takes structures 0, 2, 4, 6
+    (both acetylacetones, 15 atoms), rank 1 four NH3 (4 atoms). ORB: Mo cells, one of 53 atoms
+    and seven of 54. So the ranks' shares hold different numbers of atoms and edges, and local
+    means differ from global ones."""
     from ase.io import read
 
+    if kind == "orb":
+        return read(MO_CELLS, "4:12")
     acac = read(EXAMPLES / "acac" / "acac_train_300K.extxyz", ":2")
     nh3 = read(EXAMPLES / "ammonia" / "train.extxyz", ":6")
     return [acac[0], nh3[0], acac[1], *nh3[1:]]
 
 
-def setup(deterministic: bool):
-    """``(cfg, model, data)``: a tiny float64 PaiNN (BLIP with visible noise, or deterministic)."""
+def setup(kind: str):
+    """``(cfg, model, data)`` of a tiny float64 model of ``kind`` (BLIP with visible noise)."""
     from blip_ase.bayes import BayesConfig
     from blip_ase.models import PaiNNConfig
+    from blip_ase.models.orb import OrbConfig
     from blip_ase.training import TrainConfig
     from blip_ase.training.loop import build_model, fit_normalisation
 
     cfg = TrainConfig(
+        backend="orb" if kind == "orb" else "painn",
         painn=PaiNNConfig(n_features=8, n_interactions=2, n_rbf=6, cutoff=4.0),
+        orb=OrbConfig(latent_dim=16, base_mlp_hidden_dim=16, head_mlp_hidden_dim=16, num_message_passing_steps=1),
         bayes=BayesConfig(p0=0.5, kl_weight=1.0, p_init=0.2, hidden=8, n_hidden=1, n_rbf=6),
-        deterministic=deterministic, dtype="float64", seed=3, batch_size=GLOBAL_BATCH, progress=False,
+        deterministic=kind == "deterministic", dtype="float64", seed=3, batch_size=GLOBAL_BATCH, progress=False,
     )  # fmt: skip
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg, [1, 6, 7, 8])
-    data = model.make_dataset(mixed_frames())
+    structures = frames(kind)
+    model = build_model(cfg, sorted({int(z) for a in structures for z in a.numbers}))
+    data = model.make_dataset(structures)
     fit_normalisation(model, data)
     return cfg, model.to(torch.float64), data
 
@@ -69,8 +77,8 @@ def step(out: Path, argv: list[str]) -> int:
 
     distributed.start(torch.device("cpu"))
     rank = distributed.rank()
-    for kind in ("deterministic", "blip"):
-        cfg, model, data = setup(kind == "deterministic")
+    for kind in KINDS:
+        cfg, model, data = setup(kind)
         (indices,) = data.batch_indices(GLOBAL_BATCH, shard=(rank, distributed.world_size()))
         sgd_step(model, data.batch(indices).to("cpu", torch.float64), cfg, rank, forward=distributed.wrap(model))
         grads = {name: p.grad for name, p in model.named_parameters()}

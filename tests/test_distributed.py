@@ -24,9 +24,9 @@ from blip_ase.bayes import Coefficients, NoiseSource
 from blip_ase.cli.main import main as blip
 from blip_ase.models import load_checkpoint
 from blip_ase.training import distributed, load_config
-from blip_ase.training.loop import evaluate_map
+from blip_ase.training.loop import evaluate_map, evaluate_mc_nll
 from blip_ase.training.loss import elbo_loss
-from ddp_worker import GLOBAL_BATCH, setup, sgd_step
+from ddp_worker import GLOBAL_BATCH, KINDS, setup, sgd_step
 
 ROOT = Path(__file__).resolve().parents[1]
 AMMONIA = ROOT / "examples" / "ammonia"
@@ -41,6 +41,7 @@ epochs: 2
 batch_size: 8
 seed: 5
 progress: false
+select_by: mc_nll
 """
 
 
@@ -85,10 +86,10 @@ def _global_step_reference(kind: str) -> tuple[torch.nn.Module, dict[str, torch.
     generator (the same noise) and takes the single-process ELBO of the concatenated outputs: all
     means, the KL's included, over the global batch. Also returns the gradient of the mean of
     the two halves' own losses (what plain DDP averaging would give), which must differ."""
-    cfg, model, data = setup(kind == "deterministic")
+    cfg, model, data = setup(kind)
     halves = [next(data.batch_indices(GLOBAL_BATCH, shard=(r, 2))) for r in range(2)]
     batch = data.batch(np.concatenate(halves)).to("cpu", torch.float64)
-    naive = _naive_gradient(cfg, *setup(kind == "deterministic")[1:], halves)
+    naive = _naive_gradient(cfg, *setup(kind)[1:], halves)
     if kind == "deterministic":
         sgd_step(model, batch, cfg, 0)
         return model, naive
@@ -113,24 +114,26 @@ def _naive_gradient(cfg, model, data, halves) -> dict[str, torch.Tensor]:
     grads = []
     for rank, indices in enumerate(halves):
         sgd_step(model, data.batch(indices).to("cpu", torch.float64), cfg, rank)
-        grads.append({name: p.grad.clone() for name, p in model.named_parameters()})
+        grads.append({name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None})
     return {name: 0.5 * (grads[0][name] + grads[1][name]) for name in grads[0]}
 
 
-@pytest.mark.parametrize("kind", ["deterministic", "blip"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_one_ddp_step_on_two_ranks_equals_one_single_process_step_on_the_global_batch(ddp_step, kind):
+    """ORB v3 has parameters that get no gradient (its decoder, confidence and reference-energy
+    heads): they keep none under DDP too, and the others are still averaged."""
     model, naive = _global_step_reference(kind)
     ranks = [torch.load(ddp_step / f"{kind}_rank{r}.pt", weights_only=True) for r in range(2)]
     grads = {name: p.grad for name, p in model.named_parameters()}
-    assert ranks[0]["grads"].keys() == grads.keys()
-    for name, g in grads.items():
-        torch.testing.assert_close(ranks[0]["grads"][name], g, rtol=1e-9, atol=1e-12, msg=name)
-        torch.testing.assert_close(ranks[1]["grads"][name], g, rtol=1e-9, atol=1e-12, msg=name)
-    for name, value in model.state_dict().items():
-        torch.testing.assert_close(ranks[0]["params"][name], value, rtol=1e-9, atol=1e-12, msg=name)
-        torch.testing.assert_close(ranks[1]["params"][name], value, rtol=1e-9, atol=1e-12, msg=name)
+    for rank in ranks:
+        assert {k for k, g in rank["grads"].items() if g is None} == {k for k, g in grads.items() if g is None}
+        for name, g in grads.items():
+            if g is not None:
+                torch.testing.assert_close(rank["grads"][name], g, rtol=1e-9, atol=1e-12, msg=name)
+        for name, value in model.state_dict().items():
+            torch.testing.assert_close(rank["params"][name], value, rtol=1e-9, atol=1e-12, msg=name)
     # the halves hold different numbers of atoms and edges: local means would give another gradient
-    differs = [not torch.allclose(naive[name], g, rtol=1e-6, atol=1e-9) for name, g in grads.items()]
+    differs = [not torch.allclose(naive[name], grads[name], rtol=1e-6, atol=1e-9) for name in naive]
     assert sum(differs) > len(differs) // 2
 
 
@@ -144,7 +147,9 @@ def test_blip_train_nproc_2_writes_one_checkpoint_that_loads_and_evaluates(tmp_p
     assert ckpt["training"]["processes"] == 2
     # validation was reduced over ranks: it equals the single-process evaluation of the checkpoint
     cfg = load_config(tmp_path / "config.yaml")
-    val = evaluate_map(model, model.make_dataset(read(AMMONIA / "val.extxyz", ":")), cfg, "cpu", torch.float32)
+    val_data = model.make_dataset(read(AMMONIA / "val.extxyz", ":"))
+    val = evaluate_map(model, val_data, cfg, "cpu", torch.float32)
+    val["mc_nll"] = evaluate_mc_nll(model, val_data, cfg, "cpu", torch.float32)
     for key, value in val.items():
         assert ckpt["training"]["val"][key] == pytest.approx(value, rel=1e-9)
     atoms = read(AMMONIA / "val.extxyz", 0)
@@ -166,7 +171,7 @@ def test_a_crash_on_one_rank_stops_every_rank_with_an_error_naming_the_rank(tmp_
 
 
 def test_each_rank_takes_its_share_of_every_single_process_batch_padded_like_distributed_sampler():
-    _, _, data = setup(True)  # 8 structures
+    _, _, data = setup("deterministic")  # 8 structures
     whole = [list(b) for b in data.batch_indices(6, shuffle=True, rng=np.random.default_rng(1))]
     shards = [[list(b) for b in data.batch_indices(6, shuffle=True, rng=np.random.default_rng(1), shard=(r, 3))]
               for r in range(3)]  # fmt: skip

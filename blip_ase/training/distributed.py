@@ -88,12 +88,15 @@ def finish() -> None:
 def wrap(model: torch.nn.Module) -> torch.nn.Module:
     """The module whose forward the training step runs: ``model`` itself in a single process,
     else its DistributedDataParallel wrapper (gradients averaged over ranks in ``backward``).
-    Inputs must be on the model's device already (``device_ids=None``)."""
+    Inputs must be on the model's device already (``device_ids=None``). Some parameters may
+    get no gradient (ORB v3's decoder, confidence and reference-energy heads): with
+    ``static_graph`` DDP finds them in the first step (the same parameters are used every step),
+    averages the others and leaves theirs unset, as one process does."""
     if not active():
         return model
     from torch.nn.parallel import DistributedDataParallel
 
-    return DistributedDataParallel(model, forward_sync_buffers=False)
+    return DistributedDataParallel(model, forward_sync_buffers=False, static_graph=True)
 
 
 def check_batch_size(batch_size: int) -> None:

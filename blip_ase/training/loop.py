@@ -115,7 +115,8 @@ def evaluate_mc_nll(model: Potential, data: GraphDataset, cfg: TrainConfig, devi
 
 def train_step(
     model, batch: Batch, cfg: TrainConfig, optimizer, generator, use_stress: bool,
-    *, kl_factor: float = 1.0, contrastive_generator: torch.Generator | None = None, forward=None,
+    *, kl_factor: float = 1.0, contrastive_generator: torch.Generator | None = None,
+    forward: torch.nn.Module | None = None,
 ) -> dict[str, float]:  # fmt: skip
     """One optimiser step on ``batch`` with one Monte Carlo sample from ``generator``; the KL
     weights are multiplied by ``kl_factor`` (warm-up); with ``cfg.contrastive.weight`` the KL of
