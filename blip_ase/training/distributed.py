@@ -33,6 +33,7 @@ from torch import distributed as dist
 
 from blip_ase.bayes import Coefficients
 from blip_ase.data.dataset import Batch
+from blip_ase.devices import resolve_device
 from blip_ase.training.loss import Share
 
 T = TypeVar("T")
@@ -67,12 +68,15 @@ def start(device: torch.device) -> torch.device:
 
     Returns:
         The device of this process.
+
+    Raises:
+        ValueError: more processes on this machine than GPUs (from :func:`~blip_ase.devices.resolve_device`).
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1 or not dist.is_available():
         return device
     if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        device = resolve_device(f"cuda:{os.environ.get('LOCAL_RANK', '0')}")
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=TIMEOUT)
