@@ -181,12 +181,11 @@ def test_each_rank_takes_its_share_of_every_single_process_batch_padded_like_dis
     assert sorted(second) == sorted(whole[1] + whole[0][:1])  # 8 -> 9 structures: the first one again
 
 
-def test_a_global_batch_size_that_does_not_split_over_the_ranks_is_refused(monkeypatch):
-    monkeypatch.setattr(distributed, "world_size", lambda: 4)
-    with pytest.raises(ValueError, match="batch_size 6 is the global batch and must be a multiple of .* 4"):
-        distributed.check_batch_size(6)
-
-
-def test_nproc_below_one_is_refused(tmp_path, capsys):
-    assert blip(["train", *_train_args(tmp_path, "run"), "--nproc", "0"]) == 2
-    assert "--nproc must be >= 1, got 0" in capsys.readouterr().err
+@pytest.mark.parametrize(("nproc", "message"), [
+    ("0", "--nproc must be >= 1, got 0"),
+    ("3", "batch_size 8 is the global batch and must be a multiple of the number of processes, 3"),
+])  # fmt: skip
+def test_nonsense_nproc_is_refused_before_any_process_starts(tmp_path, capsys, nproc, message):
+    assert blip(["train", *_train_args(tmp_path, "run"), "--nproc", nproc]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

@@ -35,8 +35,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.nproc != 1:
-        return launch(args.nproc, args.argv, threads=args.torch_threads)
     from blip_ase.training import distributed, load_config, train
 
     overrides = {"epochs": args.epochs, "seed": args.seed, "device": args.device, "ensemble": args.ensemble}
@@ -45,6 +43,8 @@ def run(args: argparse.Namespace) -> int:
     if args.no_progress:
         overrides["progress"] = False
     cfg = load_config(args.config, **overrides)
+    if args.nproc != 1:
+        return launch(args.nproc, args.argv, threads=args.torch_threads, batch_size=cfg.batch_size)
     summary = train(cfg, args.train, args.val, args.out, overwrite=args.overwrite)
     if distributed.is_main():
         print(dumps(summary))
@@ -52,16 +52,20 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def launch(n: int, argv: list[str], *, threads: int) -> int:
+def launch(n: int, argv: list[str], *, threads: int, batch_size: int) -> int:
     """``blip train ARGV`` (without ``--nproc``) in ``n`` processes started by
     ``python -m torch.distributed.run --standalone --nproc-per-node N -m blip_ase.cli.main``;
     returns torchrun's exit status.
 
     Raises:
-        ValueError: ``n < 1``, or this process was itself started by torchrun.
+        ValueError: ``n < 1``, a global ``batch_size`` that is not a multiple of ``n``, or this
+            process was itself started by torchrun.
     """
+    from blip_ase.training.distributed import check_batch_size
+
     if n < 1:
         raise ValueError(f"--nproc must be >= 1, got {n}")
+    check_batch_size(batch_size, n)
     if "WORLD_SIZE" in os.environ:
         raise ValueError("--nproc starts torchrun, but this process already runs under torchrun; leave --nproc out")
     cores = os.cpu_count() or 1

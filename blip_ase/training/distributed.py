@@ -103,9 +103,8 @@ def wrap(model: torch.nn.Module) -> torch.nn.Module:
     return DistributedDataParallel(model, forward_sync_buffers=False, static_graph=True)
 
 
-def check_batch_size(batch_size: int) -> None:
-    """Raises ValueError unless the global ``batch_size`` splits evenly over the ranks."""
-    n = world_size()
+def check_batch_size(batch_size: int, n: int) -> None:
+    """Raises ValueError unless the global ``batch_size`` splits evenly over ``n`` processes."""
     if batch_size % n:
         raise ValueError(
             f"batch_size {batch_size} is the global batch and must be a multiple of the number of processes, {n}"

@@ -177,7 +177,7 @@ def train(cfg: TrainConfig, train_path: str | Path, val_path: str | Path, out_di
     if ckpt_path.exists() and not overwrite:
         raise FileExistsError(f"{ckpt_path} exists; pass --overwrite to replace it")
     device, dtype = distributed.start(resolve_device(cfg.device)), getattr(torch, cfg.dtype)
-    distributed.check_batch_size(cfg.batch_size)
+    distributed.check_batch_size(cfg.batch_size, distributed.world_size())
     use_stress = cfg.loss.stress_weight > 0
     train_frames = read_frames(train_path)
     elements = cfg.elements or sorted({int(z) for a in train_frames for z in a.numbers})
