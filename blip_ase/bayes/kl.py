@@ -25,13 +25,14 @@ def kl_per_coefficient(alpha: torch.Tensor, p0: float) -> torch.Tensor:
     return 0.5 * ((alpha + 1.0) / alpha0 + math.log(alpha0) - torch.log(alpha) - 1.0)
 
 
-def kl_divergence(coefficients: Coefficients, p0: float) -> torch.Tensor:
+def kl_divergence(coefficients: Coefficients, p0: float, *, weights: tuple[float, float] = (1.0, 1.0)) -> torch.Tensor:
     """KL averaged over edges (nodes) and summed over Bayesian layers; a scalar tensor.
 
-    Multiply by lambda in the loss.
+    Multiply by lambda in the loss. ``weights`` multiply the edge and the node average
+    (distributed training: this process's share of the global batch's average).
     """
     total = coefficients.edge.new_zeros(())
-    for block in (coefficients.edge, coefficients.node):
+    for block, weight in zip((coefficients.edge, coefficients.node), weights):
         if block.numel():
-            total = total + kl_per_coefficient(block, p0).mean(dim=0).sum()
+            total = total + weight * kl_per_coefficient(block, p0).mean(dim=0).sum()
     return total

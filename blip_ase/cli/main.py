@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from blip_ase.cli.compute import apply_compute_options
@@ -53,12 +54,19 @@ def main(argv: list[str] | None = None) -> int:
     module.add_arguments(cmd_parser)
     args = cmd_parser.parse_args(argv[1:])
     args.given_options = given_options(module, argv[1:])
+    args.argv = argv[1:]
     try:
         apply_compute_options(args)
         return int(module.run(args) or 0)
     except (ValueError, FileNotFoundError, FileExistsError) as exc:
-        print(f"blip {argv[0]}: error: {exc}", file=sys.stderr)
+        print(f"blip {argv[0]}{_rank()}: error: {exc}", file=sys.stderr)
         return 2
+
+
+def _rank() -> str:
+    """`` (rank R of N)`` in a process that torchrun started, else empty."""
+    world = os.environ.get("WORLD_SIZE", "1")
+    return f" (rank {os.environ.get('RANK', '?')} of {world})" if world != "1" else ""
 
 
 if __name__ == "__main__":

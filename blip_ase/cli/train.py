@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
+import sys
 
 from blip_ase.cli.compute import add_compute_options
 from blip_ase.strict_json import dumps
@@ -22,13 +25,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--ensemble", type=int, default=None, metavar="N",
         help="override the config's ensemble: train N seeds into OUT/member_<k>/ and write the ensemble OUT/model.pt",
     )
+    parser.add_argument(
+        "--nproc", type=int, default=1, metavar="N",
+        help="train one model across N processes on this machine (starts torchrun; batch_size is the global batch)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT/model.pt")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_compute_options(parser, device_help="override the config's device (cpu, cuda, cuda:1)")
 
 
 def run(args: argparse.Namespace) -> int:
-    from blip_ase.training import load_config, train
+    from blip_ase.training import distributed, load_config, train
 
     overrides = {"epochs": args.epochs, "seed": args.seed, "device": args.device, "ensemble": args.ensemble}
     if args.deterministic:
@@ -36,6 +43,38 @@ def run(args: argparse.Namespace) -> int:
     if args.no_progress:
         overrides["progress"] = False
     cfg = load_config(args.config, **overrides)
+    if args.nproc != 1:
+        return launch(args.nproc, args.argv, threads=args.torch_threads, batch_size=cfg.batch_size)
     summary = train(cfg, args.train, args.val, args.out, overwrite=args.overwrite)
-    print(dumps(summary))
+    if distributed.is_main():
+        print(dumps(summary))
+    distributed.finish()
     return 0
+
+
+def launch(n: int, argv: list[str], *, threads: int, batch_size: int) -> int:
+    """``blip train ARGV`` (without ``--nproc``) in ``n`` processes started by
+    ``python -m torch.distributed.run --standalone --nproc-per-node N -m blip_ase.cli.main``;
+    returns torchrun's exit status.
+
+    Raises:
+        ValueError: ``n < 1``, a global ``batch_size`` that is not a multiple of ``n``, or this
+            process was itself started by torchrun.
+    """
+    from blip_ase.training.distributed import check_batch_size
+
+    if n < 1:
+        raise ValueError(f"--nproc must be >= 1, got {n}")
+    check_batch_size(batch_size, n)
+    if "WORLD_SIZE" in os.environ:
+        raise ValueError("--nproc starts torchrun, but this process already runs under torchrun; leave --nproc out")
+    cores = os.cpu_count() or 1
+    if n * threads > cores:
+        print(f"blip train: warning: {n} processes x {threads} thread(s) on {cores} CPU core(s)", file=sys.stderr)
+    drop = {k for k, a in enumerate(argv) if a == "--nproc"}
+    rest = [a for k, a in enumerate(argv) if k not in drop and k - 1 not in drop and not a.startswith("--nproc=")]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}"]
+    status = subprocess.run([*cmd, "-m", "blip_ase.cli.main", "train", *rest]).returncode
+    if status:
+        print(f"blip train: error: training on {n} processes failed (torchrun exit status {status})", file=sys.stderr)
+    return status

@@ -85,15 +85,32 @@ class GraphDataset:
             stress=stress,
         )
 
-    def batches(self, batch_size: int, *, shuffle: bool = False, rng: np.random.Generator | None = None) -> Iterator[Batch]:
-        """Yield mini-batches; with ``shuffle`` the order comes from ``rng`` (seeded by the caller)."""
+    def batch_indices(
+        self, batch_size: int, *, shuffle: bool = False, rng: np.random.Generator | None = None,
+        shard: tuple[int, int] = (0, 1),
+    ) -> Iterator[np.ndarray]:  # fmt: skip
+        """Indices of each mini-batch; with ``shuffle`` the order comes from ``rng`` (seeded by the caller).
+
+        With ``shard = (rank, n)`` (distributed training) the order is padded with its first
+        structures to a multiple of ``n`` and rank ``rank`` gets structures ``rank, rank + n, ...``
+        of each batch of ``batch_size`` (a multiple of ``n``), so every rank takes the same number
+        of equal steps. ``(0, 1)``: the whole batches.
+        """
         order = np.arange(len(self))
         if shuffle:
             if rng is None:
                 raise ValueError("shuffle needs an explicit rng")
             order = rng.permutation(order)
+        rank, n = shard
+        if n > 1:
+            order = np.resize(order, len(order) + (-len(order)) % n)  # pads by repeating from the start
         for start in range(0, len(order), batch_size):
-            yield self.batch(order[start : start + batch_size])
+            yield order[start : start + batch_size][rank::n]
+
+    def batches(self, batch_size: int, **kwargs) -> Iterator[Batch]:
+        """Mini-batches of :meth:`batch_indices` (same keyword arguments)."""
+        for indices in self.batch_indices(batch_size, **kwargs):
+            yield self.batch(indices)
 
 
 def fit_reference_energies(frames: list[Atoms], energies: np.ndarray, elements: list[int]) -> np.ndarray:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from blip_ase.bayes import PosteriorInputs, kl_per_coefficient
+from blip_ase.bayes import Coefficients, PosteriorInputs, kl_divergence
 
 
 @dataclass(frozen=True)
@@ -73,17 +73,18 @@ def perturb_edge_vectors(x: PosteriorInputs, cfg: ContrastiveConfig, generator: 
     return scale[x.atom_graph[i], None] * (vec + z[j] - z[i])
 
 
-def contrastive_kl(model, graph, cfg: ContrastiveConfig, generator: torch.Generator, p0: float) -> torch.Tensor:
+def contrastive_kl(
+    model, graph, cfg: ContrastiveConfig, generator: torch.Generator, p0: float, *,
+    weights: tuple[float, float] = (1.0, 1.0),
+) -> torch.Tensor:  # fmt: skip
     """KL to the prior of alpha (and of beta, when the node head sees the neighbourhood) on
     ``cfg.copies`` perturbed copies of ``graph``, averaged over edges (nodes) and copies and
-    summed over layers like :func:`~blip_ase.bayes.kl_divergence`; a scalar tensor."""
+    summed over layers by :func:`~blip_ase.bayes.kl_divergence` (with its ``weights``); a scalar tensor."""
     x = model.posterior_inputs(graph)
     posterior = model.posterior
     total = x.edge_vector.new_zeros(())
     for _ in range(cfg.copies):
         c = posterior(x.species, x.edge_index, perturb_edge_vectors(x, cfg, generator))
-        blocks = [c.edge] + ([c.node] if posterior.neighbourhood else [])
-        for block in blocks:
-            if block.numel():
-                total = total + kl_per_coefficient(block, p0).mean(dim=0).sum()
+        node = c.node if posterior.neighbourhood else c.node[:, :0]
+        total = total + kl_divergence(Coefficients(c.edge, node), p0, weights=weights)
     return total / cfg.copies

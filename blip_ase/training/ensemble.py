@@ -8,6 +8,7 @@ from pathlib import Path
 
 from blip_ase.models.checkpoint import save_checkpoint
 from blip_ase.models.ensemble import EnsemblePotential
+from blip_ase.training import distributed
 from blip_ase.training.config import TrainConfig
 
 
@@ -37,7 +38,8 @@ def train_ensemble(
     for k in range(cfg.ensemble):
         member_cfg = dataclasses.replace(cfg, ensemble=1, seed=cfg.seed + k)
         members.append(train(member_cfg, train_path, val_path, out_dir / f"member_{k}", overwrite=overwrite))
-    ensemble = EnsemblePotential.from_checkpoints([m["checkpoint"] for m in members])
-    meta = {"config": dataclasses.asdict(cfg), "members": members}
-    save_checkpoint(ckpt_path, ensemble, training=meta)
+    if distributed.is_main():  # distributed training: every member across all processes, rank 0 writes
+        ensemble = EnsemblePotential.from_checkpoints([m["checkpoint"] for m in members])
+        meta = {"config": dataclasses.asdict(cfg), "members": members}
+        save_checkpoint(ckpt_path, ensemble, training=meta)
     return {"members": members, "checkpoint": str(ckpt_path), "seconds": time.perf_counter() - start}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import math
+import os
 import time
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from blip_ase.data.readers import read_frames
 from blip_ase.devices import resolve_device
 from blip_ase.models.checkpoint import save_checkpoint
 from blip_ase.models.potential import BACKENDS, Potential
+from blip_ase.training import distributed
 from blip_ase.training.config import TrainConfig
 from blip_ase.training.contrastive import contrastive_kl
 from blip_ase.training.loss import elbo_loss
@@ -70,19 +72,18 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_ste
 
 
 def evaluate_map(model: Potential, data: GraphDataset, cfg: TrainConfig, device, dtype) -> dict[str, float]:
-    """MAP-mode validation loss (data terms only) and energy/force MAE (eV, eV/A)."""
-    n_e = n_f = 0
-    sums = {"loss": 0.0, "energy_mae": 0.0, "forces_mae": 0.0}
-    for batch in data.batches(cfg.batch_size):
-        batch = batch.to(device, dtype)
+    """MAP-mode validation loss (data terms only) and energy/force MAE (eV, eV/A). In distributed
+    training each rank evaluates its share of the batches and the sums are added over ranks."""
+    sums = np.zeros(5)  # loss * structures, |dE|, |dF|, structures, force components
+    for indices in distributed.own(data.batch_indices(cfg.batch_size)):
+        batch = data.batch(indices).to(device, dtype)
         out = {k: v.detach() for k, v in model(batch.graph, compute_stress=data.use_stress).items()}
         loss, _ = elbo_loss(out, batch, cfg.loss)
         g = batch.graph.n_graphs
-        sums["loss"] += float(loss) * g
-        sums["energy_mae"] += float((out["energy"][0] - batch.energy).abs().sum())
-        sums["forces_mae"] += float((out["forces"][0] - batch.forces).abs().sum())
-        n_e, n_f = n_e + g, n_f + batch.forces.numel()
-    return {"loss": sums["loss"] / n_e, "energy_mae": sums["energy_mae"] / n_e, "forces_mae": sums["forces_mae"] / n_f}
+        sums += [float(loss) * g, float((out["energy"][0] - batch.energy).abs().sum()),
+                 float((out["forces"][0] - batch.forces).abs().sum()), g, batch.forces.numel()]  # fmt: skip
+    loss, energy, forces, n_e, n_f = distributed.all_sum(sums)
+    return {"loss": loss / n_e, "energy_mae": energy / n_e, "forces_mae": forces / n_f}
 
 
 def kl_factor(epoch: int, warmup_epochs: int) -> float:
@@ -95,17 +96,18 @@ def evaluate_mc_nll(model: Potential, data: GraphDataset, cfg: TrainConfig, devi
     Carlo samples with seeds ``0 .. S-1`` (the same draws at every call), with the variances
     multiplied by the NLL-optimal scale ``mean(err^2 / var)``: ``0.5 mean(log(2 pi s var)) + 0.5``.
     Component variance: the atom's variance trace / 3, as in :mod:`blip_ase.uq.metrics`."""
-    sq_err, var = [], []
-    for batch in data.batches(cfg.batch_size):
-        batch = batch.to(device, dtype)
+    sums = np.zeros(3)  # err^2 / var, log var, force components (added over ranks)
+    for indices in distributed.own(data.batch_indices(cfg.batch_size)):
+        batch = data.batch(indices).to(device, dtype)
         coefficients = model.coefficients(batch.graph)
         noise = NoiseSource.from_seeds(list(range(cfg.select_samples)), device)
         forces = model(batch.graph, coefficients=coefficients, noise=noise)["forces"].detach().double()
-        sq_err.append((forces.mean(0) - batch.forces.double()) ** 2)
-        var.append(forces.var(0).sum(-1, keepdim=True).expand(-1, 3) / 3.0)
-    err2, v = torch.cat(sq_err).flatten(), torch.cat(var).flatten().clamp_min(1e-12)
-    scale = float((err2 / v).mean())
-    nll = float(0.5 * torch.log(2 * math.pi * scale * v).mean() + 0.5)
+        err2 = ((forces.mean(0) - batch.forces.double()) ** 2).flatten()
+        v = (forces.var(0).sum(-1, keepdim=True).expand(-1, 3) / 3.0).flatten().clamp_min(1e-12)
+        sums += [float((err2 / v).sum()), float(torch.log(v).sum()), v.numel()]
+    ratio, log_var, n = distributed.all_sum(sums)
+    with np.errstate(divide="ignore"):
+        nll = float(0.5 * (np.log(2 * math.pi * ratio / n) + log_var / n) + 0.5)
     if not math.isfinite(nll):
         raise ValueError(f"the Monte Carlo validation NLL is {nll}: the model predicts non-finite forces")
     return nll
@@ -114,22 +116,31 @@ def evaluate_mc_nll(model: Potential, data: GraphDataset, cfg: TrainConfig, devi
 def train_step(
     model, batch: Batch, cfg: TrainConfig, optimizer, generator, use_stress: bool,
     *, kl_factor: float = 1.0, contrastive_generator: torch.Generator | None = None,
+    forward: torch.nn.Module | None = None,
 ) -> dict[str, float]:  # fmt: skip
     """One optimiser step on ``batch`` with one Monte Carlo sample from ``generator``; the KL
     weights are multiplied by ``kl_factor`` (warm-up); with ``cfg.contrastive.weight`` the KL of
-    perturbed copies (drawn from ``contrastive_generator``) is added."""
+    perturbed copies (drawn from ``contrastive_generator``) is added.
+
+    In distributed training ``batch`` is this rank's part of the global batch, ``forward`` the
+    DistributedDataParallel wrapper of ``model`` (:func:`~blip_ase.training.distributed.wrap`),
+    and every mean of the loss is over the global batch (the logged parts are this rank's shares:
+    their average over ranks is the global value)."""
     coefficients = model.coefficients(batch.graph)
+    share = distributed.batch_share(batch, coefficients)
     noise = NoiseSource([generator]) if coefficients is not None else None
-    out = model(batch.graph, coefficients=coefficients, noise=noise, compute_stress=use_stress, create_graph=True)
+    out = (forward or model)(
+        batch.graph, coefficients=coefficients, noise=noise, compute_stress=use_stress, create_graph=True
+    )
     bayes = model.bayes
     p0 = bayes.p0 if bayes else 0.5
-    loss, parts = elbo_loss(
-        out, batch, cfg.loss, coefficients=coefficients, p0=p0, kl_weight=kl_factor * bayes.kl_weight if bayes else 0.0,
-    )
+    kl_weight = kl_factor * bayes.kl_weight if bayes else 0.0
+    loss, parts = elbo_loss(out, batch, cfg.loss, coefficients=coefficients, p0=p0, kl_weight=kl_weight, share=share)
     if cfg.contrastive.weight and getattr(model, "posterior", None) is not None:
         if contrastive_generator is None:
             raise ValueError("contrastive.weight > 0 needs a contrastive_generator for the perturbations")
-        kl_c = contrastive_kl(model, batch.graph, cfg.contrastive, contrastive_generator, p0)
+        weights = (share.edges, share.nodes)
+        kl_c = contrastive_kl(model, batch.graph, cfg.contrastive, contrastive_generator, p0, weights=weights)
         loss = loss + kl_factor * cfg.contrastive.weight * kl_c
         parts["kl_contrastive"] = float(kl_c.detach())
     optimizer.zero_grad(set_to_none=True)
@@ -146,14 +157,16 @@ def _load(path: str | Path, model: Potential, use_stress: bool, name: str) -> Gr
 
 def train(cfg: TrainConfig, train_path: str | Path, val_path: str | Path, out_dir: str | Path, *, overwrite: bool = False) -> dict:
     """Train a model and write ``out_dir/model.pt`` (the epoch chosen by ``cfg.select_by``) and
-    ``out_dir/log.csv``.
+    ``out_dir/log.csv``. Under torchrun, one model across the processes
+    (:mod:`blip_ase.training.distributed`); rank 0 writes the files.
 
     Returns:
         Summary: best epoch, validation metrics of the best checkpoint (MAP), wall time.
 
     Raises:
         FileExistsError: ``out_dir/model.pt`` exists and ``overwrite`` is False.
-        ValueError: bad data (missing labels, unknown elements, NaN positions) or config.
+        ValueError: bad data (missing labels, unknown elements, NaN positions) or config, or a
+            ``batch_size`` that is not a multiple of the number of processes.
     """
     if cfg.ensemble != 1:
         from blip_ase.training.ensemble import train_ensemble
@@ -163,7 +176,8 @@ def train(cfg: TrainConfig, train_path: str | Path, val_path: str | Path, out_di
     ckpt_path = out_dir / "model.pt"
     if ckpt_path.exists() and not overwrite:
         raise FileExistsError(f"{ckpt_path} exists; pass --overwrite to replace it")
-    device, dtype = resolve_device(cfg.device), getattr(torch, cfg.dtype)
+    device, dtype = distributed.start(resolve_device(cfg.device)), getattr(torch, cfg.dtype)
+    distributed.check_batch_size(cfg.batch_size, distributed.world_size())
     use_stress = cfg.loss.stress_weight > 0
     train_frames = read_frames(train_path)
     elements = cfg.elements or sorted({int(z) for a in train_frames for z in a.numbers})
@@ -177,12 +191,13 @@ def train(cfg: TrainConfig, train_path: str | Path, val_path: str | Path, out_di
     optimizer = make_optimizer(model, cfg)
     steps_per_epoch = math.ceil(len(train_data) / cfg.batch_size)
     scheduler, per_step = make_scheduler(optimizer, cfg, cfg.epochs * steps_per_epoch)
-    rng = np.random.default_rng(cfg.seed)
+    rng, rank = np.random.default_rng(cfg.seed), distributed.rank()  # the same order on every rank
     generators = (
-        torch.Generator(device=device).manual_seed(cfg.seed),
-        torch.Generator(device=device).manual_seed(cfg.contrastive.seed + cfg.seed),
+        torch.Generator(device=device).manual_seed(distributed.rank_seed(cfg.seed, rank)),
+        torch.Generator(device=device).manual_seed(distributed.rank_seed(cfg.contrastive.seed + cfg.seed, rank)),
     )
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if distributed.is_main():
+        out_dir.mkdir(parents=True, exist_ok=True)
     return _fit(model, cfg, train_data, val_data, optimizer, scheduler, per_step, rng, generators, out_dir, device, dtype)
 
 
@@ -193,18 +208,20 @@ def _fit(model, cfg, train_data, val_data, optimizer, scheduler, per_step, rng, 
     select_mc = cfg.select_by == "mc_nll" and model.is_bayesian
     start, best, best_epoch, stale = time.perf_counter(), math.inf, -1, 0
     best_metrics: dict[str, float] = {}
-    with open(out_dir / "log.csv", "w", newline="") as fh:
+    main, forward, n = distributed.is_main(), distributed.wrap(model), distributed.world_size()
+    shard = (distributed.rank(), n)
+    with open(out_dir / "log.csv" if main else os.devnull, "w", newline="") as fh:
         log = csv.DictWriter(fh, fieldnames=LOG_FIELDS)
         log.writeheader()
-        bar = tqdm(range(cfg.epochs), desc="train", disable=not cfg.progress, dynamic_ncols=True)
+        bar = tqdm(range(cfg.epochs), desc="train", disable=not (cfg.progress and main), dynamic_ncols=True)
         for epoch in bar:
             model.train()
             parts = []
             factor = kl_factor(epoch, cfg.kl_warmup_epochs)
-            for batch in train_data.batches(cfg.batch_size, shuffle=True, rng=rng):
+            for batch in train_data.batches(cfg.batch_size, shuffle=True, rng=rng, shard=shard):
                 parts.append(train_step(
                     model, batch.to(device, dtype), cfg, optimizer, generator, train_data.use_stress,
-                    kl_factor=factor, contrastive_generator=contrastive_generator,
+                    kl_factor=factor, contrastive_generator=contrastive_generator, forward=forward,
                 ))  # fmt: skip
                 if per_step:
                     scheduler.step()
@@ -214,10 +231,11 @@ def _fit(model, cfg, train_data, val_data, optimizer, scheduler, per_step, rng, 
                 val["mc_nll"] = evaluate_mc_nll(model, val_data, cfg, device, dtype)
             if scheduler is not None and not per_step:
                 scheduler.step(val["loss"])
+            names = ("loss", "energy", "forces", "kl", "kl_contrastive")
+            means = distributed.all_sum([np.mean([p.get(k, 0.0) for p in parts]) / n for k in names])  # over ranks
             row = {
                 "epoch": epoch, "lr": optimizer.param_groups[0]["lr"],
-                **{f"train_{k}": float(np.mean([p.get(k, 0.0) for p in parts]))
-                   for k in ("loss", "energy", "forces", "kl", "kl_contrastive")},
+                **{f"train_{k}": v for k, v in zip(names, means)},
                 "val_loss": val["loss"], "val_energy_mae": val["energy_mae"], "val_forces_mae": val["forces_mae"],
                 "val_mc_nll": val.get("mc_nll", ""), "seconds": time.perf_counter() - start,
             }
@@ -227,8 +245,10 @@ def _fit(model, cfg, train_data, val_data, optimizer, scheduler, per_step, rng, 
             score = val["mc_nll"] if select_mc else val["loss"]
             if score < best:
                 best, best_epoch, stale, best_metrics = score, epoch, 0, val
-                meta = {"epoch": epoch, "val": val, "config": dataclasses.asdict(cfg), "seconds": row["seconds"]}
-                save_checkpoint(out_dir / "model.pt", model, training=meta)
+                meta = {"epoch": epoch, "val": val, "config": dataclasses.asdict(cfg), "seconds": row["seconds"],
+                        "processes": distributed.world_size()}
+                if main:
+                    save_checkpoint(out_dir / "model.pt", model, training=meta)
             else:
                 stale += 1
             if cfg.optim.early_stopping_patience is not None and stale >= cfg.optim.early_stopping_patience:
