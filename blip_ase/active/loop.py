@@ -23,7 +23,6 @@ again from the previous model.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -104,16 +103,14 @@ def check_inputs(config: LearnConfig, out: Path, *, restart: bool) -> dict | Non
     model, _ = load_checkpoint(state["model"] if state else config.model)
     if not model.is_bayesian:
         raise ValueError(f"{config.model} is a deterministic model: the loop needs a BLIP model's uncertainty")
-    structures = []
-    for spec in config.explore.structures:
-        atoms = read_structure(spec)
+    structures = [read_structure(spec) for spec in config.explore.structures]
+    check_oracle(config.oracle, structures)
+    for spec, atoms in zip(config.explore.structures, structures):
         unknown = sorted(set(atoms.get_chemical_symbols()) - {chemical_symbols[z] for z in model.elements})
         if unknown:
             raise ValueError(f"start structure {spec} has elements {unknown} the model {config.model} does not know")
-        structures.append(atoms)
     if config.select.strategy != "random" and getattr(getattr(model, "net", None), "readout", None) is None:
         raise ValueError(f"select.strategy {config.select.strategy} needs PaiNN node features; use random")
-    check_oracle(config.oracle, structures)
     return state
 
 
@@ -310,7 +307,7 @@ class _Loop:
             _write_frames(self.rdir / "labels" / f"{frame_id}.extxyz", [_labelled(atoms, label.energy, label.forces, info)])
         else:
             write_json(self.rdir / "labels" / f"{frame_id}.failed.json", {"frame_id": frame_id, "error": label.error})
-        line = json.dumps({"frame_id": frame_id, "ok": label.error is None, "seconds": label.seconds, "pid": os.getpid()})
+        line = json.dumps({"frame_id": frame_id, "ok": label.error is None, "seconds": label.seconds, "pid": label.pid})
         with open(self.rdir / "labels.log", "a") as fh:
             fh.write(line + "\n")
 

@@ -32,12 +32,14 @@ DELAY_ENV = "BLIP_LEARN_LABEL_DELAY_S"  # test hook: seconds each oracle call sl
 
 @dataclass
 class Label:
-    """One oracle result: ``energy`` (eV) and ``forces`` (n, 3) eV/A, or ``error`` (a failure)."""
+    """One oracle result: ``energy`` (eV) and ``forces`` (n, 3) eV/A, or ``error`` (a failure);
+    ``seconds`` and ``pid`` of the call."""
 
     energy: float | None = None
     forces: np.ndarray | None = None
     error: str | None = None
     seconds: float = 0.0
+    pid: int = 0
 
 
 def ase_calculator(config: OracleConfig):
@@ -135,8 +137,9 @@ def label_one(atoms: Atoms, config: OracleConfig, *, delay_s: float = 0.0) -> La
             bare.calc = ase_calculator(config)
             energy, forces = float(bare.get_potential_energy()), np.asarray(bare.get_forces(), float)
     except Exception as exc:  # any oracle error is a recorded failure, not a crash of the loop
-        return Label(error=f"{type(exc).__name__}: {exc}", seconds=time.perf_counter() - start)
-    return checked(Label(energy=energy, forces=forces, seconds=time.perf_counter() - start), len(atoms))
+        return Label(error=f"{type(exc).__name__}: {exc}", seconds=time.perf_counter() - start, pid=os.getpid())
+    label = Label(energy=energy, forces=forces, seconds=time.perf_counter() - start, pid=os.getpid())
+    return checked(label, len(atoms))
 
 
 def checked(label: Label, n_atoms: int) -> Label:
