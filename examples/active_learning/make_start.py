@@ -11,6 +11,7 @@ the 10 (as the loop calibrates every model it trains). Writes
 ``start/{train,val,ood_test}.extxyz``, ``start/nh3.xyz`` and ``start/model.pt``.
 """
 
+import tempfile
 from pathlib import Path
 
 import yaml
@@ -55,8 +56,9 @@ def main() -> None:
     write(start / "ood_test.extxyz", frames[40:])
     write(start / "nh3.xyz", read(ammonia_structure()))
     cfg = load_config(here / "start_train.yaml", progress=False)
-    result = train(cfg, start / "train.extxyz", start / "val.extxyz", start / "train", overwrite=True)
-    calibrate(start / "train" / "model.pt", start / "val.extxyz", start / "model.pt", n_samples=32, overwrite=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        result = train(cfg, start / "train.extxyz", start / "val.extxyz", tmp)
+        calibrate(Path(tmp) / "model.pt", start / "val.extxyz", start / "model.pt", n_samples=32, overwrite=True)
     print(f"wrote {start}: starting model val force MAE {result['val']['forces_mae']:.3f} eV/A")
 
 
