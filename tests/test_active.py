@@ -256,7 +256,7 @@ def test_a_kill_during_labelling_or_training_loses_no_frame_and_labels_none_twic
     """SIGKILL ``blip learn`` while the oracle runs (each call delayed by the test hook) or while
     the model trains; ``--restart`` finishes the loop."""
     out = cu_root / f"run_kill_{stage}"
-    epochs = 2 if stage == "label" else 400
+    epochs = 2 if stage == "label" else 100
     config = _config(cu_root, f"kill_{stage}.yaml", train={"config": {"epochs": epochs}, "calibration_samples": 4})
     cmd = [sys.executable, "-m", "blip_ase.cli.main", "learn", str(config), "--out", str(out)]
     env = {**os.environ, "BLIP_LEARN_LABEL_DELAY_S": "0.7" if stage == "label" else "0"}
@@ -335,3 +335,14 @@ def test_an_existing_out_without_restart_is_refused_and_left_untouched(cu_root, 
     assert main(["learn", str(_config(cu_root)), "--out", str(out)]) == 2
     assert "already exists; pass --restart" in capsys.readouterr().err
     assert [p.name for p in out.iterdir()] == ["precious.txt"]
+
+
+def test_a_restart_with_more_rounds_continues_a_loop_that_stopped_at_max_rounds(cu_root):
+    config, out = load_learn_config(_config(cu_root, "more.yaml")), cu_root / "run_more"
+    assert run_learn(config, out)["stopped"].startswith("max_rounds: 1")
+    first = (out / "round_1" / "labelled.extxyz").read_bytes()
+    state = run_learn(config, out, restart=True, max_rounds=2)
+    assert state["stopped"].startswith("max_rounds: 2") and [r["round"] for r in state["rounds"]] == [1, 2, 3]
+    assert (out / "round_2" / "model.pt").is_file() and (out / "round_1" / "labelled.extxyz").read_bytes() == first
+    with pytest.raises(ValueError, match=r"changes \['select.budget'\]"):
+        run_learn(load_learn_config(_config(cu_root, "more.yaml", select={"budget": 2})), out, restart=True)

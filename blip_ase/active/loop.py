@@ -140,10 +140,22 @@ def run_learn(
                  "labels_spent": 0, "stopped": None, "rounds": []}
     state.update(config=config.to_dict(), status="running")
     state.pop("waiting_for", None)
+    if state["stage"] == "explore":  # a restart may raise max_rounds or max_labels
+        state["final"] = final_reason(config, state["round"] - 1, state["labels_spent"])
     loop = _Loop(config, out, state, device)
     while state["status"] == "running":
         loop.step()
     return state
+
+
+def final_reason(config: LearnConfig, rounds_done: int, labels_spent: int) -> str | None:
+    """Why the next exploration is the last one (it only tests the model), or None."""
+    stop = config.stop
+    if rounds_done >= stop.max_rounds:
+        return f"max_rounds: {stop.max_rounds} rounds of labelling done"
+    if stop.max_labels is not None and labels_spent >= stop.max_labels:
+        return f"label budget spent: {labels_spent} oracle calls"
+    return None
 
 
 class _Loop:
@@ -185,8 +197,9 @@ class _Loop:
     def explore(self) -> None:
         from blip_ase.md.run import MDRunFailed, run_md
 
-        c, row, start = self.config, self.row, time.perf_counter()
+        c, row = self.config, self.row
         row["test_forces_mae"] = self._test_mae()
+        start = time.perf_counter()
         walkers = [(s, T) for s in c.explore.structures for T in c.explore.temperatures_K]
         summaries, pool = [], []
         for w, (structure, T) in enumerate(walkers):
@@ -391,11 +404,7 @@ class _Loop:
         return with_overrides(base, overrides, "train.config")
 
     def _next_round(self) -> None:
-        stop = self.config.stop
-        if self.k >= stop.max_rounds:
-            self.state["final"] = f"max_rounds: {stop.max_rounds} rounds of labelling done"
-        elif stop.max_labels is not None and self.state["labels_spent"] >= stop.max_labels:
-            self.state["final"] = f"label budget spent: {self.state['labels_spent']} oracle calls"
+        self.state["final"] = final_reason(self.config, self.k, self.state["labels_spent"])
         plot_report(self.out, self.state["rounds"])
         self.state["round"] = self.k + 1
         self.save("explore")

@@ -127,12 +127,15 @@ def select(
     """Indices of the frames to label under ``config`` (at most ``k``, default ``config.budget``).
 
     Args:
-        desc: ``(n, d)`` descriptors of the flagged pool; uncertainty: ``(n,)`` (max force std, eV/A).
+        desc: ``(n, d)`` descriptors of the flagged pool; uncertainty: ``(n,)`` (max force std, eV/A;
+            a NaN or inf, from a non-finite prediction, counts as the largest finite value).
         reference: descriptors of the frames labelled before.
         round_index: mixed into the ``random`` strategy's seed.
     """
     k = config.budget if k is None else k
     uncertainty = np.asarray(uncertainty, float)
+    finite = uncertainty[np.isfinite(uncertainty)]  # a non-finite prediction ranks with the most uncertain
+    uncertainty = np.where(np.isfinite(uncertainty), uncertainty, finite.max() if finite.size else 1.0)
     if config.strategy == "random":
         rng = np.random.default_rng([config.seed, round_index])
         return [int(i) for i in rng.choice(len(desc), size=min(k, len(desc)), replace=False)]
