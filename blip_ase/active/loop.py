@@ -214,6 +214,8 @@ class _Loop:
                     summary = run_md(md)
                 except MDRunFailed:  # an exploding system ends the walker like a halt
                     summary = json.loads(done.read_text())
+                if summary["status"] == "interrupted":  # Ctrl-C: stop the loop, not the walker only
+                    raise KeyboardInterrupt(f"walker {w} interrupted at step {summary['final_step']}")
             summaries.append(summary)
             for atoms in _read_frames(wdir / "flagged.extxyz"):
                 step = int(atoms.info["step"])

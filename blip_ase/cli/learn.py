@@ -33,8 +33,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from blip_ase.active import load_learn_config, run_learn
 
-    state = run_learn(load_learn_config(args.config), args.out, max_rounds=args.max_rounds, restart=args.restart,
-                      device=args.device)
+    config = load_learn_config(args.config)
+    try:
+        state = run_learn(config, args.out, max_rounds=args.max_rounds, restart=args.restart, device=args.device)
+    except KeyboardInterrupt:
+        print(f"blip learn: interrupted; continue with: blip learn {args.config} --out {args.out} --restart")
+        return 130
     if state["status"] == "waiting":
         print(f"waiting for labels: write {state['waiting_for']} (frames of to_label.extxyz with energy and "
               f"forces, keeping info frame_id), then run blip learn {args.config} --out {args.out} --restart")
