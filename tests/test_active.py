@@ -33,6 +33,7 @@ from blip_ase.cli.main import main
 from blip_ase.training import TrainConfig, train
 from blip_ase.training.config import from_dict
 
+FAST_MD = {"timestep_fs": 2.0, "uq_interval": 5, "n_samples": 4}
 TINY_TRAIN = {
     "painn": {"n_features": 8, "n_interactions": 1, "n_rbf": 6, "cutoff": 3.5},
     "bayes": {"hidden": 8, "n_hidden": 1, "n_rbf": 6, "p_init": 0.1, "kl_weight": 1.0e-3},
@@ -75,7 +76,7 @@ def _config(root: Path, name: str = "learn.yaml", **sections) -> Path:
     data = {
         "model": "model0/model.pt", "train_data": "train.extxyz", "val_data": "val.extxyz",
         "explore": {"structures": ["start.xyz"], "temperatures_K": [600, 1200], "steps": 30,
-                    "md": {"timestep_fs": 2.0, "uq_interval": 5, "n_samples": 4, "thresholds": {"force_std_flag": 0.0}}},
+                    "md": {**FAST_MD, "thresholds": {"force_std_flag": 0.0}}},
         "select": {"budget": 4},
         "oracle": {"kind": "ase", "calculator": "ase.calculators.emt:EMT", "workers": 1},
         "train": {"config": {"epochs": 2}, "calibration_samples": 4},
@@ -153,9 +154,11 @@ def test_labelling_on_two_workers_uses_two_processes_and_gives_the_serial_labels
         label_frames(frames, config, lambda k, lab: got.__setitem__(k, lab), workers=workers)
         results[workers] = got
     assert sorted(results[2]) == [0, 1, 2, 3]
-    assert len({lab.pid for lab in results[2].values()}) == 2 and os.getpid() not in {l.pid for l in results[2].values()}
+    pids = {lab.pid for lab in results[2].values()}
+    assert len(pids) == 2 and os.getpid() not in pids
     for k, atoms in enumerate(frames):  # the file's labels were computed before rounding positions to 8 digits
-        assert np.array_equal(results[2][k].forces, results[1][k].forces) and results[2][k].energy == results[1][k].energy
+        one, two = results[1][k], results[2][k]
+        assert np.array_equal(two.forces, one.forces) and two.energy == one.energy
         assert np.allclose(results[2][k].forces, atoms.get_forces(), atol=1e-5)
 
 
@@ -199,7 +202,8 @@ def _ids(path: Path) -> list[str]:
 
 
 def _logged(out: Path) -> list[str]:
-    return [json.loads(line)["frame_id"] for p in sorted(out.glob("round_*/labels.log")) for line in p.read_text().splitlines()]
+    logs = sorted(out.glob("round_*/labels.log"))
+    return [json.loads(line)["frame_id"] for p in logs for line in p.read_text().splitlines()]
 
 
 def test_the_emt_loop_labels_fine_tunes_and_reports_round_after_round(cu_root, capsys):
@@ -221,11 +225,12 @@ def test_the_emt_loop_labels_fine_tunes_and_reports_round_after_round(cu_root, c
             assert atoms.info["oracle"] == "ase:ase.calculators.emt:EMT" and atoms.info["round"] == k
             assert {"walker", "step", "uncertainty", "split"} <= set(atoms.info)
         assert json.loads((rdir / "metrics.json").read_text())["round"] == k and (rdir / "model.pt").is_file()
-    assert (out / "report.png").stat().st_size > 0 and sorted(_logged(out)) == sorted(_ids(out / "round_1/labelled.extxyz") + _ids(out / "round_2/labelled.extxyz"))
+    labelled = _ids(out / "round_1/labelled.extxyz") + _ids(out / "round_2/labelled.extxyz")
+    assert (out / "report.png").stat().st_size > 0 and sorted(_logged(out)) == sorted(labelled)
 
 
 def test_a_clean_exploration_stops_the_loop_before_any_label(cu_root):
-    md = {"timestep_fs": 2.0, "uq_interval": 5, "n_samples": 4, "thresholds": {"force_std_flag": 50.0, "force_std_halt": 100.0}}
+    md = {**FAST_MD, "thresholds": {"force_std_flag": 50.0, "force_std_halt": 100.0}}
     state = run_learn(load_learn_config(_config(cu_root, "clean.yaml", explore={"md": md})), cu_root / "run_clean")
     assert state["stopped"].startswith("converged") and state["labels_spent"] == 0
     assert not (cu_root / "run_clean" / "round_2").exists() and state["rounds"][0]["halted"] == 0
@@ -246,7 +251,8 @@ def test_the_external_oracle_writes_to_label_waits_and_continues_with_the_files_
     assert main(["learn", str(config), "--out", str(out), "--restart"]) == 0
     row = json.loads((out / "round_1" / "metrics.json").read_text())
     assert row["n_labelled"] == 2 and row["n_failed"] == 2
-    assert {f["error"] for f in row["failures"]} == {"non-finite, missing or misshapen forces", "missing from labelled.extxyz"}
+    errors = {f["error"] for f in row["failures"]}
+    assert errors == {"non-finite, missing or misshapen forces", "missing from labelled.extxyz"}
     assert (out / "round_1" / "labelled.external.extxyz").is_file() and (out / "round_1" / "model.pt").is_file()
 
 
@@ -346,3 +352,35 @@ def test_a_restart_with_more_rounds_continues_a_loop_that_stopped_at_max_rounds(
     assert (out / "round_2" / "model.pt").is_file() and (out / "round_1" / "labelled.extxyz").read_bytes() == first
     with pytest.raises(ValueError, match=r"changes \['select.budget'\]"):
         run_learn(load_learn_config(_config(cu_root, "more.yaml", select={"budget": 2})), out, restart=True)
+
+
+def test_ctrl_c_during_the_exploration_stops_the_loop_and_restart_reruns_the_walker(cu_root):
+    """An interrupted walker is not a halt: the loop must not go on to select from a cut-short run."""
+    out = cu_root / "run_sigint"
+    config = _config(cu_root, "sigint.yaml", explore={"steps": 400})
+    cmd = [sys.executable, "-m", "blip_ase.cli.main", "learn", str(config), "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    marker = out / "round_1" / "md" / "walker_0" / "uncertainty.csv"
+    deadline = time.monotonic() + 120
+    while not (marker.is_file() and marker.stat().st_size > 100) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "--restart" in stdout, stderr
+    state = json.loads((out / "state.json").read_text())
+    assert state["stage"] == "explore" and not (out / "round_1" / "flagged.extxyz").exists()
+    assert json.loads((out / "round_1/md/walker_0/summary.json").read_text())["status"] == "interrupted"
+    done = subprocess.run(cmd + ["--restart"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    rows = list(csv.DictReader(open(out / "report.csv")))
+    assert rows[0]["md_steps_completed"] == "800" and rows[0]["n_labelled"] == "4"
+
+
+def test_the_example_config_passes_every_check_with_its_shipped_starting_model(tmp_path):
+    pytest.importorskip("pyscf", reason="the example's oracle is PySCF: pip install -e '.[dft]'")
+    from blip_ase.active.loop import check_inputs
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "active_learning" / "learn.yaml"
+    config = load_learn_config(example)
+    assert config.oracle.name == "pyscf:b3lyp/6-31g*" and Path(config.test_data).is_file()
+    assert check_inputs(config, tmp_path / "al_run", restart=False) is None and not (tmp_path / "al_run").exists()

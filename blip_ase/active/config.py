@@ -186,7 +186,10 @@ def _check(cfg: LearnConfig) -> None:
         raise ValueError("explore.structures and explore.temperatures_K must each list at least one entry")
     set_by_loop = sorted(set(e.md) & set(LOOP_MD_FIELDS))
     if set_by_loop:
-        raise ValueError(f"explore.md may not set {set_by_loop}: the loop sets them (temperatures: explore.temperatures_K, seed: the top-level seed)")
+        raise ValueError(
+            f"explore.md may not set {set_by_loop}: the loop sets them "
+            "(temperatures: explore.temperatures_K, seed: the top-level seed)"
+        )
     md = e.md_config()  # raises for unknown keys and bad values
     th = md.thresholds
     if th.force_std_flag is None and th.relative_flag is None and th.energy_std_flag is None and not th.per_element:

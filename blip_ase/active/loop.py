@@ -93,7 +93,8 @@ def check_inputs(config: LearnConfig, out: Path, *, restart: bool) -> dict | Non
         changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k)
                          and not any(k == c or k.startswith(c + ".") for c in RESTART_CHANGEABLE))
         if changed:
-            raise ValueError(f"--restart with a config that changes {changed}; only {sorted(RESTART_CHANGEABLE)} may change")
+            allowed = sorted(RESTART_CHANGEABLE)
+            raise ValueError(f"--restart with a config that changes {changed}; only {allowed} may change")
     elif out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"output directory {out} already exists; pass --restart to continue its loop")
     for name in ("train_data", "val_data", "test_data"):
@@ -143,6 +144,7 @@ def run_learn(
     if state["stage"] == "explore":  # a restart may raise max_rounds or max_labels
         state["final"] = final_reason(config, state["round"] - 1, state["labels_spent"])
     loop = _Loop(config, out, state, device)
+    loop.save()  # a kill before the first stage ends can be restarted
     while state["status"] == "running":
         loop.step()
     return state
@@ -319,7 +321,8 @@ class _Loop:
         label = checked(label, len(atoms))
         if label.error is None:
             info = {k: atoms.info[k] for k in PROVENANCE_KEYS} | {"oracle": self.config.oracle.name}
-            _write_frames(self.rdir / "labels" / f"{frame_id}.extxyz", [_labelled(atoms, label.energy, label.forces, info)])
+            frame = _labelled(atoms, label.energy, label.forces, info)
+            _write_frames(self.rdir / "labels" / f"{frame_id}.extxyz", [frame])
         else:
             write_json(self.rdir / "labels" / f"{frame_id}.failed.json", {"frame_id": frame_id, "error": label.error})
         line = json.dumps({"frame_id": frame_id, "ok": label.error is None, "seconds": label.seconds, "pid": label.pid})

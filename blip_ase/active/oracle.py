@@ -99,7 +99,9 @@ def check_oracle(config: OracleConfig, structures: Sequence[Atoms]) -> None:
         try:
             libxc.parse_xc(config.method)
         except Exception as exc:  # KeyError for an unknown functional name
-            raise ValueError(f"PySCF does not know the method {config.method!r} ({exc}); use 'hf' or a functional") from None
+            raise ValueError(
+                f"PySCF does not know the method {config.method!r} ({exc}); use 'hf' or a functional"
+            ) from None
     for atoms in structures:
         if atoms.pbc.any():
             raise ValueError(f"the pyscf oracle labels molecules; {atoms.get_chemical_formula()} is periodic")

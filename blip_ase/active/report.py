@@ -46,7 +46,7 @@ def write_report(out: Path, state: dict) -> None:
         for row in rows:
             writer.writerow({k: "" if row.get(k) is None else row.get(k) for k in REPORT_FIELDS})
     tmp.replace(out / "report.csv")
-    if rows:
+    if rows and (out / f"round_{rows[-1]['round']}").is_dir():
         write_json(out / f"round_{rows[-1]['round']}" / "metrics.json", rows[-1])
 
 
