@@ -262,7 +262,7 @@ def test_a_kill_during_labelling_or_training_loses_no_frame_and_labels_none_twic
     """SIGKILL ``blip learn`` while the oracle runs (each call delayed by the test hook) or while
     the model trains; ``--restart`` finishes the loop."""
     out = cu_root / f"run_kill_{stage}"
-    epochs = 2 if stage == "label" else 100
+    epochs = 2 if stage == "label" else 60
     config = _config(cu_root, f"kill_{stage}.yaml", train={"config": {"epochs": epochs}, "calibration_samples": 4})
     cmd = [sys.executable, "-m", "blip_ase.cli.main", "learn", str(config), "--out", str(out)]
     env = {**os.environ, "BLIP_LEARN_LABEL_DELAY_S": "0.7" if stage == "label" else "0"}
@@ -357,7 +357,7 @@ def test_a_restart_with_more_rounds_continues_a_loop_that_stopped_at_max_rounds(
 def test_ctrl_c_during_the_exploration_stops_the_loop_and_restart_reruns_the_walker(cu_root):
     """An interrupted walker is not a halt: the loop must not go on to select from a cut-short run."""
     out = cu_root / "run_sigint"
-    config = _config(cu_root, "sigint.yaml", explore={"steps": 400})
+    config = _config(cu_root, "sigint.yaml", explore={"steps": 300})
     cmd = [sys.executable, "-m", "blip_ase.cli.main", "learn", str(config), "--out", str(out)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     marker = out / "round_1" / "md" / "walker_0" / "uncertainty.csv"
@@ -373,7 +373,7 @@ def test_ctrl_c_during_the_exploration_stops_the_loop_and_restart_reruns_the_wal
     done = subprocess.run(cmd + ["--restart"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     rows = list(csv.DictReader(open(out / "report.csv")))
-    assert rows[0]["md_steps_completed"] == "800" and rows[0]["n_labelled"] == "4"
+    assert rows[0]["md_steps_completed"] == "600" and rows[0]["n_labelled"] == "4"
 
 
 def test_the_example_config_passes_every_check_with_its_shipped_starting_model(tmp_path):
