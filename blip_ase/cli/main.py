@@ -18,12 +18,14 @@ SUBCOMMANDS = {
     "md": "blip_ase.cli.md",
     "eval": "blip_ase.cli.eval",
     "calibrate": "blip_ase.cli.calibrate",
+    "learn": "blip_ase.cli.learn",
 }
 HELP = {
     "train": "train a BLIP (or deterministic) potential",
     "md": "run uncertainty-monitored molecular dynamics",
     "eval": "evaluate accuracy and uncertainty (ECE, NLL, CRPS, Spearman, AUROC) of a checkpoint",
     "calibrate": "fit variance scale factors (optionally isotonic) on validation data",
+    "learn": "active learning: monitored MD, selection, DFT/ASE/external labels, fine-tuning, round after round",
 }
 
 

@@ -155,10 +155,16 @@ def _load(path: str | Path, model: Potential, use_stress: bool, name: str) -> Gr
     return model.make_dataset(read_frames(path), use_stress=use_stress, name=name)
 
 
-def train(cfg: TrainConfig, train_path: str | Path, val_path: str | Path, out_dir: str | Path, *, overwrite: bool = False) -> dict:
+def train(
+    cfg: TrainConfig, train_path: str | Path, val_path: str | Path, out_dir: str | Path, *, overwrite: bool = False,
+    init_checkpoint: str | Path | None = None,
+) -> dict:  # fmt: skip
     """Train a model and write ``out_dir/model.pt`` (the epoch chosen by ``cfg.select_by``) and
     ``out_dir/log.csv``. Under torchrun, one model across the processes
     (:mod:`blip_ase.training.distributed`); rank 0 writes the files.
+
+    With ``init_checkpoint`` the model is that checkpoint's (fine-tuning): its architecture,
+    elements and normalisation are kept, and ``cfg``'s architecture sections are ignored.
 
     Returns:
         Summary: best epoch, validation metrics of the best checkpoint (MAP), wall time.
@@ -180,13 +186,19 @@ def train(cfg: TrainConfig, train_path: str | Path, val_path: str | Path, out_di
     distributed.check_batch_size(cfg.batch_size, distributed.world_size())
     use_stress = cfg.loss.stress_weight > 0
     train_frames = read_frames(train_path)
-    elements = cfg.elements or sorted({int(z) for a in train_frames for z in a.numbers})
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
-        model = build_model(cfg, elements)
+    if init_checkpoint is not None:
+        from blip_ase.models.checkpoint import load_checkpoint
+
+        model = load_checkpoint(init_checkpoint)[0]
+    else:
+        elements = cfg.elements or sorted({int(z) for a in train_frames for z in a.numbers})
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            model = build_model(cfg, elements)
     train_data = model.make_dataset(train_frames, use_stress=use_stress, name=str(train_path))
     val_data = _load(val_path, model, use_stress, str(val_path))
-    fit_normalisation(model, train_data)
+    if init_checkpoint is None:
+        fit_normalisation(model, train_data)
     model.to(device=device, dtype=dtype)
     optimizer = make_optimizer(model, cfg)
     steps_per_epoch = math.ceil(len(train_data) / cfg.batch_size)

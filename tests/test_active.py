@@ -1,0 +1,386 @@
+"""``blip learn``: selection, oracles, the loop end to end, restart after a kill, bad input.
+
+The loop tests run real components: ``blip md`` exploration with a tiny BLIP-PaiNN, ASE's EMT
+(and PySCF HF/STO-3G when installed) as oracles, real fine-tuning and calibration.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from ase import Atoms
+from ase.build import bulk, molecule
+from ase.calculators.emt import EMT
+from ase.calculators.singlepoint import SinglePointCalculator
+from ase.io import read, write
+
+from blip_ase.active import farthest_point_sampling, load_learn_config, run_learn, select
+from blip_ase.active.config import OracleConfig, SelectConfig
+from blip_ase.active.oracle import check_oracle, label_frames, label_one
+from blip_ase.active.selection import descriptors
+from blip_ase.cli.main import main
+from blip_ase.training import TrainConfig, train
+from blip_ase.training.config import from_dict
+
+FAST_MD = {"timestep_fs": 2.0, "uq_interval": 5, "n_samples": 4}
+TINY_TRAIN = {
+    "painn": {"n_features": 8, "n_interactions": 1, "n_rbf": 6, "cutoff": 3.5},
+    "bayes": {"hidden": 8, "n_hidden": 1, "n_rbf": 6, "p_init": 0.1, "kl_weight": 1.0e-3},
+    "epochs": 5, "batch_size": 8, "progress": False,
+}  # fmt: skip
+
+
+def _labelled(atoms: Atoms, calc) -> Atoms:
+    atoms = atoms.copy()
+    atoms.calc = calc
+    energy, forces = atoms.get_potential_energy(), atoms.get_forces()
+    atoms.calc = SinglePointCalculator(atoms, energy=energy, forces=forces)
+    return atoms
+
+
+def _start_model(root: Path, frames: list[Atoms], start: Atoms) -> None:
+    write(root / "train.extxyz", frames[: len(frames) * 3 // 5])
+    write(root / "val.extxyz", frames[len(frames) * 3 // 5 :])
+    write(root / "start.xyz", start)
+    train(from_dict(TrainConfig, TINY_TRAIN), root / "train.extxyz", root / "val.extxyz", root / "model0")
+
+
+@pytest.fixture(scope="module")
+def cu_root(tmp_path_factory) -> Path:
+    """A periodic 4-atom Cu cell: 14 rattled EMT frames and a tiny BLIP model trained on 8 of them."""
+    root = tmp_path_factory.mktemp("cu")
+    cell = bulk("Cu", "fcc", a=3.6, cubic=True)
+    frames = []
+    for k in range(14):
+        a = cell.copy()
+        a.rattle(0.05, seed=k)
+        frames.append(_labelled(a, EMT()))
+    _start_model(root, frames, cell)
+    return root
+
+
+def _config(root: Path, name: str = "learn.yaml", **sections) -> Path:
+    """A learn config for the Cu setup: every check flagged (flag 0), so rounds go on until
+    ``max_rounds``; ``sections`` replace or extend the defaults."""
+    data = {
+        "model": "model0/model.pt", "train_data": "train.extxyz", "val_data": "val.extxyz",
+        "explore": {"structures": ["start.xyz"], "temperatures_K": [600, 1200], "steps": 30,
+                    "md": {**FAST_MD, "thresholds": {"force_std_flag": 0.0}}},
+        "select": {"budget": 4},
+        "oracle": {"kind": "ase", "calculator": "ase.calculators.emt:EMT", "workers": 1},
+        "train": {"config": {"epochs": 2}, "calibration_samples": 4},
+        "stop": {"max_rounds": 1, "max_flagged_fraction": 0.5},
+    }  # fmt: skip
+    for key, value in sections.items():
+        data[key] = {**data[key], **value} if isinstance(value, dict) else value
+    path = root / name
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+# ------------------------------------------------------------------------------------------- selection
+
+
+def test_fps_on_points_on_a_line_returns_the_ends_then_the_middle():
+    desc = np.arange(11.0)[:, None]
+    assert farthest_point_sampling(desc, 3) == [0, 10, 5]
+
+
+def test_fps_on_a_square_with_a_centre_picks_the_opposite_corner_second():
+    desc = np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [0.5, 0.5]])
+    chosen = farthest_point_sampling(desc, 4)
+    assert chosen[:2] == [0, 3] and set(chosen[2:]) == {1, 2}
+
+
+def test_weighted_fps_starts_at_the_most_uncertain_frame():
+    desc = np.arange(5.0)[:, None]
+    assert select(desc, np.array([0.1, 0.2, 0.9, 0.3, 0.1]), SelectConfig(budget=1))[0] == 2
+
+
+def test_near_duplicates_are_dropped_and_the_budget_is_respected():
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(4, 3)) * 10
+    desc = np.concatenate([centres, centres + 1e-4])  # every frame has a twin at distance < 0.001
+    uncertainty = rng.uniform(size=8)
+    for strategy in ("fps", "max_variance"):
+        config = SelectConfig(strategy=strategy, budget=10, min_distance=0.01)
+        chosen = select(desc, uncertainty, config)
+        assert len(chosen) == 4 and len({i % 4 for i in chosen}) == 4, strategy
+        assert len(select(desc, uncertainty, SelectConfig(strategy=strategy, budget=3, min_distance=0.01))) == 3
+        assert select(desc, uncertainty, config, reference=centres[:3]) in ([3], [7]), strategy
+
+
+def test_the_same_seed_gives_the_same_selection_and_another_seed_another():
+    desc, uncertainty = np.random.default_rng(1).normal(size=(40, 5)), np.random.default_rng(2).uniform(size=40)
+    for strategy in ("fps", "max_variance", "random"):
+        a = select(desc, uncertainty, SelectConfig(strategy=strategy, budget=6, seed=3))
+        assert a == select(desc, uncertainty, SelectConfig(strategy=strategy, budget=6, seed=3))
+    assert a != select(desc, uncertainty, SelectConfig(strategy="random", budget=6, seed=4))
+
+
+def test_descriptors_are_invariant_to_rotation_and_atom_order_and_tell_structures_apart(cu_root):
+    from blip_ase.models.checkpoint import load_checkpoint
+
+    model = load_checkpoint(cu_root / "model0" / "model.pt")[0]
+    frames = read(cu_root / "train.extxyz", ":")[:2]
+    moved = frames[0].copy()
+    moved.rotate(40, "z", rotate_cell=True)
+    moved = moved[[2, 0, 3, 1]]
+    d = descriptors(model, [frames[0], moved, frames[1]])
+    assert np.allclose(d[0], d[1], atol=1e-6)
+    assert np.linalg.norm(d[0] - d[2]) > 1e-4
+
+
+# ------------------------------------------------------------------------------------------- oracles
+
+
+def test_labelling_on_two_workers_uses_two_processes_and_gives_the_serial_labels(cu_root):
+    frames = read(cu_root / "val.extxyz", ":")[:4]
+    config = OracleConfig(kind="ase", calculator="ase.calculators.emt:EMT")
+    results = {}
+    for workers in (1, 2):
+        got = {}
+        label_frames(frames, config, lambda k, lab: got.__setitem__(k, lab), workers=workers)
+        results[workers] = got
+    assert sorted(results[2]) == [0, 1, 2, 3]
+    pids = {lab.pid for lab in results[2].values()}
+    assert len(pids) == 2 and os.getpid() not in pids
+    for k, atoms in enumerate(frames):  # the file's labels were computed before rounding positions to 8 digits
+        one, two = results[1][k], results[2][k]
+        assert np.array_equal(two.forces, one.forces) and two.energy == one.energy
+        assert np.allclose(results[2][k].forces, atoms.get_forces(), atol=1e-5)
+
+
+def test_a_non_finite_label_or_a_failing_calculation_is_a_recorded_failure():
+    far = Atoms("Cu2", positions=[[0, 0, 0], [0, 0, 0]])  # coincident atoms: EMT divides by zero
+    label = label_one(far, OracleConfig(kind="ase", calculator="ase.calculators.emt:EMT"))
+    assert label.error == "non-finite, missing or misshapen forces"
+    uranium = Atoms("U2", positions=[[0, 0, 0], [0, 0, 2.5]])  # EMT has no parameters for U: it raises
+    bad = label_one(uranium, OracleConfig(kind="ase", calculator="ase.calculators.emt:EMT"))
+    assert bad.error.startswith("NotImplementedError") and bad.energy is None
+
+
+def test_pyscf_labels_are_in_ev_and_an_unconverged_scf_is_a_recorded_failure():
+    pyscf = pytest.importorskip("pyscf", reason="PySCF is the [dft] extra: pip install -e '.[dft]'")
+    from ase import units
+
+    water = molecule("H2O")
+    config = OracleConfig(kind="pyscf", method="hf", basis="sto-3g")
+    label = label_one(water, config)
+    mol = pyscf.gto.M(atom=list(zip(water.get_chemical_symbols(), water.positions.tolist())), basis="sto-3g", verbose=0)
+    mf = pyscf.scf.RHF(mol)
+    assert np.isclose(label.energy, mf.kernel() * units.Hartree)
+    assert np.allclose(label.forces, -mf.nuc_grad_method().kernel() * units.Hartree / units.Bohr)
+    assert abs(label.forces.sum(0)).max() < 1e-4  # no net force: the gradient is the molecule's
+    failed = label_one(water, OracleConfig(kind="pyscf", method="b3lyp", basis="6-31g*", max_cycle=1))
+    assert failed.error and "did not converge" in failed.error
+
+
+def test_a_missing_pyscf_says_how_to_install_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "pyscf", None)
+    monkeypatch.setitem(sys.modules, "pyscf.dft", None)
+    with pytest.raises(ValueError, match=r'pip install "blip-ase\[dft\]"'):
+        check_oracle(OracleConfig(kind="pyscf"), [molecule("H2O")])
+
+
+# ------------------------------------------------------------------------------------------- the loop
+
+
+def _ids(path: Path) -> list[str]:
+    return [a.info["frame_id"] for a in read(path, ":")] if path.stat().st_size else []
+
+
+def _logged(out: Path) -> list[str]:
+    logs = sorted(out.glob("round_*/labels.log"))
+    return [json.loads(line)["frame_id"] for p in logs for line in p.read_text().splitlines()]
+
+
+def test_the_emt_loop_labels_fine_tunes_and_reports_round_after_round(cu_root, capsys):
+    out = cu_root / "run_emt"
+    assert main(["learn", str(_config(cu_root, stop={"max_rounds": 3, "max_labels": 6})), "--out", str(out)]) == 0
+    assert "label budget spent: 6 oracle calls" in capsys.readouterr().out
+    state = json.loads((out / "state.json").read_text())
+    assert state["status"] == "stopped" and state["labels_spent"] == 6 and state["model"].endswith("round_2/model.pt")
+    rows = list(csv.DictReader(open(out / "report.csv")))
+    assert [int(r["round"]) for r in rows] == [1, 2, 3] and [r["n_selected"] for r in rows] == ["4", "2", ""]
+    assert int(rows[1]["n_train_total"]) + int(rows[1]["n_val_total"]) == 14 + 6
+    assert all(float(r["val_forces_mae"]) > 0 for r in rows[:2]) and int(rows[2]["md_steps_completed"]) == 60
+    for k in (1, 2):
+        rdir = out / f"round_{k}"
+        selected, labelled = read(rdir / "selected.extxyz", ":"), read(rdir / "labelled.extxyz", ":")
+        assert [a.info["frame_id"] for a in labelled] == [a.info["frame_id"] for a in selected]
+        for atoms in labelled:  # the oracle's labels, with provenance
+            assert np.allclose(atoms.get_forces(), _labelled(atoms, EMT()).get_forces())
+            assert atoms.info["oracle"] == "ase:ase.calculators.emt:EMT" and atoms.info["round"] == k
+            assert {"walker", "step", "uncertainty", "split"} <= set(atoms.info)
+        assert json.loads((rdir / "metrics.json").read_text())["round"] == k and (rdir / "model.pt").is_file()
+    labelled = _ids(out / "round_1/labelled.extxyz") + _ids(out / "round_2/labelled.extxyz")
+    assert (out / "report.png").stat().st_size > 0 and sorted(_logged(out)) == sorted(labelled)
+
+
+def test_a_clean_exploration_stops_the_loop_before_any_label(cu_root):
+    md = {**FAST_MD, "thresholds": {"force_std_flag": 50.0, "force_std_halt": 100.0}}
+    state = run_learn(load_learn_config(_config(cu_root, "clean.yaml", explore={"md": md})), cu_root / "run_clean")
+    assert state["stopped"].startswith("converged") and state["labels_spent"] == 0
+    assert not (cu_root / "run_clean" / "round_2").exists() and state["rounds"][0]["halted"] == 0
+
+
+def test_the_external_oracle_writes_to_label_waits_and_continues_with_the_files_labels(cu_root, capsys):
+    config, out = _config(cu_root, "external.yaml", oracle={"kind": "external"}), cu_root / "run_external"
+    assert main(["learn", str(config), "--out", str(out)]) == 0
+    assert "waiting for labels" in capsys.readouterr().out
+    to_label = read(out / "round_1" / "to_label.extxyz", ":")
+    assert len(to_label) == 4 and not (out / "round_1" / "labelled.extxyz").exists()
+    done = [_labelled(a, EMT()) for a in to_label]
+    done[1].calc.results["forces"][0, 0] = np.nan  # a broken label is recorded and skipped
+    del done[2]  # a frame the user did not label
+    for a, src in zip(done, [to_label[0], to_label[1], to_label[3]]):
+        a.info["frame_id"] = src.info["frame_id"]
+    write(out / "round_1" / "labelled.extxyz", done)
+    assert main(["learn", str(config), "--out", str(out), "--restart"]) == 0
+    row = json.loads((out / "round_1" / "metrics.json").read_text())
+    assert row["n_labelled"] == 2 and row["n_failed"] == 2
+    errors = {f["error"] for f in row["failures"]}
+    assert errors == {"non-finite, missing or misshapen forces", "missing from labelled.extxyz"}
+    assert (out / "round_1" / "labelled.external.extxyz").is_file() and (out / "round_1" / "model.pt").is_file()
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL")
+@pytest.mark.parametrize("stage", ["label", "train"])
+def test_a_kill_during_labelling_or_training_loses_no_frame_and_labels_none_twice(cu_root, stage):
+    """SIGKILL ``blip learn`` while the oracle runs (each call delayed by the test hook) or while
+    the model trains; ``--restart`` finishes the loop."""
+    out = cu_root / f"run_kill_{stage}"
+    epochs = 2 if stage == "label" else 60
+    config = _config(cu_root, f"kill_{stage}.yaml", train={"config": {"epochs": epochs}, "calibration_samples": 4})
+    cmd = [sys.executable, "-m", "blip_ase.cli.main", "learn", str(config), "--out", str(out)]
+    env = {**os.environ, "BLIP_LEARN_LABEL_DELAY_S": "0.7" if stage == "label" else "0"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    marker = out / "round_1" / ("labels.log" if stage == "label" else "train/log.csv")
+    deadline = time.monotonic() + 120
+    while not (marker.is_file() and marker.stat().st_size) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()
+    state = json.loads((out / "state.json").read_text())
+    assert state["stage"] == stage and state["status"] == "running"
+    if stage == "label":
+        assert 1 <= len(_logged(out)) < 4
+    done = subprocess.run(cmd + ["--restart"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    selected, logged = _ids(out / "round_1" / "selected.extxyz"), _logged(out)
+    assert sorted(logged) == sorted(selected) and len(selected) == 4  # each frame labelled exactly once
+    assert _ids(out / "round_1" / "labelled.extxyz") == selected
+    assert json.loads((out / "state.json").read_text())["stopped"].startswith("max_rounds")
+
+
+def test_the_pyscf_loop_runs_hf_sto3g_on_water(tmp_path):
+    pytest.importorskip("pyscf", reason="PySCF is the [dft] extra: pip install -e '.[dft]'")
+    water = molecule("H2O")
+    frames = []
+    for k in range(10):
+        a = water.copy()
+        a.rattle(0.03, seed=k)
+        frames.append(a)
+    config = OracleConfig(kind="pyscf", method="hf", basis="sto-3g")
+    frames = [_labelled(a, SinglePointCalculator(a, energy=lab.energy, forces=lab.forces))
+              for a, lab in zip(frames, [label_one(a, config) for a in frames])]
+    _start_model(tmp_path, frames, water)
+    md = {"timestep_fs": 0.5, "uq_interval": 5, "n_samples": 4, "thresholds": {"force_std_flag": 0.0}}
+    path = _config(tmp_path, explore={"temperatures_K": [300], "md": md}, select={"budget": 3},
+                   oracle={"kind": "pyscf", "method": "hf", "basis": "sto-3g", "workers": 2})
+    state = run_learn(load_learn_config(path), tmp_path / "run")
+    labelled = read(tmp_path / "run" / "round_1" / "labelled.extxyz", ":")
+    assert state["stopped"].startswith("max_rounds") and len(labelled) == 3
+    assert {a.info["oracle"] for a in labelled} == {"pyscf:hf/sto-3g"}
+    assert np.isclose(labelled[0].get_potential_energy(), label_one(labelled[0], config).energy)
+
+
+# ------------------------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    "case, match",
+    [
+        ({"oracle": {"calculator": "no_such_module:Calc"}}, "cannot be imported"),
+        ({"oracle": {"kind": "pyscf", "method": "nosuchfunctional"}}, "does not know the method"),
+        ({"oracle": {"kind": "pyscf", "basis": "nosuchbasis"}}, "rejects basis"),
+        ({"select": {"budget": 0}}, "select.budget must be an integer >= 1"),
+        ({"explore": {"structures": ["h2o.xyz"]}}, r"elements \['H', 'O'\] the model"),
+        ({"explore": {"md": {"temperature_K": 5}}}, "explore.md may not set"),
+    ],
+)
+def test_bad_input_is_refused_before_any_work(cu_root, capsys, case, match):
+    if case.get("oracle", {}).get("kind") == "pyscf":
+        pytest.importorskip("pyscf", reason="PySCF is the [dft] extra: pip install -e '.[dft]'")
+        case["explore"] = {"structures": ["h2o.xyz"]}  # PySCF checks method and basis on the molecules
+    write(cu_root / "h2o.xyz", molecule("H2O"))
+    out = cu_root / "run_bad"
+    assert main(["learn", str(_config(cu_root, "bad.yaml", **case)), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("blip learn: error:") and re.search(match, err), err
+    assert not out.exists()
+
+
+def test_an_existing_out_without_restart_is_refused_and_left_untouched(cu_root, capsys):
+    out = cu_root / "run_existing"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep")
+    assert main(["learn", str(_config(cu_root)), "--out", str(out)]) == 2
+    assert "already exists; pass --restart" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["precious.txt"]
+
+
+def test_a_restart_with_more_rounds_continues_a_loop_that_stopped_at_max_rounds(cu_root):
+    config, out = load_learn_config(_config(cu_root, "more.yaml")), cu_root / "run_more"
+    assert run_learn(config, out)["stopped"].startswith("max_rounds: 1")
+    first = (out / "round_1" / "labelled.extxyz").read_bytes()
+    state = run_learn(config, out, restart=True, max_rounds=2)
+    assert state["stopped"].startswith("max_rounds: 2") and [r["round"] for r in state["rounds"]] == [1, 2, 3]
+    assert (out / "round_2" / "model.pt").is_file() and (out / "round_1" / "labelled.extxyz").read_bytes() == first
+    with pytest.raises(ValueError, match=r"changes \['select.budget'\]"):
+        run_learn(load_learn_config(_config(cu_root, "more.yaml", select={"budget": 2})), out, restart=True)
+
+
+def test_ctrl_c_during_the_exploration_stops_the_loop_and_restart_reruns_the_walker(cu_root):
+    """An interrupted walker is not a halt: the loop must not go on to select from a cut-short run."""
+    out = cu_root / "run_sigint"
+    config = _config(cu_root, "sigint.yaml", explore={"steps": 300})
+    cmd = [sys.executable, "-m", "blip_ase.cli.main", "learn", str(config), "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    marker = out / "round_1" / "md" / "walker_0" / "uncertainty.csv"
+    deadline = time.monotonic() + 120
+    while not (marker.is_file() and marker.stat().st_size > 100) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "--restart" in stdout, stderr
+    state = json.loads((out / "state.json").read_text())
+    assert state["stage"] == "explore" and not (out / "round_1" / "flagged.extxyz").exists()
+    assert json.loads((out / "round_1/md/walker_0/summary.json").read_text())["status"] == "interrupted"
+    done = subprocess.run(cmd + ["--restart"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    rows = list(csv.DictReader(open(out / "report.csv")))
+    assert rows[0]["md_steps_completed"] == "600" and rows[0]["n_labelled"] == "4"
+
+
+def test_the_example_config_passes_every_check_with_its_shipped_starting_model(tmp_path):
+    pytest.importorskip("pyscf", reason="the example's oracle is PySCF: pip install -e '.[dft]'")
+    from blip_ase.active.loop import check_inputs
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "active_learning" / "learn.yaml"
+    config = load_learn_config(example)
+    assert config.oracle.name == "pyscf:b3lyp/6-31g*" and Path(config.test_data).is_file()
+    assert check_inputs(config, tmp_path / "al_run", restart=False) is None and not (tmp_path / "al_run").exists()
