@@ -151,7 +151,7 @@ def _temperatures(text: str) -> float | tuple[float, ...]:
     try:
         values = tuple(float(v) for v in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a temperature (K) or a comma-separated list, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected a temperature (K) or a comma-separated list: {text!r}") from None
     return values[0] if len(values) == 1 else values
 
 
