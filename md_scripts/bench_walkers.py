@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from blip_ase.md import MDConfig, Thresholds, run_md
+from blip_ase.md import walkers
 from blip_ase.md.walkers import WalkersConfig, run_walkers
 
 
@@ -36,9 +37,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--separate-runs", type=int, default=4, help="separate runs timed per N (scaled to N)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (both engines)")
+    parser.add_argument(
+        "--mc-batch-atoms", type=int, default=None,
+        help="atoms per batched Monte Carlo pass of the walkers on CPU (default: walkers.CPU_MAX_BATCH_ATOMS)",
+    )  # fmt: skip
     parser.add_argument("--out", default="bench_walkers.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.mc_batch_atoms is not None:
+        walkers.CPU_MAX_BATCH_ATOMS = args.mc_batch_atoms
     thresholds = Thresholds(force_std_flag=0.25, force_std_halt=1.0)  # blip md's defaults for the shipped model
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -53,8 +60,10 @@ def main(argv: list[str] | None = None) -> int:
         for n in args.walkers:
             batch = run_walkers(WalkersConfig(md(f"batch{n}"), n_walkers=n))["timings"]
             m = min(n, args.separate_runs)
-            separate = [run_md(md(f"single{n}_{k}", seed=k))["timings"]["wall_seconds"] for k in range(m)]
+            timings = [run_md(md(f"single{n}_{k}", seed=k))["timings"] for k in range(m)]
+            separate = [t["wall_seconds"] for t in timings]
             single_rate = m * args.steps / sum(separate)
+            checks = args.steps // args.uq_interval + 1  # step 0 is checked too
             batch_rate = batch["walker_steps"] / batch["wall_seconds"]
             rows.append({
                 "walkers": n,
@@ -65,6 +74,11 @@ def main(argv: list[str] | None = None) -> int:
                 "batched_uq_seconds": batch["uq_seconds"],
                 "separate_runs_timed": m,
                 "separate_seconds_per_run": sum(separate) / m,
+                # per walker: Monte Carlo seconds per check, and the rest (MAP dynamics, writers) per step
+                "batched_check_seconds_per_walker": batch["uq_seconds"] / checks / n,
+                "separate_check_seconds": sum(t["uq_seconds"] for t in timings) / checks / m,
+                "batched_step_seconds_per_walker": (batch["wall_seconds"] - batch["uq_seconds"]) / args.steps / n,
+                "separate_step_seconds": sum(t["wall_seconds"] - t["uq_seconds"] for t in timings) / args.steps / m,
             })  # fmt: skip
             r = rows[-1]
             print(f"N={n:3d}: batched {batch_rate:8.1f} walker-steps/s, separate {single_rate:6.1f} "
@@ -77,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         "rows": rows,
     }
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    print(f"wrote {args.out}", flush=True)
     return 0
 
 

@@ -176,6 +176,11 @@ def test_bad_walker_inputs_are_refused_before_anything_is_written(model_path, st
         assert blip(common + extra) == 2, extra
         assert message in capsys.readouterr().err, extra
         assert not out.exists()
+    out.mkdir()
+    (out / "keep.txt").write_text("an earlier result")
+    assert blip(common + ["--walkers", "2"]) == 2
+    assert capsys.readouterr().err.strip().endswith("already exists; pass --overwrite")
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
 
 
 def test_blip_md_walkers_writes_a_summary_per_walker_and_a_plot(model_path, tmp_path, capsys):
@@ -190,3 +195,37 @@ def test_blip_md_walkers_writes_a_summary_per_walker_and_a_plot(model_path, tmp_
     assert summary["engine"].startswith("torch-sim 0.3.0 nvt_langevin")
     assert (out / "uncertainty.png").stat().st_size > 1000
     assert {r["walker"] for r in read_history(out / "uncertainty.csv")} == {0, 1, 2}
+
+
+def test_periodic_walkers_in_a_batch_equal_their_single_runs(tmp_path):
+    """Bulk cells (per-structure neighbour lists with lattice shifts, torch-sim wrapping positions
+    into the cell): a batch of two rattled Mo cells equals two single-walker runs."""
+    from ase.build import bulk
+
+    from blip_ase.models.checkpoint import save_checkpoint
+    from conftest import build_potential
+
+    model = tmp_path / "mo.pt"
+    save_checkpoint(model, build_potential())  # float64, knows H, N, Mo
+    cells = []
+    for k in range(2):
+        cell = bulk("Mo", "bcc", a=3.15, cubic=True).repeat((2, 2, 2))
+        cell.rattle(0.05, seed=k)
+        cells.append(cell)
+    write(tmp_path / "mo.extxyz", cells)
+    thresholds = Thresholds(force_std_flag=0.0, force_std_halt=None)
+    md = config(model, tmp_path / "batch", ensemble="nve", steps=20, thresholds=thresholds)
+    starts, temperatures = tmp_path / "mo.extxyz", (600.0, 1200.0)
+    run_walkers(WalkersConfig(md, n_walkers=2, temperatures_K=temperatures, structures=(str(starts),)))
+    for k in range(2):
+        alone = config(model, tmp_path / f"alone{k}", ensemble="nve", steps=20, seed=k, thresholds=thresholds)
+        run_walkers(WalkersConfig(alone, temperatures_K=(temperatures[k],), structures=(f"{starts}@{k}",)))
+        frames = read(tmp_path / "batch" / f"walker_{k}.traj", ":")
+        assert frames[-1].pbc.all() and np.allclose(frames[-1].cell.array, cells[k].cell.array)
+        batch_traj, alone_traj = trajectory(tmp_path / "batch", k), trajectory(tmp_path / f"alone{k}", 0)
+        assert np.abs(batch_traj[-1] - batch_traj[0]).max() > 1e-3  # the atoms moved
+        np.testing.assert_allclose(batch_traj, alone_traj, rtol=0, atol=1e-9)
+        stds = [[r["max_force_std"] for r in history(out, w)] for out, w in ((tmp_path / "batch", k), (Path(alone.out), 0))]
+        np.testing.assert_allclose(stds[0], stds[1], rtol=1e-8)
+    flagged = read(tmp_path / "batch" / "flagged.extxyz", ":")
+    assert {f.info["walker"] for f in flagged} == {0, 1} and all(f.pbc.all() for f in flagged)

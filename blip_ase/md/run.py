@@ -58,8 +58,9 @@ OUTPUT_FILES = (
 _APPENDABLE = {"flagged.extxyz": ExtXYZFrameWriter, "flagged.h5": HDF5FrameWriter, "uncertainty.csv": HistoryCSV}
 
 
-def check_output(config: MDConfig) -> Path:
-    """The output directory, checked (nothing is created here).
+def check_output(config: MDConfig, *, restartable: bool = True) -> Path:
+    """The output directory, checked (nothing is created here); ``restartable=False`` for runs that
+    cannot be restarted (batched walkers), whose message then offers ``--overwrite`` only.
 
     Raises:
         FileExistsError: ``out`` holds files and neither ``overwrite`` nor ``restart`` is set, or
@@ -74,17 +75,19 @@ def check_output(config: MDConfig) -> Path:
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"output path {out} exists and is not a directory")
     if out.exists() and any(out.iterdir()) and not config.overwrite:
-        raise FileExistsError(f"output directory {out} already exists; pass --overwrite or --restart")
+        raise FileExistsError(
+            f"output directory {out} already exists; pass --overwrite{' or --restart' if restartable else ''}"
+        )
     return out
 
 
-def prepare_output(config: MDConfig) -> Path:
+def prepare_output(config: MDConfig, *, restartable: bool = True) -> Path:
     """Create the output directory (clearing an earlier run's files with ``overwrite``).
 
     Raises:
         FileExistsError, FileNotFoundError: as :func:`check_output`.
     """
-    out = check_output(config)
+    out = check_output(config, restartable=restartable)
     if not config.restart:
         for name in OUTPUT_FILES:
             (out / name).unlink(missing_ok=True)

@@ -63,8 +63,9 @@ REFUSED = {
 
 CPU_MAX_BATCH_ATOMS = 4096
 """Atoms per batched Monte Carlo pass on CPU (the calculator's default is 256, chosen for bulk Mo):
-for 64 NH3 walkers and S = 16 one check took 1.20 s in passes of 256 atoms, 0.79 s of 1024 and
-0.63 s of 4096 (``/tmp/mcbench.py`` of the session that wrote this, a busy 2-core machine)."""
+for 64 NH3 walkers and S = 16 one pass of all samples was a little faster, 0.556 s per check
+against 0.585 s in passes of 256 atoms (757 against 735 walker-steps/s), from one run each of
+``md_scripts/bench_walkers.py --walkers 64 --steps 100 --separate-runs 1 --mc-batch-atoms K``."""
 
 
 @dataclass(frozen=True)
@@ -395,9 +396,9 @@ def run_walkers(config: WalkersConfig) -> dict:
     if calc.model.device.type == "cpu":  # many small systems: one pass for all samples is faster
         calc.max_batch_atoms = max(calc.max_batch_atoms, CPU_MAX_BATCH_ATOMS)
     walkers = _walkers(config, calc.model)
-    check_output(md)
+    check_output(md, restartable=False)
     model = BLIPModel(calc)
-    out = prepare_output(md)
+    out = prepare_output(md, restartable=False)
     for old in out.glob("walker_*.traj"):  # an overwritten run's trajectories
         old.unlink()
     run = WalkerRun(config, model, walkers, out)
