@@ -225,7 +225,7 @@ def test_periodic_walkers_in_a_batch_equal_their_single_runs(tmp_path):
         batch_traj, alone_traj = trajectory(tmp_path / "batch", k), trajectory(tmp_path / f"alone{k}", 0)
         assert np.abs(batch_traj[-1] - batch_traj[0]).max() > 1e-3  # the atoms moved
         np.testing.assert_allclose(batch_traj, alone_traj, rtol=0, atol=1e-9)
-        stds = [[r["max_force_std"] for r in history(out, w)] for out, w in ((tmp_path / "batch", k), (Path(alone.out), 0))]
-        np.testing.assert_allclose(stds[0], stds[1], rtol=1e-8)
+        ours, theirs = history(tmp_path / "batch", k), history(Path(alone.out), 0)
+        np.testing.assert_allclose([r["max_force_std"] for r in ours], [r["max_force_std"] for r in theirs], rtol=1e-8)
     flagged = read(tmp_path / "batch" / "flagged.extxyz", ":")
     assert {f.info["walker"] for f in flagged} == {0, 1} and all(f.pbc.all() for f in flagged)
