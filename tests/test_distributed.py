@@ -214,3 +214,20 @@ def test_a_rank_other_than_0_writes_no_file_and_prints_nothing(tmp_path, monkeyp
     out, err = capsys.readouterr()
     assert out == "" and "train" not in err  # no summary, no progress bar
 
+
+def test_nproc_under_torchrun_a_missing_data_file_and_an_existing_checkpoint_are_refused_before_torchrun(
+    tmp_path, capsys, monkeypatch
+):
+    args = _train_args(tmp_path, "run")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    assert blip(["train", *args, "--nproc", "1"]) == 2
+    assert "already runs under torchrun; leave --nproc out" in capsys.readouterr().err
+    monkeypatch.delenv("WORLD_SIZE")
+    missing = [*args[:2], str(tmp_path / "nothing.extxyz"), *args[3:]]
+    assert blip(["train", *missing, "--nproc", "2"]) == 2
+    assert capsys.readouterr().err.strip() == f"blip train: error: data file {tmp_path / 'nothing.extxyz'} does not exist"
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "model.pt").write_text("")
+    assert blip(["train", *args, "--nproc", "2"]) == 2
+    assert capsys.readouterr().err.strip() == f"blip train: error: {tmp_path / 'run' / 'model.pt'} exists; pass --overwrite to replace it"

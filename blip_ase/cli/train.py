@@ -42,8 +42,15 @@ def run(args: argparse.Namespace) -> int:
         overrides["deterministic"] = True
     if args.no_progress:
         overrides["progress"] = False
+    if "nproc" in getattr(args, "given_options", ()) and "WORLD_SIZE" in os.environ:
+        raise ValueError("--nproc starts torchrun, but this process already runs under torchrun; leave --nproc out")
     cfg = load_config(args.config, **overrides)
     if args.nproc != 1:
+        for path in (args.train, args.val):  # refused here, not once per process after torchrun starts
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"data file {path} does not exist")
+        if os.path.exists(os.path.join(args.out, "model.pt")) and not args.overwrite:
+            raise FileExistsError(f"{os.path.join(args.out, 'model.pt')} exists; pass --overwrite to replace it")
         return launch(args.nproc, args.argv, threads=args.torch_threads, batch_size=cfg.batch_size)
     summary = train(cfg, args.train, args.val, args.out, overwrite=args.overwrite)
     if distributed.is_main():
@@ -58,16 +65,13 @@ def launch(n: int, argv: list[str], *, threads: int, batch_size: int) -> int:
     returns torchrun's exit status.
 
     Raises:
-        ValueError: ``n < 1``, a global ``batch_size`` that is not a multiple of ``n``, or this
-            process was itself started by torchrun.
+        ValueError: ``n < 1`` or a global ``batch_size`` that is not a multiple of ``n``.
     """
     from blip_ase.training.distributed import check_batch_size
 
     if n < 1:
         raise ValueError(f"--nproc must be >= 1, got {n}")
     check_batch_size(batch_size, n)
-    if "WORLD_SIZE" in os.environ:
-        raise ValueError("--nproc starts torchrun, but this process already runs under torchrun; leave --nproc out")
     cores = os.cpu_count() or 1
     if n * threads > cores:
         print(f"blip train: warning: {n} processes x {threads} thread(s) on {cores} CPU core(s)", file=sys.stderr)
