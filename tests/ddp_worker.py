@@ -3,7 +3,8 @@
     python -m torch.distributed.run --standalone --nproc-per-node 2 tests/ddp_worker.py step OUT BLIP_TRAIN_ARGS...
     python -m torch.distributed.run --standalone --nproc-per-node 2 tests/ddp_worker.py crash BLIP_TRAIN_ARGS...
 
-``step``: one training step of each of :data:`KINDS` on this rank's half of a global batch; every rank saves its parameters and gradients as ``OUT/<kind>_rank<r>.pt``. Then
+``step``: one training step of each of :data:`KINDS` on this rank's half of a global batch;
+every rank saves its parameters and gradients as ``OUT/<kind>_rank<r>.pt``. Then
 ``blip train BLIP_TRAIN_ARGS`` (what ``torchrun -m blip_ase.cli.main train ...`` runs), in the
 same processes to spare CI a start-up.
 ``crash``: ``blip train`` whose first training step raises on rank 1 (a stand-in for any failure).

@@ -226,8 +226,10 @@ def test_nproc_under_torchrun_a_missing_data_file_and_an_existing_checkpoint_are
     monkeypatch.delenv("WORLD_SIZE")
     missing = [*args[:2], str(tmp_path / "nothing.extxyz"), *args[3:]]
     assert blip(["train", *missing, "--nproc", "2"]) == 2
-    assert capsys.readouterr().err.strip() == f"blip train: error: data file {tmp_path / 'nothing.extxyz'} does not exist"
+    missing_error = f"blip train: error: data file {tmp_path / 'nothing.extxyz'} does not exist"
+    assert capsys.readouterr().err.strip() == missing_error
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "model.pt").write_text("")
     assert blip(["train", *args, "--nproc", "2"]) == 2
-    assert capsys.readouterr().err.strip() == f"blip train: error: {tmp_path / 'run' / 'model.pt'} exists; pass --overwrite to replace it"
+    exists_error = f"blip train: error: {tmp_path / 'run' / 'model.pt'} exists; pass --overwrite to replace it"
+    assert capsys.readouterr().err.strip() == exists_error
