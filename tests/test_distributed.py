@@ -233,3 +233,14 @@ def test_nproc_under_torchrun_a_missing_data_file_and_an_existing_checkpoint_are
     assert blip(["train", *args, "--nproc", "2"]) == 2
     exists_error = f"blip train: error: {tmp_path / 'run' / 'model.pt'} exists; pass --overwrite to replace it"
     assert capsys.readouterr().err.strip() == exists_error
+
+
+def test_more_processes_than_gpus_is_refused_before_torchrun(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a machine with one GPU
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    for device in (["--device", "cuda"], []):  # the config's device is None: CUDA when there is a GPU
+        assert blip(["train", *_train_args(tmp_path, "run"), "--nproc", "2", *device]) == 2
+        assert capsys.readouterr().err.strip() == (
+            "blip train: error: --nproc 2 on CUDA needs one GPU per process; this machine has 1 "
+            "(--device cpu trains on CPU processes)"
+        )

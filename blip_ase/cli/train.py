@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     if args.nproc != 1:
         checkpoint = None if args.overwrite else os.path.join(args.out, "model.pt")
         return launch(args.nproc, args.argv, threads=args.torch_threads, batch_size=cfg.batch_size,
-                      data=(args.train, args.val), checkpoint=checkpoint)  # fmt: skip
+                      data=(args.train, args.val), checkpoint=checkpoint, device=cfg.device)  # fmt: skip
     summary = train(cfg, args.train, args.val, args.out, overwrite=args.overwrite)
     if distributed.is_main():
         print(dumps(summary))
@@ -57,24 +57,34 @@ def run(args: argparse.Namespace) -> int:
 
 
 def launch(
-    n: int, argv: list[str], *, threads: int, batch_size: int, data: tuple[str, ...] = (), checkpoint: str | None = None
-) -> int:
+    n: int, argv: list[str], *, threads: int, batch_size: int, data: tuple[str, ...] = (),
+    checkpoint: str | None = None, device: str | None = "cpu",
+) -> int:  # fmt: skip
     """``blip train ARGV`` (without ``--nproc``) in ``n`` processes started by
     ``python -m torch.distributed.run --standalone --nproc-per-node N -m blip_ase.cli.main``;
     returns torchrun's exit status. What every process would refuse is refused here first, in
     one line instead of one per process and torchrun's report.
 
     Raises:
-        ValueError: ``n < 1`` or a global ``batch_size`` that is not a multiple of ``n``.
+        ValueError: ``n < 1``, a global ``batch_size`` that is not a multiple of ``n``, or a
+            CUDA ``device`` (None: CUDA when there is a GPU) with fewer GPUs than ``n``.
         FileNotFoundError: a file of ``data`` does not exist.
         FileExistsError: ``checkpoint`` (the ``model.pt`` training would write; None with
             ``--overwrite``) exists.
     """
+    import torch
+
+    from blip_ase.devices import resolve_device
     from blip_ase.training.distributed import check_batch_size
 
     if n < 1:
         raise ValueError(f"--nproc must be >= 1, got {n}")
     check_batch_size(batch_size, n)
+    if resolve_device(device).type == "cuda" and n > torch.cuda.device_count():
+        raise ValueError(
+            f"--nproc {n} on CUDA needs one GPU per process; this machine has {torch.cuda.device_count()} "
+            "(--device cpu trains on CPU processes)"
+        )
     for path in data:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"data file {path} does not exist")
