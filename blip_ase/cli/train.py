@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
 
 def launch(
     n: int, argv: list[str], *, threads: int, batch_size: int, data: tuple[str, ...] = (),
-    checkpoint: str | None = None, device: str | None = "cpu",
+    checkpoint: str | None = None, device: str | None = None,
 ) -> int:  # fmt: skip
     """``blip train ARGV`` (without ``--nproc``) in ``n`` processes started by
     ``python -m torch.distributed.run --standalone --nproc-per-node N -m blip_ase.cli.main``;
