@@ -3,7 +3,8 @@
     python -m torch.distributed.run --standalone --nproc-per-node 2 tests/ddp_worker.py step OUT BLIP_TRAIN_ARGS...
     python -m torch.distributed.run --standalone --nproc-per-node 2 tests/ddp_worker.py crash BLIP_TRAIN_ARGS...
 
-``step``: one training step of each of :data:`KINDS` on this rank's half of a global batch; every rank saves its parameters and gradients as ``OUT/<kind>_rank<r>.pt``. Then
+``step``: one training step of each of :data:`KINDS` on this rank's half of a global batch;
+every rank saves its parameters and gradients as ``OUT/<kind>_rank<r>.pt``. Then
 ``blip train BLIP_TRAIN_ARGS`` (what ``torchrun -m blip_ase.cli.main train ...`` runs), in the
 same processes to spare CI a start-up.
 ``crash``: ``blip train`` whose first training step raises on rank 1 (a stand-in for any failure).
@@ -37,11 +38,13 @@ def frames(kind: str) -> list:
 
 
 def setup(kind: str):
-    """``(cfg, model, data)`` of a tiny float64 model of ``kind`` (BLIP with visible noise)."""
+    """``(cfg, model, data)`` of a tiny float64 model of ``kind`` (BLIP with visible noise and the
+    contrastive KL on)."""
     from blip_ase.bayes import BayesConfig
     from blip_ase.models import PaiNNConfig
     from blip_ase.models.orb import OrbConfig
     from blip_ase.training import TrainConfig
+    from blip_ase.training.contrastive import ContrastiveConfig
     from blip_ase.training.loop import build_model, fit_normalisation
 
     cfg = TrainConfig(
@@ -49,6 +52,7 @@ def setup(kind: str):
         painn=PaiNNConfig(n_features=8, n_interactions=2, n_rbf=6, cutoff=4.0),
         orb=OrbConfig(latent_dim=16, base_mlp_hidden_dim=16, head_mlp_hidden_dim=16, num_message_passing_steps=1),
         bayes=BayesConfig(p0=0.5, kl_weight=1.0, p_init=0.2, hidden=8, n_hidden=1, n_rbf=6),
+        contrastive=ContrastiveConfig(weight=1.0),  # BLIP: the contrastive KL's mean is over the global batch too
         deterministic=kind == "deterministic", dtype="float64", seed=3, batch_size=GLOBAL_BATCH, progress=False,
     )  # fmt: skip
     torch.manual_seed(cfg.seed)
@@ -61,18 +65,26 @@ def setup(kind: str):
 
 def sgd_step(model, batch, cfg, rank: int, *, forward=None) -> None:
     """One :func:`~blip_ase.training.loop.train_step` with plain SGD (Adam's first step is
-    ``lr * sign(grad)`` and would hide a wrongly scaled gradient) and rank ``rank``'s noise."""
-    from blip_ase.training.distributed import rank_seed
+    ``lr * sign(grad)`` and would hide a wrongly scaled gradient) and rank ``rank``'s noise and
+    perturbations (seeded as :func:`~blip_ase.training.loop.train` seeds them)."""
     from blip_ase.training.loop import train_step
 
-    generator = torch.Generator().manual_seed(rank_seed(cfg.seed, rank))
+    generator, contrastive_generator = generators(cfg, rank)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    train_step(model, batch, cfg, optimizer, generator, False, forward=forward)
+    train_step(model, batch, cfg, optimizer, generator, False, contrastive_generator=contrastive_generator,
+               forward=forward)  # fmt: skip
+
+
+def generators(cfg, rank: int) -> tuple[torch.Generator, torch.Generator]:
+    """Rank ``rank``'s generators of the training noise and of the contrastive perturbations."""
+    from blip_ase.training.distributed import rank_seed
+
+    seeds = (rank_seed(cfg.seed, rank), rank_seed(cfg.contrastive.seed + cfg.seed, rank))
+    return tuple(torch.Generator().manual_seed(seed) for seed in seeds)
 
 
 def step(out: Path, argv: list[str]) -> int:
     from blip_ase.cli.main import main
-
     from blip_ase.training import distributed
 
     distributed.start(torch.device("cpu"))

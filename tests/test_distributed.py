@@ -18,15 +18,17 @@ import numpy as np
 import pytest
 import torch
 from ase.io import read
+from torch.utils.data import DistributedSampler
 
 from blip_ase import BLIPCalculator
-from blip_ase.bayes import Coefficients, NoiseSource
+from blip_ase.bayes import Coefficients, NoiseSource, kl_divergence
 from blip_ase.cli.main import main as blip
 from blip_ase.models import load_checkpoint
 from blip_ase.training import distributed, load_config
 from blip_ase.training.loop import evaluate_map, evaluate_mc_nll
+from blip_ase.training.contrastive import perturb_edge_vectors
 from blip_ase.training.loss import elbo_loss
-from ddp_worker import GLOBAL_BATCH, KINDS, setup, sgd_step
+from ddp_worker import GLOBAL_BATCH, KINDS, generators, setup, sgd_step
 
 ROOT = Path(__file__).resolve().parents[1]
 AMMONIA = ROOT / "examples" / "ammonia"
@@ -84,7 +86,8 @@ def _global_step_reference(kind: str) -> tuple[torch.nn.Module, dict[str, torch.
     """The single-process step on the same global batch. BLIP draws one noise sample per step
     from one generator, so the reference evaluates each rank's half of the batch with that rank's
     generator (the same noise) and takes the single-process ELBO of the concatenated outputs: all
-    means, the KL's included, over the global batch. Also returns the gradient of the mean of
+    means, the KL's included, over the global batch; the contrastive KL likewise, of each half's
+    copy perturbed by that rank's generator. Also returns the gradient of the mean of
     the two halves' own losses (what plain DDP averaging would give), which must differ."""
     cfg, model, data = setup(kind)
     halves = [next(data.batch_indices(GLOBAL_BATCH, shard=(r, 2))) for r in range(2)]
@@ -93,16 +96,21 @@ def _global_step_reference(kind: str) -> tuple[torch.nn.Module, dict[str, torch.
     if kind == "deterministic":
         sgd_step(model, batch, cfg, 0)
         return model, naive
-    outs, alphas, betas = [], [], []
+    outs, alphas, betas, perturbed = [], [], [], []
     for rank, indices in enumerate(halves):
         graph = data.batch(indices).to("cpu", torch.float64).graph
         c = model.coefficients(graph)
-        noise = NoiseSource([torch.Generator().manual_seed(distributed.rank_seed(cfg.seed, rank))])
-        outs.append(model(graph, coefficients=c, noise=noise, create_graph=True))
+        generator, contrastive_generator = generators(cfg, rank)
+        outs.append(model(graph, coefficients=c, noise=NoiseSource([generator]), create_graph=True))
         alphas.append(c.edge), betas.append(c.node)
+        x = model.posterior_inputs(graph)  # the rank's perturbed copy of its half
+        c = model.posterior(x.species, x.edge_index, perturb_edge_vectors(x, cfg.contrastive, contrastive_generator))
+        perturbed.append((c.edge, c.node if model.posterior.neighbourhood else c.node[:, :0]))
     out = {key: torch.cat([o[key] for o in outs], dim=1) for key in ("energy", "forces")}
     coefficients = Coefficients(torch.cat(alphas), torch.cat(betas))
     loss, _ = elbo_loss(out, batch, cfg.loss, coefficients=coefficients, p0=cfg.bayes.p0, kl_weight=cfg.bayes.kl_weight)
+    copies = Coefficients(*(torch.cat(blocks) for blocks in zip(*perturbed)))
+    loss = loss + cfg.contrastive.weight * kl_divergence(copies, cfg.bayes.p0)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     loss.backward()
     optimizer.step()
@@ -179,6 +187,11 @@ def test_each_rank_takes_its_share_of_every_single_process_batch_padded_like_dis
     first, second = ([i for s in shards for i in s[k]] for k in (0, 1))
     assert sorted(first) == sorted(whole[0])
     assert sorted(second) == sorted(whole[1] + whole[0][:1])  # 8 -> 9 structures: the first one again
+    # rank r's batches are DistributedSampler's shard of the epoch's order, cut into batch_size / N
+    order = np.random.default_rng(1).permutation(len(data))
+    for r, shard in enumerate(shards):
+        sampler = DistributedSampler(order, num_replicas=3, rank=r, shuffle=False)
+        assert shard == [list(order[list(sampler)][k : k + 2]) for k in (0, 2)]
 
 
 @pytest.mark.parametrize(("nproc", "message"), [
@@ -189,3 +202,45 @@ def test_nonsense_nproc_is_refused_before_any_process_starts(tmp_path, capsys, n
     assert blip(["train", *_train_args(tmp_path, "run"), "--nproc", nproc]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_rank_other_than_0_writes_no_file_and_prints_nothing(tmp_path, monkeypatch, capsys):
+    """What rank 1 does, in one process: the same training with every write and print left to rank 0."""
+    args = _train_args(tmp_path, "run")
+    (tmp_path / "config.yaml").write_text(CONFIG.replace("progress: false", "progress: true"))
+    monkeypatch.setattr(distributed, "is_main", lambda: False)
+    assert blip(["train", *args, "--epochs", "1"]) == 0
+    assert not (tmp_path / "run").exists()  # no model.pt, no log.csv
+    out, err = capsys.readouterr()
+    assert out == "" and "train" not in err  # no summary, no progress bar
+
+
+def test_nproc_under_torchrun_a_missing_data_file_and_an_existing_checkpoint_are_refused_before_torchrun(
+    tmp_path, capsys, monkeypatch
+):
+    args = _train_args(tmp_path, "run")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    assert blip(["train", *args, "--nproc", "1"]) == 2
+    assert "already runs under torchrun; leave --nproc out" in capsys.readouterr().err
+    monkeypatch.delenv("WORLD_SIZE")
+    missing = [*args[:2], str(tmp_path / "nothing.extxyz"), *args[3:]]
+    assert blip(["train", *missing, "--nproc", "2"]) == 2
+    missing_error = f"blip train: error: data file {tmp_path / 'nothing.extxyz'} does not exist"
+    assert capsys.readouterr().err.strip() == missing_error
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "model.pt").write_text("")
+    assert blip(["train", *args, "--nproc", "2"]) == 2
+    exists_error = f"blip train: error: {tmp_path / 'run' / 'model.pt'} exists; pass --overwrite to replace it"
+    assert capsys.readouterr().err.strip() == exists_error
+
+
+def test_more_processes_than_gpus_is_refused_before_torchrun(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a machine with one GPU
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    for device in (["--device", "cuda"], []):  # the config's device is None: CUDA when there is a GPU
+        assert blip(["train", *_train_args(tmp_path, "run"), "--nproc", "2", *device]) == 2
+        assert capsys.readouterr().err.strip() == (
+            "blip train: error: --nproc 2 on CUDA needs one GPU per process; this machine has 1 "
+            "(--device cpu trains on CPU processes)"
+        )

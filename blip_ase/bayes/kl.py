@@ -29,10 +29,12 @@ def kl_divergence(coefficients: Coefficients, p0: float, *, weights: tuple[float
     """KL averaged over edges (nodes) and summed over Bayesian layers; a scalar tensor.
 
     Multiply by lambda in the loss. ``weights`` multiply the edge and the node average
-    (distributed training: this process's share of the global batch's average).
+    (distributed training: this process's share of the global batch's average; a weight of 1,
+    as in one process, adds no operation).
     """
     total = coefficients.edge.new_zeros(())
     for block, weight in zip((coefficients.edge, coefficients.node), weights):
         if block.numel():
-            total = total + weight * kl_per_coefficient(block, p0).mean(dim=0).sum()
+            kl = kl_per_coefficient(block, p0).mean(dim=0).sum()
+            total = total + (kl if weight == 1.0 else weight * kl)
     return total

@@ -42,9 +42,13 @@ def run(args: argparse.Namespace) -> int:
         overrides["deterministic"] = True
     if args.no_progress:
         overrides["progress"] = False
+    if "nproc" in getattr(args, "given_options", ()) and "WORLD_SIZE" in os.environ:
+        raise ValueError("--nproc starts torchrun, but this process already runs under torchrun; leave --nproc out")
     cfg = load_config(args.config, **overrides)
     if args.nproc != 1:
-        return launch(args.nproc, args.argv, threads=args.torch_threads, batch_size=cfg.batch_size)
+        checkpoint = None if args.overwrite else os.path.join(args.out, "model.pt")
+        return launch(args.nproc, args.argv, threads=args.torch_threads, batch_size=cfg.batch_size,
+                      data=(args.train, args.val), checkpoint=checkpoint, device=cfg.device)  # fmt: skip
     summary = train(cfg, args.train, args.val, args.out, overwrite=args.overwrite)
     if distributed.is_main():
         print(dumps(summary))
@@ -52,22 +56,40 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def launch(n: int, argv: list[str], *, threads: int, batch_size: int) -> int:
+def launch(
+    n: int, argv: list[str], *, threads: int, batch_size: int, data: tuple[str, ...] = (),
+    checkpoint: str | None = None, device: str | None = None,
+) -> int:  # fmt: skip
     """``blip train ARGV`` (without ``--nproc``) in ``n`` processes started by
     ``python -m torch.distributed.run --standalone --nproc-per-node N -m blip_ase.cli.main``;
-    returns torchrun's exit status.
+    returns torchrun's exit status. What every process would refuse is refused here first, in
+    one line instead of one per process and torchrun's report.
 
     Raises:
-        ValueError: ``n < 1``, a global ``batch_size`` that is not a multiple of ``n``, or this
-            process was itself started by torchrun.
+        ValueError: ``n < 1``, a global ``batch_size`` that is not a multiple of ``n``, or a
+            CUDA ``device`` (None: CUDA when there is a GPU) with fewer GPUs than ``n``.
+        FileNotFoundError: a file of ``data`` does not exist.
+        FileExistsError: ``checkpoint`` (the ``model.pt`` training would write; None with
+            ``--overwrite``) exists.
     """
+    import torch
+
+    from blip_ase.devices import resolve_device
     from blip_ase.training.distributed import check_batch_size
 
     if n < 1:
         raise ValueError(f"--nproc must be >= 1, got {n}")
     check_batch_size(batch_size, n)
-    if "WORLD_SIZE" in os.environ:
-        raise ValueError("--nproc starts torchrun, but this process already runs under torchrun; leave --nproc out")
+    if resolve_device(device).type == "cuda" and n > torch.cuda.device_count():
+        raise ValueError(
+            f"--nproc {n} on CUDA needs one GPU per process; this machine has {torch.cuda.device_count()} "
+            "(--device cpu trains on CPU processes)"
+        )
+    for path in data:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"data file {path} does not exist")
+    if checkpoint is not None and os.path.exists(checkpoint):
+        raise FileExistsError(f"{checkpoint} exists; pass --overwrite to replace it")
     cores = os.cpu_count() or 1
     if n * threads > cores:
         print(f"blip train: warning: {n} processes x {threads} thread(s) on {cores} CPU core(s)", file=sys.stderr)

@@ -22,6 +22,7 @@ one GPU per process: ``cuda:LOCAL_RANK``). The conventions, written once here:
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from datetime import timedelta
@@ -145,7 +146,4 @@ def batch_share(batch: Batch, coefficients: Coefficients | None) -> Share:
 
 def own(items: Iterable[T]) -> Iterator[T]:
     """Items ``rank, rank + N, ...`` of ``items`` (all of them in a single process)."""
-    r, n = rank(), world_size()
-    for k, item in enumerate(items):
-        if k % n == r:
-            yield item
+    return itertools.islice(items, rank(), None, world_size())

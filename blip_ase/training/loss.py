@@ -36,6 +36,11 @@ def error(pred: torch.Tensor, target: torch.Tensor, cfg: LossConfig) -> torch.Te
     return F.huber_loss(pred, target, delta=cfg.huber_delta)
 
 
+def _scaled(factor: float, term: torch.Tensor) -> torch.Tensor:
+    """``factor * term``, without an operation for a factor of 1 (one process)."""
+    return term if factor == 1.0 else factor * term
+
+
 def elbo_loss(
     out: dict[str, torch.Tensor],
     batch: Batch,
@@ -59,12 +64,12 @@ def elbo_loss(
         ``(loss, parts)`` with the float values of each term for logging.
     """
     terms = {
-        "energy": share.structures * error(out["energy"][0], batch.energy, cfg),
-        "forces": share.atoms * error(out["forces"][0], batch.forces, cfg),
+        "energy": _scaled(share.structures, error(out["energy"][0], batch.energy, cfg)),
+        "forces": _scaled(share.atoms, error(out["forces"][0], batch.forces, cfg)),
     }
     loss = cfg.energy_weight * terms["energy"] + cfg.forces_weight * terms["forces"]
     if cfg.stress_weight and batch.stress is not None:
-        terms["stress"] = share.structures * error(out["stress"][0], batch.stress, cfg)
+        terms["stress"] = _scaled(share.structures, error(out["stress"][0], batch.stress, cfg))
         loss = loss + cfg.stress_weight * terms["stress"]
     if coefficients is not None and kl_weight:
         terms["kl"] = kl_divergence(coefficients, p0, weights=(share.edges, share.nodes))
