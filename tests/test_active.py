@@ -320,6 +320,15 @@ def test_the_pyscf_loop_runs_hf_sto3g_on_water(tmp_path):
         ({"select": {"budget": 0}}, "select.budget must be an integer >= 1"),
         ({"explore": {"structures": ["h2o.xyz"]}}, r"elements \['H', 'O'\] the model"),
         ({"explore": {"md": {"temperature_K": 5}}}, "explore.md may not set"),
+        ({"explore": {"structures": ["missing.xyz"]}}, r"structure file \S*missing.xyz does not exist"),
+        ({"explore": {"temperatures_K": [float("nan")]}}, "explore.temperatures_K must list finite temperatures"),
+        ({"explore": {"temperatures_K": [-300]}}, "explore.temperatures_K must list finite temperatures"),
+        ({"explore": {"md": {**FAST_MD, "timestep_fs": -1.0}}}, "explore.md: timestep_fs must be > 0"),
+        ({"select": {"min_distance": float("inf")}}, "select.min_distance must be a finite number >= 0"),
+        ({"train": {"val_fraction": "a"}}, r"train.val_fraction must be a number in \[0, 1\)"),
+        ({"seed": "x"}, "seed must be an integer"),
+        ({"train": {"config": {"epochz": 3}}}, r"unknown key\(s\) \['epochz'\] in train.config"),
+        ({"val_data": "h2o.xyz"}, r"val_data \S*h2o.xyz frame 0 has no energy label"),
     ],
 )
 def test_bad_input_is_refused_before_any_work(cu_root, capsys, case, match):
@@ -331,6 +340,17 @@ def test_bad_input_is_refused_before_any_work(cu_root, capsys, case, match):
     assert main(["learn", str(_config(cu_root, "bad.yaml", **case)), "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("blip learn: error:") and re.search(match, err), err
+    assert not out.exists()
+
+
+def test_a_missing_or_malformed_config_file_is_a_one_line_error(cu_root, capsys):
+    out = cu_root / "run_bad_yaml"
+    assert main(["learn", str(cu_root / "no_such.yaml"), "--out", str(out)]) == 2
+    assert re.fullmatch(r"blip learn: error: config file \S*no_such.yaml does not exist\n", capsys.readouterr().err)
+    (cu_root / "malformed.yaml").write_text("model: [unclosed\n  x: {\n")
+    assert main(["learn", str(cu_root / "malformed.yaml"), "--out", str(out)]) == 2
+    assert re.fullmatch(r"blip learn: error: \S*malformed.yaml is not valid YAML: [^\n]*line 2[^\n]*\n",
+                        capsys.readouterr().err)
     assert not out.exists()
 
 

@@ -36,7 +36,7 @@ from ase.io import read, write
 from blip_ase.active.config import LearnConfig
 from blip_ase.active.oracle import Label, check_oracle, checked, label_frames
 from blip_ase.active.report import STAGES, plot_report, read_state, write_report
-from blip_ase.data.readers import read_frames
+from blip_ase.data.readers import frame_labels, read_frames
 from blip_ase.strict_json import write_json
 
 PROVENANCE_KEYS = ("frame_id", "round", "walker", "step", "temperature_K", "uncertainty")
@@ -101,7 +101,11 @@ def check_inputs(config: LearnConfig, out: Path, *, restart: bool) -> dict | Non
         path = getattr(config, name)
         if path is not None and not Path(path).is_file():
             raise FileNotFoundError(f"{name} {path} does not exist")
-    model, _ = load_checkpoint(state["model"] if state else config.model)
+        for k, atoms in enumerate(read_frames(path) if path is not None else []):
+            frame_labels(atoms, where=f"{name} {path} frame {k}")  # ValueError: no energy or forces
+    current = state["model"] if state else config.model
+    model, _ = load_checkpoint(current)
+    train_config(config, current, 1, None)  # train.config: unknown keys refused now, not after the labels
     if not model.is_bayesian:
         raise ValueError(f"{config.model} is a deterministic model: the loop needs a BLIP model's uncertainty")
     structures = [read_structure(spec) for spec in config.explore.structures]
@@ -148,6 +152,19 @@ def run_learn(
     while state["status"] == "running":
         loop.step()
     return state
+
+
+def train_config(config: LearnConfig, checkpoint: str, k: int, device: str | None):
+    """The fine-tune of round ``k``: the checkpoint's own training configuration with ``train.config``
+    applied (ValueError for an unknown key or choice)."""
+    from blip_ase.models.checkpoint import read_checkpoint
+    from blip_ase.training.config import TrainConfig, from_dict, with_overrides
+
+    stored = (read_checkpoint(checkpoint).get("training") or {}).get("config")
+    base = from_dict(TrainConfig, stored, "the checkpoint's training config") if stored else TrainConfig()
+    overrides = {"seed": config.seed + k, "progress": False, "ensemble": 1, **config.train.config}
+    overrides |= {} if device is None else {"device": device}
+    return with_overrides(base, overrides, "train.config")
 
 
 def final_reason(config: LearnConfig, rounds_done: int, labels_spent: int) -> str | None:
@@ -381,7 +398,7 @@ class _Loop:
         _write_frames(self.rdir / "train_set.extxyz", train_frames)
         _write_frames(self.rdir / "val_set.extxyz", val_frames)
         current = self.state["model"]
-        train(self._train_config(current), self.rdir / "train_set.extxyz", self.rdir / "val_set.extxyz",
+        train(train_config(c, current, self.k, self.device), self.rdir / "train_set.extxyz", self.rdir / "val_set.extxyz",
               self.rdir / "train", overwrite=True, init_checkpoint=current)
         model = self.rdir / "model.pt"
         if c.train.calibrate:
@@ -396,17 +413,6 @@ class _Loop:
                         seconds_train=time.perf_counter() - start)
         self.state["model"] = str(model)
         self._next_round()
-
-    def _train_config(self, checkpoint: str):
-        """The checkpoint's own training configuration with ``train.config`` applied."""
-        from blip_ase.models.checkpoint import read_checkpoint
-        from blip_ase.training.config import TrainConfig, from_dict, with_overrides
-
-        stored = (read_checkpoint(checkpoint).get("training") or {}).get("config")
-        base = from_dict(TrainConfig, stored, "the checkpoint's training config") if stored else TrainConfig()
-        overrides = {"seed": self.config.seed + self.k, "progress": False, "ensemble": 1, **self.config.train.config}
-        overrides |= {} if self.device is None else {"device": self.device}
-        return with_overrides(base, overrides, "train.config")
 
     def _next_round(self) -> None:
         self.state["final"] = final_reason(self.config, self.k, self.state["labels_spent"])
