@@ -398,7 +398,8 @@ class _Loop:
         _write_frames(self.rdir / "train_set.extxyz", train_frames)
         _write_frames(self.rdir / "val_set.extxyz", val_frames)
         current = self.state["model"]
-        train(train_config(c, current, self.k, self.device), self.rdir / "train_set.extxyz", self.rdir / "val_set.extxyz",
+        train(train_config(c, current, self.k, self.device), self.rdir / "train_set.extxyz",
+              self.rdir / "val_set.extxyz",
               self.rdir / "train", overwrite=True, init_checkpoint=current)
         model = self.rdir / "model.pt"
         if c.train.calibrate:
