@@ -31,25 +31,17 @@ import numpy as np
 from ase import Atoms
 from ase.calculators.singlepoint import SinglePointCalculator
 from ase.data import chemical_symbols
-from ase.io import read, write
+from ase.io import read
 
 from blip_ase.active.config import LearnConfig
 from blip_ase.active.oracle import Label, check_oracle, checked, label_frames
 from blip_ase.active.report import STAGES, plot_report, read_state, write_report
 from blip_ase.data.readers import frame_labels, read_frames
+from blip_ase.md.writers import write_extxyz_atomically
 from blip_ase.strict_json import write_json
 
 PROVENANCE_KEYS = ("frame_id", "round", "walker", "step", "temperature_K", "uncertainty")
 RESTART_CHANGEABLE = {"stop", "oracle.workers"}  # config entries a restart may change
-
-
-def _write_frames(path: Path, frames: list[Atoms]) -> None:
-    """Write extxyz atomically (an empty file for no frames)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("")
-    if frames:
-        write(tmp, frames, format="extxyz")
-    tmp.replace(path)
 
 
 def _read_frames(path: Path) -> list[Atoms]:
@@ -241,7 +233,7 @@ class _Loop:
                 atoms.info.update(frame_id=f"r{self.k}w{w}s{step}", round=self.k, walker=w, temperature_K=T,
                                   uncertainty=float(np.sqrt(np.max(atoms.arrays["blip_forces_variance"]))))
                 pool.append(atoms)
-        _write_frames(self.rdir / "flagged.extxyz", pool)
+        write_extxyz_atomically(self.rdir / "flagged.extxyz", pool)
         n_checked = sum(s.get("n_checked", 0) for s in summaries)
         flagged_checks = sum(s.get("n_flagged", 0) for s in summaries)
         row.update(
@@ -293,7 +285,7 @@ class _Loop:
             desc = descriptors(model, pool)
             reference = descriptors(model, self._training_frames())
         chosen = select(desc, uncertainty, c.select, k=budget, reference=reference, round_index=self.k)
-        _write_frames(self.rdir / "selected.extxyz", [pool[i] for i in chosen])
+        write_extxyz_atomically(self.rdir / "selected.extxyz", [pool[i] for i in chosen])
         self.row["n_selected"] = len(chosen)
         if not chosen:
             return self.stop("nothing to label: every flagged frame is a near-duplicate of labelled data")
@@ -339,7 +331,7 @@ class _Loop:
         if label.error is None:
             info = {k: atoms.info[k] for k in PROVENANCE_KEYS} | {"oracle": self.config.oracle.name}
             frame = _labelled(atoms, label.energy, label.forces, info)
-            _write_frames(self.rdir / "labels" / f"{frame_id}.extxyz", [frame])
+            write_extxyz_atomically(self.rdir / "labels" / f"{frame_id}.extxyz", [frame])
         else:
             write_json(self.rdir / "labels" / f"{frame_id}.failed.json", {"frame_id": frame_id, "error": label.error})
         line = json.dumps({"frame_id": frame_id, "ok": label.error is None, "seconds": label.seconds, "pid": label.pid})
@@ -351,7 +343,7 @@ class _Loop:
         ``to_label.extxyz`` and wait (returns False)."""
         given = self.rdir / "labelled.extxyz"
         if not given.is_file():
-            _write_frames(self.rdir / "to_label.extxyz", selected)
+            write_extxyz_atomically(self.rdir / "to_label.extxyz", selected)
             self.state.update(status="waiting", waiting_for=str(given))
             self.save()
             return False
@@ -382,7 +374,7 @@ class _Loop:
         val = set(np.random.default_rng([self.config.seed, self.k]).permutation(len(ok))[:n_val].tolist())
         for i, atoms in enumerate(ok):
             atoms.info["split"] = "val" if i in val else "train"
-        _write_frames(self.rdir / "labelled.extxyz", ok)
+        write_extxyz_atomically(self.rdir / "labelled.extxyz", ok)
         self.row.update(n_labelled=len(ok), n_failed=len(failed), failures=failed)
 
     # ---------------------------------------------------------------- train
@@ -395,8 +387,8 @@ class _Loop:
         for k in range(1, self.k + 1):
             for atoms in _read_frames(self.out / f"round_{k}" / "labelled.extxyz"):
                 (val_frames if atoms.info["split"] == "val" else train_frames).append(atoms)
-        _write_frames(self.rdir / "train_set.extxyz", train_frames)
-        _write_frames(self.rdir / "val_set.extxyz", val_frames)
+        write_extxyz_atomically(self.rdir / "train_set.extxyz", train_frames)
+        write_extxyz_atomically(self.rdir / "val_set.extxyz", val_frames)
         current = self.state["model"]
         train(train_config(c, current, self.k, self.device), self.rdir / "train_set.extxyz",
               self.rdir / "val_set.extxyz",
