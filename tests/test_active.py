@@ -267,6 +267,10 @@ def test_the_external_oracle_writes_to_label_waits_and_continues_with_the_files_
     del done[2]  # a frame the user did not label
     for a, src in zip(done, [to_label[0], to_label[1], to_label[3]]):
         a.info["frame_id"] = src.info["frame_id"]
+    (out / "round_1" / "labelled.extxyz").write_text("3\nnot a header\nCu 0 0\n")  # unreadable: refused, kept
+    assert main(["learn", str(config), "--out", str(out), "--restart"]) == 2
+    assert re.search(r"cannot read \S*labelled.extxyz as extxyz", capsys.readouterr().err)
+    assert not list((out / "round_1" / "labels").iterdir()) and (out / "round_1" / "to_label.extxyz").is_file()
     write(out / "round_1" / "labelled.extxyz", done)
     assert main(["learn", str(config), "--out", str(out), "--restart"]) == 0
     row = json.loads((out / "round_1" / "metrics.json").read_text())

@@ -242,7 +242,7 @@ class _Loop:
             md_steps_completed=sum(int(s.get("final_step", 0)) for s in summaries),
             md_steps_requested=c.explore.steps * len(walkers),
             halted=sum(s.get("status") != "completed" for s in summaries),
-            seconds_md=time.perf_counter() - start,
+            seconds_md=row.get("seconds_md", 0.0) + time.perf_counter() - start,  # a restart adds to it
         )  # fmt: skip
         mff = c.stop.max_flagged_fraction
         if row["halted"] == 0 and (mff is None or (row["flagged_fraction"] or 0.0) <= mff):
@@ -347,8 +347,9 @@ class _Loop:
             self.state.update(status="waiting", waiting_for=str(given))
             self.save()
             return False
+        frames = read_frames(given) if given.stat().st_size else []  # ValueError naming an unreadable file
         shutil.copyfile(given, self.rdir / "labelled.external.extxyz")
-        by_id = {a.info.get("frame_id"): a for a in _read_frames(given)}
+        by_id = {a.info.get("frame_id"): a for a in frames}
         for k in todo:
             atoms = selected[k]
             got = by_id.get(atoms.info["frame_id"])
