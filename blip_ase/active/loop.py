@@ -99,13 +99,13 @@ def check_inputs(config: LearnConfig, out: Path, *, restart: bool) -> dict | Non
     model, _ = load_checkpoint(current)
     train_config(config, current, 1, None)  # train.config: unknown keys refused now, not after the labels
     if not model.is_bayesian:
-        raise ValueError(f"{config.model} is a deterministic model: the loop needs a BLIP model's uncertainty")
+        raise ValueError(f"{current} is a deterministic model: the loop needs a BLIP model's uncertainty")
     structures = [read_structure(spec) for spec in config.explore.structures]
     check_oracle(config.oracle, structures)
     for spec, atoms in zip(config.explore.structures, structures):
         unknown = sorted(set(atoms.get_chemical_symbols()) - {chemical_symbols[z] for z in model.elements})
         if unknown:
-            raise ValueError(f"start structure {spec} has elements {unknown} the model {config.model} does not know")
+            raise ValueError(f"start structure {spec} has elements {unknown} the model {current} does not know")
     if config.select.strategy != "random" and getattr(getattr(model, "net", None), "readout", None) is None:
         raise ValueError(f"select.strategy {config.select.strategy} needs PaiNN node features; use random")
     return state
