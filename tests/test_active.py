@@ -145,17 +145,26 @@ def test_descriptors_are_invariant_to_rotation_and_atom_order_and_tell_structure
 # ------------------------------------------------------------------------------------------- oracles
 
 
-def test_labelling_on_two_workers_uses_two_processes_and_gives_the_serial_labels(cu_root):
+def test_labelling_on_two_workers_uses_two_processes_and_gives_the_serial_labels(cu_root, monkeypatch):
     frames = read(cu_root / "val.extxyz", ":")[:4]
     config = OracleConfig(kind="ase", calculator="ase.calculators.emt:EMT")
-    results = {}
+    results, arrived = {}, {}
     for workers in (1, 2):
         got = {}
-        label_frames(frames, config, lambda k, lab: got.__setitem__(k, lab), workers=workers)
+        if workers == 2:  # each call sleeps 1 s first: calls on two workers must overlap in time
+            monkeypatch.setenv("BLIP_LEARN_LABEL_DELAY_S", "1.0")
+
+        def on_label(k, lab, got=got):
+            got[k], arrived[k] = lab, time.monotonic()
+
+        label_frames(frames, config, on_label, workers=workers)
         results[workers] = got
     assert sorted(results[2]) == [0, 1, 2, 3]
     pids = {lab.pid for lab in results[2].values()}
     assert len(pids) == 2 and os.getpid() not in pids
+    spans = {k: (arrived[k] - lab.seconds, arrived[k], lab.pid) for k, lab in results[2].items()}
+    overlap = max(min(a[1], b[1]) - max(a[0], b[0]) for a in spans.values() for b in spans.values() if a[2] != b[2])
+    assert overlap > 0.3, spans  # in parallel, not one after the other
     for k, atoms in enumerate(frames):  # the file's labels were computed before rounding positions to 8 digits
         one, two = results[1][k], results[2][k]
         assert np.array_equal(two.forces, one.forces) and two.energy == one.energy
@@ -216,15 +225,26 @@ def test_the_emt_loop_labels_fine_tunes_and_reports_round_after_round(cu_root, c
     assert [int(r["round"]) for r in rows] == [1, 2, 3] and [r["n_selected"] for r in rows] == ["4", "2", ""]
     assert int(rows[1]["n_train_total"]) + int(rows[1]["n_val_total"]) == 14 + 6
     assert all(float(r["val_forces_mae"]) > 0 for r in rows[:2]) and int(rows[2]["md_steps_completed"]) == 60
+    required = ["round", "n_flagged", "n_selected", "n_labelled", "n_failed", "n_train_total", "md_steps_completed",
+                "halted", "val_forces_mae", "val_forces_ece", "seconds_md", "seconds_label", "seconds_train"]
+    assert set(required) <= set(rows[0]) and all(rows[0][key] != "" for key in required)
     for k in (1, 2):
         rdir = out / f"round_{k}"
+        flagged = {a.info["frame_id"]: a for a in read(rdir / "flagged.extxyz", ":")}
         selected, labelled = read(rdir / "selected.extxyz", ":"), read(rdir / "labelled.extxyz", ":")
+        assert int(rows[k - 1]["n_flagged"]) == len(flagged) >= len(selected)
         assert [a.info["frame_id"] for a in labelled] == [a.info["frame_id"] for a in selected]
-        for atoms in labelled:  # the oracle's labels, with provenance
+        for atoms in labelled:  # the oracle's labels, with the provenance of the flagged frame
             assert np.allclose(atoms.get_forces(), _labelled(atoms, EMT()).get_forces())
+            assert np.isclose(atoms.get_potential_energy(), _labelled(atoms, EMT()).get_potential_energy())
             assert atoms.info["oracle"] == "ase:ase.calculators.emt:EMT" and atoms.info["round"] == k
-            assert {"walker", "step", "uncertainty", "split"} <= set(atoms.info)
-        assert json.loads((rdir / "metrics.json").read_text())["round"] == k and (rdir / "model.pt").is_file()
+            source = flagged[atoms.info["frame_id"]]
+            assert np.allclose(atoms.positions, source.positions)
+            for key in ("walker", "step", "temperature_K", "uncertainty"):
+                assert atoms.info[key] == source.info[key], key
+            assert atoms.info["uncertainty"] > 0 and atoms.info["split"] in ("train", "val")
+        metrics = json.loads((rdir / "metrics.json").read_text())
+        assert metrics["round"] == k and metrics["n_labelled"] == len(labelled) and (rdir / "model.pt").is_file()
     labelled = _ids(out / "round_1/labelled.extxyz") + _ids(out / "round_2/labelled.extxyz")
     assert (out / "report.png").stat().st_size > 0 and sorted(_logged(out)) == sorted(labelled)
 
@@ -247,10 +267,20 @@ def test_the_external_oracle_writes_to_label_waits_and_continues_with_the_files_
     del done[2]  # a frame the user did not label
     for a, src in zip(done, [to_label[0], to_label[1], to_label[3]]):
         a.info["frame_id"] = src.info["frame_id"]
+    (out / "round_1" / "labelled.extxyz").write_text("3\nnot a header\nCu 0 0\n")  # unreadable: refused, kept
+    assert main(["learn", str(config), "--out", str(out), "--restart"]) == 2
+    assert re.search(r"cannot read \S*labelled.extxyz as extxyz", capsys.readouterr().err)
+    assert not list((out / "round_1" / "labels").iterdir()) and (out / "round_1" / "to_label.extxyz").is_file()
     write(out / "round_1" / "labelled.extxyz", done)
     assert main(["learn", str(config), "--out", str(out), "--restart"]) == 0
     row = json.loads((out / "round_1" / "metrics.json").read_text())
     assert row["n_labelled"] == 2 and row["n_failed"] == 2
+    labelled = read(out / "round_1" / "labelled.extxyz", ":")  # the user's labels (as in the file), unchanged
+    external = read(out / "round_1" / "labelled.external.extxyz", ":")
+    assert [a.info["frame_id"] for a in labelled] == [done[0].info["frame_id"], done[2].info["frame_id"]]
+    for atoms, given in zip(labelled, [external[0], external[2]]):
+        assert atoms.get_potential_energy() == given.get_potential_energy() and atoms.info["oracle"] == "external"
+        assert np.array_equal(atoms.get_forces(), given.get_forces())
     errors = {f["error"] for f in row["failures"]}
     assert errors == {"non-finite, missing or misshapen forces", "missing from labelled.extxyz"}
     assert (out / "round_1" / "labelled.external.extxyz").is_file() and (out / "round_1" / "model.pt").is_file()
@@ -302,10 +332,19 @@ def test_the_pyscf_loop_runs_hf_sto3g_on_water(tmp_path):
     path = _config(tmp_path, explore={"temperatures_K": [300], "md": md}, select={"budget": 3},
                    oracle={"kind": "pyscf", "method": "hf", "basis": "sto-3g", "workers": 2})
     state = run_learn(load_learn_config(path), tmp_path / "run")
-    labelled = read(tmp_path / "run" / "round_1" / "labelled.extxyz", ":")
+    rdir = tmp_path / "run" / "round_1"
+    labelled = read(rdir / "labelled.extxyz", ":")
     assert state["stopped"].startswith("max_rounds") and len(labelled) == 3
     assert {a.info["oracle"] for a in labelled} == {"pyscf:hf/sto-3g"}
-    assert np.isclose(labelled[0].get_potential_energy(), label_one(labelled[0], config).energy)
+    assert [a.info["frame_id"] for a in labelled] == _ids(rdir / "selected.extxyz")
+    for atoms in labelled:
+        again = label_one(atoms, config)
+        assert np.isclose(atoms.get_potential_energy(), again.energy)
+        assert np.allclose(atoms.get_forces(), again.forces, atol=1e-5)
+    assert (rdir / "flagged.extxyz").stat().st_size and (rdir / "model.pt").is_file()
+    rows = list(csv.DictReader(open(tmp_path / "run" / "report.csv")))
+    assert rows[0]["n_labelled"] == "3" and rows[0]["n_failed"] == "0" and float(rows[0]["val_forces_mae"]) > 0
+    assert json.loads((rdir / "metrics.json").read_text())["n_train_total"] == int(rows[0]["n_train_total"])
 
 
 # ------------------------------------------------------------------------------------------- bad input
@@ -320,6 +359,15 @@ def test_the_pyscf_loop_runs_hf_sto3g_on_water(tmp_path):
         ({"select": {"budget": 0}}, "select.budget must be an integer >= 1"),
         ({"explore": {"structures": ["h2o.xyz"]}}, r"elements \['H', 'O'\] the model"),
         ({"explore": {"md": {"temperature_K": 5}}}, "explore.md may not set"),
+        ({"explore": {"structures": ["missing.xyz"]}}, r"structure file \S*missing.xyz does not exist"),
+        ({"explore": {"temperatures_K": [float("nan")]}}, "explore.temperatures_K must list finite temperatures"),
+        ({"explore": {"temperatures_K": [-300]}}, "explore.temperatures_K must list finite temperatures"),
+        ({"explore": {"md": {**FAST_MD, "timestep_fs": -1.0}}}, "explore.md: timestep_fs must be > 0"),
+        ({"select": {"min_distance": float("inf")}}, "select.min_distance must be a finite number >= 0"),
+        ({"train": {"val_fraction": "a"}}, r"train.val_fraction must be a number in \[0, 1\)"),
+        ({"seed": "x"}, "seed must be an integer"),
+        ({"train": {"config": {"epochz": 3}}}, r"unknown key\(s\) \['epochz'\] in train.config"),
+        ({"val_data": "h2o.xyz"}, r"val_data \S*h2o.xyz frame 0 has no energy label"),
     ],
 )
 def test_bad_input_is_refused_before_any_work(cu_root, capsys, case, match):
@@ -331,6 +379,17 @@ def test_bad_input_is_refused_before_any_work(cu_root, capsys, case, match):
     assert main(["learn", str(_config(cu_root, "bad.yaml", **case)), "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("blip learn: error:") and re.search(match, err), err
+    assert not out.exists()
+
+
+def test_a_missing_or_malformed_config_file_is_a_one_line_error(cu_root, capsys):
+    out = cu_root / "run_bad_yaml"
+    assert main(["learn", str(cu_root / "no_such.yaml"), "--out", str(out)]) == 2
+    assert re.fullmatch(r"blip learn: error: config file \S*no_such.yaml does not exist\n", capsys.readouterr().err)
+    (cu_root / "malformed.yaml").write_text("model: [unclosed\n  x: {\n")
+    assert main(["learn", str(cu_root / "malformed.yaml"), "--out", str(out)]) == 2
+    assert re.fullmatch(r"blip learn: error: \S*malformed.yaml is not valid YAML: [^\n]*line 2[^\n]*\n",
+                        capsys.readouterr().err)
     assert not out.exists()
 
 
@@ -362,7 +421,9 @@ def test_ctrl_c_during_the_exploration_stops_the_loop_and_restart_reruns_the_wal
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     marker = out / "round_1" / "md" / "walker_0" / "uncertainty.csv"
     deadline = time.monotonic() + 120
-    while not (marker.is_file() and marker.stat().st_size > 100) and proc.poll() is None and time.monotonic() < deadline:
+    while proc.poll() is None and time.monotonic() < deadline:
+        if marker.is_file() and marker.stat().st_size > 100:
+            break
         time.sleep(0.01)
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=120)

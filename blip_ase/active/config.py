@@ -21,6 +21,7 @@ Relative paths in the file are relative to the file's directory. Example::
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -176,24 +177,36 @@ class LearnConfig:
         return dataclasses.asdict(self)
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    """A finite int or float (not a bool, a string or a NaN)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _check(cfg: LearnConfig) -> None:
     """Raise ``ValueError`` naming the first invalid setting."""
     for name in ("model", "train_data", "val_data"):
         if not getattr(cfg, name):
             raise ValueError(f"the learn config needs {name!r}")
     e, s, o, t, st = cfg.explore, cfg.select, cfg.oracle, cfg.train, cfg.stop
-    if not e.structures or not e.temperatures_K:
-        raise ValueError("explore.structures and explore.temperatures_K must each list at least one entry")
-    set_by_loop = sorted(set(e.md) & set(LOOP_MD_FIELDS))
-    if set_by_loop:
-        raise ValueError(
-            f"explore.md may not set {set_by_loop}: the loop sets them "
-            "(temperatures: explore.temperatures_K, seed: the top-level seed)"
-        )
-    md = e.md_config()  # raises for unknown keys and bad values
-    th = md.thresholds
-    if th.force_std_flag is None and th.relative_flag is None and th.energy_std_flag is None and not th.per_element:
-        raise ValueError("explore.md.thresholds needs a flag threshold (e.g. force_std_flag: 0.25 eV/A)")
+    for name, value in (("explore.structures", e.structures), ("explore.temperatures_K", e.temperatures_K)):
+        if not isinstance(value, list) or not value:
+            raise ValueError(f"{name} must list at least one entry, got {value!r}")
+    if not all(isinstance(spec, str) and spec for spec in e.structures):
+        raise ValueError(f"explore.structures must list structure files, got {e.structures!r}")
+    for T in e.temperatures_K:
+        if not (_is_number(T) and T >= 0):
+            raise ValueError(f"explore.temperatures_K must list finite temperatures >= 0 K, got {T!r}")
+    for name, value in (("explore.md", e.md), ("oracle.kwargs", o.kwargs), ("train.config", t.config)):
+        if not isinstance(value, dict):
+            raise ValueError(f"{name} must be a mapping, got {value!r}")
+    for name, value in (("seed", cfg.seed), ("select.seed", s.seed), ("oracle.charge", o.charge),
+                        ("oracle.spin", o.spin)):
+        if not _is_int(value):
+            raise ValueError(f"{name} must be an integer, got {value!r}")
     checks = [
         ("explore.steps", e.steps, 1), ("select.budget", s.budget, 1), ("stop.max_rounds", st.max_rounds, 1),
         ("train.calibration_samples", t.calibration_samples, 2), ("oracle.max_cycle", o.max_cycle, 1),
@@ -201,16 +214,33 @@ def _check(cfg: LearnConfig) -> None:
     checks += [("stop.max_labels", st.max_labels, 1)] if st.max_labels is not None else []
     checks += [("oracle.workers", o.workers, 1)] if o.workers is not None else []
     for name, value, least in checks:
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        if not _is_int(value) or value < least:
             raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
-    if not (isinstance(s.min_distance, (int, float)) and s.min_distance >= 0):
-        raise ValueError(f"select.min_distance must be >= 0, got {s.min_distance!r}")
-    if not 0 <= t.val_fraction < 1:
-        raise ValueError(f"train.val_fraction must be in [0, 1), got {t.val_fraction!r}")
-    if st.max_flagged_fraction is not None and not 0 <= st.max_flagged_fraction <= 1:
-        raise ValueError(f"stop.max_flagged_fraction must be in [0, 1], got {st.max_flagged_fraction!r}")
-    if o.kind == "ase" and (not o.calculator or ":" not in o.calculator):
+    if not (_is_number(s.min_distance) and s.min_distance >= 0):
+        raise ValueError(f"select.min_distance must be a finite number >= 0, got {s.min_distance!r}")
+    if not (_is_number(t.val_fraction) and 0 <= t.val_fraction < 1):
+        raise ValueError(f"train.val_fraction must be a number in [0, 1), got {t.val_fraction!r}")
+    if not isinstance(t.calibrate, bool):
+        raise ValueError(f"train.calibrate must be true or false, got {t.calibrate!r}")
+    mff = st.max_flagged_fraction
+    if mff is not None and not (_is_number(mff) and 0 <= mff <= 1):
+        raise ValueError(f"stop.max_flagged_fraction must be a number in [0, 1], got {mff!r}")
+    if o.kind == "ase" and (not isinstance(o.calculator, str) or ":" not in o.calculator):
         raise ValueError(f"oracle.calculator must be 'module:Class' for kind 'ase', got {o.calculator!r}")
+    set_by_loop = sorted(set(e.md) & set(LOOP_MD_FIELDS))
+    if set_by_loop:
+        raise ValueError(
+            f"explore.md may not set {set_by_loop}: the loop sets them "
+            "(temperatures: explore.temperatures_K, seed: the top-level seed)"
+        )
+    try:
+        for T in e.temperatures_K:
+            md = e.md_config(temperature_K=T)  # raises for unknown keys and bad values
+    except ValueError as exc:
+        raise ValueError(f"explore.md: {exc}") from None
+    th = md.thresholds
+    if th.force_std_flag is None and th.relative_flag is None and th.energy_std_flag is None and not th.per_element:
+        raise ValueError("explore.md.thresholds needs a flag threshold (e.g. force_std_flag: 0.25 eV/A)")
 
 
 def load_learn_config(path: str | Path) -> LearnConfig:
@@ -226,7 +256,10 @@ def load_learn_config(path: str | Path) -> LearnConfig:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} does not exist")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path} is not valid YAML: {' '.join(str(exc).split())}") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path} must hold a mapping")
     base = path.resolve().parent

@@ -31,25 +31,17 @@ import numpy as np
 from ase import Atoms
 from ase.calculators.singlepoint import SinglePointCalculator
 from ase.data import chemical_symbols
-from ase.io import read, write
+from ase.io import read
 
 from blip_ase.active.config import LearnConfig
 from blip_ase.active.oracle import Label, check_oracle, checked, label_frames
 from blip_ase.active.report import STAGES, plot_report, read_state, write_report
-from blip_ase.data.readers import read_frames
+from blip_ase.data.readers import frame_labels, read_frames
+from blip_ase.md.writers import write_extxyz_atomically
 from blip_ase.strict_json import write_json
 
 PROVENANCE_KEYS = ("frame_id", "round", "walker", "step", "temperature_K", "uncertainty")
 RESTART_CHANGEABLE = {"stop", "oracle.workers"}  # config entries a restart may change
-
-
-def _write_frames(path: Path, frames: list[Atoms]) -> None:
-    """Write extxyz atomically (an empty file for no frames)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("")
-    if frames:
-        write(tmp, frames, format="extxyz")
-    tmp.replace(path)
 
 
 def _read_frames(path: Path) -> list[Atoms]:
@@ -101,15 +93,19 @@ def check_inputs(config: LearnConfig, out: Path, *, restart: bool) -> dict | Non
         path = getattr(config, name)
         if path is not None and not Path(path).is_file():
             raise FileNotFoundError(f"{name} {path} does not exist")
-    model, _ = load_checkpoint(state["model"] if state else config.model)
+        for k, atoms in enumerate(read_frames(path) if path is not None else []):
+            frame_labels(atoms, where=f"{name} {path} frame {k}")  # ValueError: no energy or forces
+    current = state["model"] if state else config.model
+    model, _ = load_checkpoint(current)
+    train_config(config, current, 1, None)  # train.config: unknown keys refused now, not after the labels
     if not model.is_bayesian:
-        raise ValueError(f"{config.model} is a deterministic model: the loop needs a BLIP model's uncertainty")
+        raise ValueError(f"{current} is a deterministic model: the loop needs a BLIP model's uncertainty")
     structures = [read_structure(spec) for spec in config.explore.structures]
     check_oracle(config.oracle, structures)
     for spec, atoms in zip(config.explore.structures, structures):
         unknown = sorted(set(atoms.get_chemical_symbols()) - {chemical_symbols[z] for z in model.elements})
         if unknown:
-            raise ValueError(f"start structure {spec} has elements {unknown} the model {config.model} does not know")
+            raise ValueError(f"start structure {spec} has elements {unknown} the model {current} does not know")
     if config.select.strategy != "random" and getattr(getattr(model, "net", None), "readout", None) is None:
         raise ValueError(f"select.strategy {config.select.strategy} needs PaiNN node features; use random")
     return state
@@ -148,6 +144,19 @@ def run_learn(
     while state["status"] == "running":
         loop.step()
     return state
+
+
+def train_config(config: LearnConfig, checkpoint: str, k: int, device: str | None):
+    """The fine-tune of round ``k``: the checkpoint's own training configuration with ``train.config``
+    applied (ValueError for an unknown key or choice)."""
+    from blip_ase.models.checkpoint import read_checkpoint
+    from blip_ase.training.config import TrainConfig, from_dict, with_overrides
+
+    stored = (read_checkpoint(checkpoint).get("training") or {}).get("config")
+    base = from_dict(TrainConfig, stored, "the checkpoint's training config") if stored else TrainConfig()
+    overrides = {"seed": config.seed + k, "progress": False, "ensemble": 1, **config.train.config}
+    overrides |= {} if device is None else {"device": device}
+    return with_overrides(base, overrides, "train.config")
 
 
 def final_reason(config: LearnConfig, rounds_done: int, labels_spent: int) -> str | None:
@@ -224,7 +233,7 @@ class _Loop:
                 atoms.info.update(frame_id=f"r{self.k}w{w}s{step}", round=self.k, walker=w, temperature_K=T,
                                   uncertainty=float(np.sqrt(np.max(atoms.arrays["blip_forces_variance"]))))
                 pool.append(atoms)
-        _write_frames(self.rdir / "flagged.extxyz", pool)
+        write_extxyz_atomically(self.rdir / "flagged.extxyz", pool)
         n_checked = sum(s.get("n_checked", 0) for s in summaries)
         flagged_checks = sum(s.get("n_flagged", 0) for s in summaries)
         row.update(
@@ -233,7 +242,7 @@ class _Loop:
             md_steps_completed=sum(int(s.get("final_step", 0)) for s in summaries),
             md_steps_requested=c.explore.steps * len(walkers),
             halted=sum(s.get("status") != "completed" for s in summaries),
-            seconds_md=time.perf_counter() - start,
+            seconds_md=row.get("seconds_md", 0.0) + time.perf_counter() - start,  # a restart adds to it
         )  # fmt: skip
         mff = c.stop.max_flagged_fraction
         if row["halted"] == 0 and (mff is None or (row["flagged_fraction"] or 0.0) <= mff):
@@ -276,7 +285,7 @@ class _Loop:
             desc = descriptors(model, pool)
             reference = descriptors(model, self._training_frames())
         chosen = select(desc, uncertainty, c.select, k=budget, reference=reference, round_index=self.k)
-        _write_frames(self.rdir / "selected.extxyz", [pool[i] for i in chosen])
+        write_extxyz_atomically(self.rdir / "selected.extxyz", [pool[i] for i in chosen])
         self.row["n_selected"] = len(chosen)
         if not chosen:
             return self.stop("nothing to label: every flagged frame is a near-duplicate of labelled data")
@@ -322,7 +331,7 @@ class _Loop:
         if label.error is None:
             info = {k: atoms.info[k] for k in PROVENANCE_KEYS} | {"oracle": self.config.oracle.name}
             frame = _labelled(atoms, label.energy, label.forces, info)
-            _write_frames(self.rdir / "labels" / f"{frame_id}.extxyz", [frame])
+            write_extxyz_atomically(self.rdir / "labels" / f"{frame_id}.extxyz", [frame])
         else:
             write_json(self.rdir / "labels" / f"{frame_id}.failed.json", {"frame_id": frame_id, "error": label.error})
         line = json.dumps({"frame_id": frame_id, "ok": label.error is None, "seconds": label.seconds, "pid": label.pid})
@@ -334,12 +343,13 @@ class _Loop:
         ``to_label.extxyz`` and wait (returns False)."""
         given = self.rdir / "labelled.extxyz"
         if not given.is_file():
-            _write_frames(self.rdir / "to_label.extxyz", selected)
+            write_extxyz_atomically(self.rdir / "to_label.extxyz", selected)
             self.state.update(status="waiting", waiting_for=str(given))
             self.save()
             return False
+        frames = read_frames(given) if given.stat().st_size else []  # ValueError naming an unreadable file
         shutil.copyfile(given, self.rdir / "labelled.external.extxyz")
-        by_id = {a.info.get("frame_id"): a for a in _read_frames(given)}
+        by_id = {a.info.get("frame_id"): a for a in frames}
         for k in todo:
             atoms = selected[k]
             got = by_id.get(atoms.info["frame_id"])
@@ -365,7 +375,7 @@ class _Loop:
         val = set(np.random.default_rng([self.config.seed, self.k]).permutation(len(ok))[:n_val].tolist())
         for i, atoms in enumerate(ok):
             atoms.info["split"] = "val" if i in val else "train"
-        _write_frames(self.rdir / "labelled.extxyz", ok)
+        write_extxyz_atomically(self.rdir / "labelled.extxyz", ok)
         self.row.update(n_labelled=len(ok), n_failed=len(failed), failures=failed)
 
     # ---------------------------------------------------------------- train
@@ -378,10 +388,11 @@ class _Loop:
         for k in range(1, self.k + 1):
             for atoms in _read_frames(self.out / f"round_{k}" / "labelled.extxyz"):
                 (val_frames if atoms.info["split"] == "val" else train_frames).append(atoms)
-        _write_frames(self.rdir / "train_set.extxyz", train_frames)
-        _write_frames(self.rdir / "val_set.extxyz", val_frames)
+        write_extxyz_atomically(self.rdir / "train_set.extxyz", train_frames)
+        write_extxyz_atomically(self.rdir / "val_set.extxyz", val_frames)
         current = self.state["model"]
-        train(self._train_config(current), self.rdir / "train_set.extxyz", self.rdir / "val_set.extxyz",
+        train(train_config(c, current, self.k, self.device), self.rdir / "train_set.extxyz",
+              self.rdir / "val_set.extxyz",
               self.rdir / "train", overwrite=True, init_checkpoint=current)
         model = self.rdir / "model.pt"
         if c.train.calibrate:
@@ -396,17 +407,6 @@ class _Loop:
                         seconds_train=time.perf_counter() - start)
         self.state["model"] = str(model)
         self._next_round()
-
-    def _train_config(self, checkpoint: str):
-        """The checkpoint's own training configuration with ``train.config`` applied."""
-        from blip_ase.models.checkpoint import read_checkpoint
-        from blip_ase.training.config import TrainConfig, from_dict, with_overrides
-
-        stored = (read_checkpoint(checkpoint).get("training") or {}).get("config")
-        base = from_dict(TrainConfig, stored, "the checkpoint's training config") if stored else TrainConfig()
-        overrides = {"seed": self.config.seed + self.k, "progress": False, "ensemble": 1, **self.config.train.config}
-        overrides |= {} if self.device is None else {"device": self.device}
-        return with_overrides(base, overrides, "train.config")
 
     def _next_round(self) -> None:
         self.state["final"] = final_reason(self.config, self.k, self.state["labels_spent"])

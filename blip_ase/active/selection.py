@@ -36,7 +36,7 @@ def descriptors(model, frames: Sequence[Atoms]) -> np.ndarray:
     if readout is None:
         raise ValueError(
             f"FPS descriptors need PaiNN node features; the {model.backend} backend has none here: "
-            "use select.strategy max_variance or random"
+            "use select.strategy random (max_variance also filters near-duplicates by descriptor)"
         )
     model.eval()
     captured: list[torch.Tensor] = []

@@ -103,6 +103,18 @@ def _append_atomically(path: Path, text: str) -> None:
         os.close(fd)
 
 
+def write_extxyz_atomically(path: Path, frames: list[Atoms]) -> None:
+    """Write ``frames`` as extxyz to a temporary file renamed into place (an empty file for none):
+    a kill leaves the old file or the new one, never half of it."""
+    from ase.io import write
+
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("")
+    if frames:
+        write(tmp, frames, format="extxyz")
+    tmp.replace(path)
+
+
 def frame_to_atoms(frame: FlaggedFrame) -> Atoms:
     """A calculator-free ``Atoms`` with the prefixed predictions in ``info``/``arrays``."""
     src = frame.atoms
@@ -156,16 +168,12 @@ class ExtXYZFrameWriter(_AppendedFile):
 
     def truncate_after(self, step: int) -> None:
         """Drop frames with ``info['step'] > step`` (a restart re-runs those steps)."""
-        from ase.io import read, write
+        from ase.io import read
 
         if self.path.stat().st_size == 0:
             return
         frames = [a for a in read(self.path, ":", format="extxyz") if int(a.info["step"]) <= step]
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("")
-        if frames:
-            write(tmp, frames, format="extxyz")
-        tmp.replace(self.path)
+        write_extxyz_atomically(self.path, frames)
 
 
 class HDF5FrameWriter(_AppendedFile):
