@@ -16,7 +16,7 @@ from blip_ase.bayes import BayesConfig
 from blip_ase.cli.main import main as blip
 from blip_ase.models import PaiNNConfig, PaiNNPotential, save_checkpoint
 from blip_ase.models.ensemble import EnsemblePotential
-from blip_ase.uq.evaluate import calibrate, evaluate
+from blip_ase.uq.evaluate import calibrate, evaluate, predict, read_labelled, structure_generator
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "ammonia"
 SHIPPED = ammonia_model()
@@ -74,14 +74,32 @@ def test_blip_eval_writes_metrics_json_plots_and_a_table_for_the_shipped_model(d
     assert "force ECE" in printed and "AUROC" in printed and "metrics.json" in printed
 
 
-def test_eval_metrics_are_those_of_the_calculator_predictions(data):
-    """All methods share one code path: the seeded BLIPCalculator, frame after frame."""
+def test_eval_metrics_are_those_of_the_engine_predictions_structure_by_structure(data):
+    """All methods share one code path: the calculator's inference engine, structure ``k`` seeded
+    by ``structure_generator(seed, k)``; batching many structures per pass changes nothing."""
     report = evaluate(SHIPPED, data["id"], n_samples=5, seed=3)
     calc = BLIPCalculator.from_checkpoint(SHIPPED, n_samples=5, seed=3, device="cpu")
     errors = []
-    for atoms in read(data["id"], ":"):
-        errors.append(atoms.get_forces() - calc.monte_carlo(atoms.copy())["forces"])
-    assert report["id"]["forces_mae"] == pytest.approx(np.abs(np.concatenate(errors)).mean(), rel=1e-12)
+    for k, atoms in enumerate(read(data["id"], ":")):
+        prepared = calc.engine.prepare(atoms.copy())
+        stats = calc.engine.monte_carlo(prepared, 5, generators=[structure_generator(3, k)])[0]
+        errors.append(atoms.get_forces() - stats["forces"])
+    assert report["id"]["forces_mae"] == pytest.approx(np.abs(np.concatenate(errors)).mean(), rel=1e-6)
+
+
+def test_predict_gives_each_structure_the_same_numbers_in_any_batch(data, monkeypatch):
+    from blip_ase.models.checkpoint import load_checkpoint
+    from blip_ase.uq import evaluate as ev
+
+    model, _ = load_checkpoint(SHIPPED)
+    frames, labels = read_labelled(data["id"])
+    batched = predict(model, frames, labels, n_samples=4, seed=1)
+    monkeypatch.setattr(ev, "PREDICT_BATCH_ATOMS", 1)  # one structure per pass
+    model, _ = load_checkpoint(SHIPPED)
+    alone = predict(model, frames, labels, n_samples=4, seed=1)
+    np.testing.assert_allclose(batched.forces_pred, alone.forces_pred, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(batched.forces_variance, alone.forces_variance, rtol=1e-4, atol=1e-9)
+    assert not np.allclose(batched.forces_variance, predict(model, frames, labels, n_samples=4, seed=2).forces_variance)
 
 
 def test_eval_reports_and_plots_alpha_and_beta_per_layer_for_id_and_ood(data, tmp_path):

@@ -13,15 +13,14 @@ floats and lists (so ``torch.load(weights_only=True)`` reads them):
    recalibrated CDF of the standardised error is ``G(z) = R(Phi(z))``; the calculator reports
    variances multiplied by ``s * E_G[z^2]`` (:func:`isotonic_variance_factor`), the second moment
    about the predicted mean of the recalibrated distribution, and ``blip eval`` also reports the
-   ECE of the recalibrated CDF itself.
+   ECE of the recalibrated CDF itself. Applying a stored calibration (validation, variance
+   factors, the isotonic map) is the inference engine's: :mod:`blip_ase.inference.calibration`.
 """
 
 from __future__ import annotations
 
 import numpy as np
 from scipy import stats
-
-from blip_ase.models.checkpoint import CALIBRATION_QUANTITIES as QUANTITIES
 
 MIN_STRUCTURES = 5
 
@@ -79,46 +78,3 @@ def fit_isotonic(error: np.ndarray, variance: np.ndarray) -> dict[str, list[floa
     x = np.concatenate([[0.0], x[keep], [1.0]])
     y = np.concatenate([[0.0], np.clip(y[keep], 0.0, 1.0), [1.0]])
     return {"x": x.tolist(), "y": np.maximum.accumulate(y).tolist()}
-
-
-def apply_isotonic(u: np.ndarray, isotonic: dict[str, list[float]]) -> np.ndarray:
-    """Recalibrated levels ``R(u)`` of CDF levels ``u`` (any shape)."""
-    return np.interp(u, isotonic["x"], isotonic["y"])
-
-
-def isotonic_variance_factor(isotonic: dict[str, list[float]]) -> float:
-    """``E_G[z^2]`` of the recalibrated standardised error distribution ``G(z) = R(Phi(z))``."""
-    z = np.linspace(-12.0, 12.0, 24001)
-    cdf = apply_isotonic(stats.norm.cdf(z), isotonic)
-    mass = np.diff(np.concatenate([[0.0], cdf, [1.0]]))  # mass beyond +-12 sits at the ends
-    grid = np.concatenate([[z[0]], 0.5 * (z[1:] + z[:-1]), [z[-1]]])
-    return float(np.sum(mass * grid**2))
-
-
-def validate_isotonic(name: str, isotonic: object) -> dict[str, list[float]]:
-    """Check an isotonic map read from a checkpoint; returns it with float lists.
-
-    Raises:
-        ValueError: not ``{"x", "y"}`` lists of equal length >= 2, ``x`` not increasing in
-            ``[0, 1]`` or ``y`` not nondecreasing in ``[0, 1]``.
-    """
-    if not isinstance(isotonic, dict) or set(isotonic) != {"x", "y"}:
-        raise ValueError(f"calibration {name!r} must be a dict with keys 'x' and 'y', got {isotonic!r:.80}")
-    x, y = np.asarray(isotonic["x"], float), np.asarray(isotonic["y"], float)
-    if x.ndim != 1 or x.shape != y.shape or x.size < 2:
-        raise ValueError(f"calibration {name!r}: x and y must be equal-length lists of at least 2 numbers")
-    ok = np.isfinite(x).all() and np.isfinite(y).all() and (np.diff(x) > 0).all() and (np.diff(y) >= 0).all()
-    if not ok or x[0] < 0 or x[-1] > 1 or y[0] < 0 or y[-1] > 1:
-        raise ValueError(f"calibration {name!r}: x must increase and y must not decrease, both within [0, 1]")
-    return {"x": x.tolist(), "y": y.tolist()}
-
-
-def variance_factors(calibration: dict) -> dict[str, float]:
-    """Total variance multiplier per quantity: the scale times the isotonic factor (if any)."""
-    factors = {}
-    for q in QUANTITIES:
-        factor = float(calibration.get(q, 1.0))
-        if calibration.get(f"{q}_isotonic") is not None:
-            factor *= isotonic_variance_factor(calibration[f"{q}_isotonic"])
-        factors[q] = factor
-    return factors
