@@ -66,7 +66,7 @@ def test_training_on_ammonia_lowers_the_validation_force_mae_below_a_measured_bo
 def test_a_checkpoint_round_trip_reproduces_predictions_exactly(trained, tmp_path):
     _, run = trained
     model, ckpt = load_checkpoint(run / "model.pt")
-    assert ckpt["format_version"] == 1 and ckpt["backend"] == "painn" and ckpt["elements"] == [1, 7]
+    assert ckpt["format_version"] == 2 and ckpt["backend"] == "painn" and ckpt["elements"] == [1, 7]
     assert ckpt["training"]["config"]["seed"] == 0
     torch.load(run / "model.pt", weights_only=True)  # never needs to run code
     save_checkpoint(tmp_path / "copy.pt", model, calibration=ckpt["calibration"], training=ckpt["training"])
@@ -167,7 +167,7 @@ def test_a_checkpoint_of_an_unknown_format_version_is_refused(trained, tmp_path)
     ckpt = torch.load(run / "model.pt", weights_only=True)
     ckpt["format_version"] = 99
     torch.save(ckpt, tmp_path / "future.pt")
-    with pytest.raises(CheckpointError, match=r"format version 99; this blip-ase reads version 1"):
+    with pytest.raises(CheckpointError, match=r"format version 99; this blip-ase reads version 2"):
         load_checkpoint(tmp_path / "future.pt")
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="not a blip-ase checkpoint: not a readable torch.save file"):
