@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from ase.calculators.singlepoint import SinglePointCalculator
 from ase.io import read, write
 
 from blip_ase import BLIPCalculator
@@ -214,3 +215,37 @@ def test_calibrate_never_replaces_an_existing_file_without_overwrite(data, tmp_p
     assert "exists; pass --overwrite" in capsys.readouterr().err and existing.read_bytes() == b"precious"
     assert run_blip(*args, "--overwrite") == 0
     assert torch.load(existing, weights_only=True)["calibration"]["forces"] > 0
+
+
+def test_calibrate_stores_the_per_element_quantiles_of_the_errors_it_saw(data, tmp_path):
+    """Labels made from the model's own seeded predictions plus known offsets: the per-atom error
+    norms are exactly the offsets, so the stored quantiles are known in advance."""
+    from blip_ase.models.checkpoint import load_checkpoint, read_checkpoint
+
+    frames = read(data["id"], ":")[:8]
+    model, _ = load_checkpoint(SHIPPED)
+    pred = predict(model, frames, read_labelled(data["id"])[1][:8], n_samples=6, seed=4)
+    rng = np.random.default_rng(0)
+    offsets = rng.uniform(0.01, 0.5, size=len(pred.forces_pred))  # eV/A, one per atom, along x
+    labelled, start = [], 0
+    for atoms in frames:
+        n = len(atoms)
+        forces = pred.forces_pred[start : start + n].copy()
+        forces[:, 0] += offsets[start : start + n]
+        atoms = atoms.copy()
+        atoms.calc = SinglePointCalculator(atoms, energy=0.0, forces=forces)
+        labelled.append(atoms)
+        start += n
+    write(tmp_path / "val.extxyz", labelled)
+    result = calibrate(SHIPPED, tmp_path / "val.extxyz", tmp_path / "cal.pt", n_samples=6, seed=4)
+    stored = read_checkpoint(tmp_path / "cal.pt")["reference"]
+    assert stored == result["reference"] and stored["quantiles"][-1] == 1.0
+    numbers = np.concatenate([a.numbers for a in frames])
+    for symbol, z in (("H", 1), ("N", 7), ("all", None)):
+        mask = np.ones(len(numbers), bool) if z is None else numbers == z
+        np.testing.assert_allclose(stored["force_error"][symbol], np.quantile(offsets[mask], stored["quantiles"]),
+                                   rtol=1e-6)
+        assert stored["n_atoms"][symbol] == mask.sum()
+    scale = result["calibration"]["forces"]
+    expected_std = np.sqrt(scale * pred.forces_variance)
+    np.testing.assert_allclose(stored["force_std"]["all"], np.quantile(expected_std, stored["quantiles"]), rtol=1e-5)

@@ -4,12 +4,14 @@ Format version 2 holds: ``format_version``, ``backend``, ``config`` (the backend
 ``config_dict()``: elements, architecture, Bayesian settings), ``state_dict``, ``elements``,
 ``reference_energies`` (eV, per element), ``normalisation`` (``scale``),
 ``calibration`` (variance scale factors ``energy``, ``forces``, ``stress``), ``training``
-metadata and ``bayesian_layers`` (the Bayesian linears' names in alpha/beta column order,
-``{"edge": [...], "node": [...]}``, checked at load).
+metadata, ``bayesian_layers`` (the Bayesian linears' names in alpha/beta column order,
+``{"edge": [...], "node": [...]}``, checked at load) and ``reference`` (None, or what
+``blip calibrate`` measured on its data for thresholds in calibrated units: per-element
+quantiles of the force errors and calibrated stds, see :func:`blip_ase.uq.calibration.force_reference`).
 
 History: version 1 had the same keys, but ``bayesian_layers`` was added within it, so a version 1
 file may lack it; the upgrade to version 2 stores ``None`` there (layout unknown: not checked)
-and records ``upgraded_from``. Older versions are upgraded by the functions in ``UPGRADES``; one
+and ``reference`` None, and records ``upgraded_from``. Older versions are upgraded by the functions in ``UPGRADES``; one
 file of each earlier format is kept under ``tests/fixtures/`` and must keep loading.
 """
 
@@ -26,14 +28,15 @@ FORMAT_VERSION = 2
 CALIBRATION_QUANTITIES = ("energy", "forces", "stress")  # the one list of calibration keys
 DEFAULT_CALIBRATION = dict.fromkeys(CALIBRATION_QUANTITIES, 1.0)  # variance scale factors
 ISOTONIC_KEYS = tuple(f"{q}_isotonic" for q in CALIBRATION_QUANTITIES)  # optional isotonic maps
-REQUIRED_KEYS = frozenset({"backend", "config", "state_dict", "elements", "calibration", "bayesian_layers"})
+REQUIRED_KEYS = frozenset({"backend", "config", "state_dict", "elements", "calibration", "bayesian_layers", "reference"})
 
 
 
 def _upgrade_1_to_2(ckpt: dict) -> dict:
     """Version 1 -> 2: ``bayesian_layers`` becomes a required key (None: written before the
-    layout was stored, so it cannot be checked)."""
-    return {**ckpt, "format_version": 2, "bayesian_layers": ckpt.get("bayesian_layers"), "upgraded_from": 1}
+    layout was stored, so it cannot be checked); ``reference`` is new (None: not measured)."""
+    layers = ckpt.get("bayesian_layers")
+    return {**ckpt, "format_version": 2, "bayesian_layers": layers, "reference": None, "upgraded_from": 1}
 
 
 UPGRADES: dict[int, Callable[[dict], dict]] = {1: _upgrade_1_to_2}
@@ -50,8 +53,13 @@ def save_checkpoint(
     *,
     calibration: dict[str, float] | None = None,
     training: dict | None = None,
+    reference: dict | None = None,
 ) -> None:
-    """Write ``model`` to ``path`` (atomically: a temporary file is renamed into place)."""
+    """Write ``model`` to ``path`` (atomically: a temporary file is renamed into place).
+
+    ``reference``: the calibration set's force error and std quantiles (``blip calibrate``,
+    :func:`blip_ase.uq.calibration.force_reference`), for thresholds in calibrated units.
+    """
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     ckpt = {
         "format_version": FORMAT_VERSION,
@@ -64,6 +72,7 @@ def save_checkpoint(
         "calibration": {**DEFAULT_CALIBRATION, **(calibration or {})},
         "training": training or {},
         "bayesian_layers": model.bayesian_layout(),
+        "reference": reference,
     }
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")

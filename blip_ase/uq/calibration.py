@@ -19,10 +19,19 @@ floats and lists (so ``torch.load(weights_only=True)`` reads them):
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 from scipy import stats
 
+from blip_ase.inference.calibration import variance_factors
+
+if TYPE_CHECKING:
+    from blip_ase.uq.predictions import Predictions
+
 MIN_STRUCTURES = 5
+REFERENCE_QUANTILES = (0.5, 0.9, 0.95, 0.99, 1.0)
+"""Quantile levels of the reference distributions :func:`force_reference` stores (1.0: the maximum)."""
 
 
 def fit_variance_scale(error: np.ndarray, variance: np.ndarray) -> float:
@@ -78,3 +87,36 @@ def fit_isotonic(error: np.ndarray, variance: np.ndarray) -> dict[str, list[floa
     x = np.concatenate([[0.0], x[keep], [1.0]])
     y = np.concatenate([[0.0], np.clip(y[keep], 0.0, 1.0), [1.0]])
     return {"x": x.tolist(), "y": np.maximum.accumulate(y).tolist()}
+
+
+def force_reference(pred: Predictions, calibration: dict) -> dict:
+    """Reference distributions of the calibration set for thresholds in calibrated units.
+
+    Per element (symbol) and over all atoms (``"all"``), the :data:`REFERENCE_QUANTILES` of
+
+    - ``force_error``: the per-atom force error norm ``|F_true - F_pred|``, eV/A;
+    - ``force_std``: the calibrated per-atom force std ``sqrt(factor * v_i)``, eV/A, the quantity
+      the MD monitor compares with its thresholds (``factor``: the forces variance factor).
+
+    Args:
+        pred: predictions with uncertainty and ``numbers``.
+        calibration: the fitted calibration (scales and isotonic maps).
+
+    Returns:
+        ``{"quantiles": [...], "force_error": {key: [...]}, "force_std": {key: [...]},
+        "n_atoms": {key: count}}``, plain floats (stored in the checkpoint).
+    """
+    from ase.data import chemical_symbols
+
+    factor = variance_factors(calibration)["forces"]
+    error = np.linalg.norm(pred.forces_error, axis=1)
+    std = np.sqrt(factor * np.clip(pred.forces_variance, 0.0, None))
+    groups = {"all": np.ones(len(error), bool)}
+    groups.update({chemical_symbols[z]: pred.numbers == z for z in np.unique(pred.numbers)})
+    q = list(REFERENCE_QUANTILES)
+    return {
+        "quantiles": q,
+        "force_error": {k: np.quantile(error[m], q).tolist() for k, m in groups.items()},
+        "force_std": {k: np.quantile(std[m], q).tolist() for k, m in groups.items()},
+        "n_atoms": {k: int(m.sum()) for k, m in groups.items()},
+    }

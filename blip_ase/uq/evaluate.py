@@ -19,7 +19,7 @@ import torch
 from blip_ase.inference.calibration import QUANTITIES, apply_isotonic, variance_factors
 from blip_ase.strict_json import write_json
 from blip_ase.uq import metrics as m
-from blip_ase.uq.calibration import MIN_STRUCTURES, fit_isotonic, fit_variance_scale
+from blip_ase.uq.calibration import MIN_STRUCTURES, fit_isotonic, fit_variance_scale, force_reference
 from blip_ase.uq.coefficients import collect_coefficients, summarise_coefficients
 from blip_ase.uq.predictions import Predictions
 
@@ -124,6 +124,7 @@ def predict(
         n_atoms=np.array([len(a) for a in frames]),
         energy_variance=np.array([r["energy_variance"] for r in results]) if mc else None,
         forces_variance=np.concatenate([r["forces_variance"] for r in results]) if mc else None,
+        numbers=np.concatenate([a.numbers for a in frames]),
     )
 
 
@@ -321,8 +322,9 @@ def calibrate(
     is replaced). Everything else in the checkpoint is kept.
 
     Returns:
-        ``{"calibration": scales (isotonic maps summarised), "before": metrics, "after": metrics}``
-        on the calibration set.
+        ``{"calibration": scales (isotonic maps summarised), "reference": the force error and
+        calibrated std quantiles stored in the checkpoint (:func:`~blip_ase.uq.calibration.force_reference`),
+        "before": metrics, "after": metrics}`` on the calibration set.
 
     Raises:
         ValueError: fewer than 5 structures, data without forces, a deterministic model.
@@ -345,10 +347,16 @@ def calibrate(
     pred = predict(model, frames, labels, n_samples=n_samples, seed=seed, device=device,
                    progress="predict" if progress else None)
     calibration = fit_calibration(pred, isotonic=isotonic)
+    reference = {"data": str(data_path), **force_reference(pred, calibration)}
     training = dict(ckpt.get("training") or {})
     used = model.n_members if model_method(model) == "ensemble" else n_samples
     training["calibration_fit"] = {"data": str(data_path), "n_structures": len(frames), "n_samples": used,
                                    "seed": seed, "isotonic": isotonic}
-    save_checkpoint(out_path, model.cpu(), calibration=calibration, training=training)
+    save_checkpoint(out_path, model.cpu(), calibration=calibration, training=training, reference=reference)
     summary = {k: (v if not k.endswith("_isotonic") else f"{len(v['x'])} knots") for k, v in calibration.items()}
-    return {"calibration": summary, "before": compute_metrics(pred), "after": compute_metrics(pred, calibration)}
+    return {
+        "calibration": summary,
+        "reference": reference,
+        "before": compute_metrics(pred),
+        "after": compute_metrics(pred, calibration),
+    }

@@ -16,6 +16,7 @@ class Predictions:
         n_atoms: ``(F,)``.
         energy_variance: ``(F,)`` eV^2, uncalibrated; None for a deterministic model.
         forces_variance: ``(M,)`` eV^2/A^2 per atom (trace), uncalibrated; None likewise.
+        numbers: ``(M,)`` atomic numbers of the atoms (None where unknown).
     """
 
     energy_true: np.ndarray
@@ -25,6 +26,7 @@ class Predictions:
     n_atoms: np.ndarray
     energy_variance: np.ndarray | None = None
     forces_variance: np.ndarray | None = None
+    numbers: np.ndarray | None = None
 
     @property
     def energy_error(self) -> np.ndarray:
