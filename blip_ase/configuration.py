@@ -22,7 +22,8 @@ and applies overrides. Path fields are declared with ``metadata=PATH``::
 Range checks belong in the dataclass's ``__post_init__`` (it runs on every construction, from
 Python as from a file); :func:`checked_int` is the one integer check they share.
 
-Every bad value is a ``ValueError`` naming the key (``config.yaml.optim.lr``) and the problem.
+Every bad value is a ``ValueError`` (never a ``TypeError``: it is bad input, reported as one line
+by the command line) naming the key (``config.yaml.optim.lr``) and the problem.
 """
 
 from __future__ import annotations
@@ -87,7 +88,8 @@ def from_dict(cls: type, data: Any, where: str = "config") -> Any:
             whatever ``cls.__post_init__`` refuses.
     """
     if not isinstance(data, collections.abc.Mapping):
-        raise ValueError(f"{where or 'the configuration'} must be a mapping, got {type(data).__name__}")
+        kind = type(data).__name__
+        raise ValueError(f"{where or 'the configuration'} must be a mapping, got {kind}")  # noqa: TRY004
     fields = _check_keys(cls, data, where)
     hints = typing.get_type_hints(cls)
     kwargs = {key: _field_value(fields[key], hints[key], value, _join(where, key)) for key, value in data.items()}
@@ -104,7 +106,7 @@ def with_overrides(cfg: Any, overrides: Any, where: str = "overrides") -> Any:
         ValueError: as :func:`from_dict`, with keys named ``{where}.{key}``.
     """
     if not isinstance(overrides, collections.abc.Mapping):
-        raise ValueError(f"{where or 'overrides'} must be a mapping, got {type(overrides).__name__}")
+        raise ValueError(f"{where or 'overrides'} must be a mapping, got {type(overrides).__name__}")  # noqa: TRY004
     fields = _check_keys(type(cfg), overrides, where)
     hints = typing.get_type_hints(type(cfg))
     changes = {}
@@ -139,7 +141,7 @@ def load_yaml(path: str | Path, cls: type, overrides: Any = None) -> Any:
         raise ValueError(f"{path} is not valid YAML: {' '.join(str(exc).split())}") from None
     data = {} if data is None else data
     if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a mapping, got {type(data).__name__}")
+        raise ValueError(f"{path} must hold a mapping, got {type(data).__name__}")  # noqa: TRY004
     cfg = from_dict(cls, _resolve_paths(cls, data, path.resolve().parent), where=str(path))
     return with_overrides(cfg, overrides, "overrides") if overrides else cfg
 
