@@ -31,6 +31,7 @@ import torch
 from ase import Atoms
 
 from blip_ase.bayes import NoiseSource, StructureNoise, structure_sizes
+from blip_ase.configuration import checked_int
 from blip_ase.data.graph import species_index, validate_atoms
 from blip_ase.devices import resolve_device
 from blip_ase.inference.calibration import validate_calibration, variance_factors
@@ -45,14 +46,12 @@ Why these values: see the documentation's performance page."""
 
 
 def checked_samples(n_samples: Any) -> int:
-    """``n_samples`` as an int >= 2 (variances are unbiased).
+    """``n_samples`` as an int >= 2 (variances are unbiased, ddof=1).
 
     Raises:
         ValueError: a bool, a non-integer or a number below 2.
     """
-    if isinstance(n_samples, bool) or not isinstance(n_samples, (int, np.integer)) or n_samples < 2:
-        raise ValueError(f"n_samples must be an integer >= 2 (variances are unbiased), got {n_samples!r}")
-    return int(n_samples)
+    return checked_int(n_samples, least=2, name="n_samples")
 
 
 def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
@@ -171,9 +170,7 @@ class MonteCarloEngine:
 
     @max_batch_atoms.setter
     def max_batch_atoms(self, value: int) -> None:
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise ValueError(f"max_batch_atoms must be an integer >= 1, got {value!r}")
-        self._max_batch_atoms = int(value)
+        self._max_batch_atoms = checked_int(value, least=1, name="max_batch_atoms")
 
     @property
     def calibration(self) -> Mapping[str, Any]:
