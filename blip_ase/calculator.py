@@ -33,6 +33,7 @@ from ase.calculators.calculator import Calculator, all_changes
 
 from blip_ase.devices import resolve_device
 from blip_ase.inference.engine import MonteCarloEngine, checked_samples
+from blip_ase.inference.screen import Screen
 from blip_ase.models.checkpoint import load_checkpoint
 from blip_ase.models.potential import Potential
 
@@ -152,12 +153,16 @@ class BLIPCalculator(Calculator):
     def from_checkpoint(cls, path: str | Path, **options: Any) -> BLIPCalculator:
         """Calculator for the model stored at ``path``; ``options`` as for the constructor.
 
-        The checkpoint's calibration scales are used unless ``calibration=`` is given.
+        The checkpoint's calibration scales are used unless ``calibration=`` is given, and its
+        uncertainty screen (if ``blip calibrate`` stored one) becomes the engine's.
         """
         device = resolve_device(options.pop("device", None))
         model, ckpt = load_checkpoint(path, device=device)
         options.setdefault("calibration", ckpt.get("calibration"))
-        return cls(model, device=device, **options)
+        calc = cls(model, device=device, **options)
+        if ckpt.get("screen") is not None:
+            calc.engine.screen = Screen.from_dict(ckpt["screen"])
+        return calc
 
     def calculate(
         self,

@@ -35,6 +35,7 @@ from blip_ase.configuration import checked_int
 from blip_ase.data.graph import species_index, validate_atoms
 from blip_ase.devices import resolve_device
 from blip_ase.inference.calibration import validate_calibration, variance_factors
+from blip_ase.inference.screen import Screen, atom_features
 from blip_ase.inference.statistics import map_results, monte_carlo_statistics
 from blip_ase.models.potential import Potential
 from blip_ase.voigt import matrix_to_voigt
@@ -86,6 +87,7 @@ class Prepared:
     periodic: bool
     coefficients: Any = None
     has_coefficients: bool = False
+    screen_features: list[np.ndarray] | None = None
 
     @property
     def n_atoms(self) -> int:
@@ -135,6 +137,7 @@ class MonteCarloEngine:
             :data:`DEFAULT_MAX_BATCH_ATOMS` of the device type.
         calibration: variance scales ``{"energy", "forces", "stress"}`` (missing: 1.0) and
             optional isotonic maps (:mod:`blip_ase.inference.calibration`).
+        screen: the cheap uncertainty screen (:mod:`blip_ase.inference.screen`), or None.
 
     Raises:
         ValueError: a bad option (named).
@@ -149,8 +152,10 @@ class MonteCarloEngine:
         seed: int | None = None,
         max_batch_atoms: int | None = None,
         calibration: Mapping[str, Any] | None = None,
+        screen: Screen | None = None,
     ):
         to_dtype, to_device = resolve_dtype(dtype), resolve_device(device)
+        self.screen = screen
         self.calibration = calibration
         self.model = model.to(to_device, **({"dtype": to_dtype} if to_dtype else {})).eval()
         if max_batch_atoms is None:
@@ -239,6 +244,36 @@ class MonteCarloEngine:
                 prepared.coefficients = self.model.coefficients(prepared.graph)
             prepared.has_coefficients = True
         return prepared.coefficients
+
+    def screen_bound(self, prepared: Prepared, forces: np.ndarray | None = None) -> list[np.ndarray]:
+        """Per structure, ``(n,)`` the screen's conservative bound on the calibrated per-atom force
+        std (eV/A): ``safety * estimate * sqrt(forces factor)``, from alpha/beta, the MAP forces
+        and neighbour distances alone (no Monte Carlo sample).
+
+        Args:
+            prepared: the configuration.
+            forces: ``(N, 3)`` its MAP forces (eV/A) when the caller has them (MAP dynamics);
+                None: computed here (one MAP pass).
+
+        Raises:
+            ValueError: the engine has no screen, or the model has no inference network.
+        """
+        if self.screen is None:
+            raise ValueError("this model has no uncertainty screen (blip calibrate fits one)")
+        if prepared.screen_features is None:
+            if forces is None:
+                forces = np.concatenate([r["forces"] for r in self.map(prepared, stress=False)])
+            with torch.no_grad():
+                if prepared.has_coefficients:
+                    coefficients = prepared.coefficients
+                else:
+                    coefficients = self.model.coefficients(prepared.graph, jacobian=False)
+                inputs = self.model.posterior_inputs(prepared.graph)
+            features = atom_features(coefficients, inputs, forces, len(self.model.elements))
+            b = prepared.bounds
+            prepared.screen_features = [features[b[g] : b[g + 1]] for g in range(prepared.n_structures)]
+        factor = self.screen.safety * float(np.sqrt(self._factors["forces"]))
+        return [factor * self.screen.estimate(f) for f in prepared.screen_features]
 
     # --- passes --------------------------------------------------------------------------------
     def evaluate(self, prepared: Prepared, noise: NoiseSource | None, *, stress: bool = True) -> dict[str, np.ndarray]:

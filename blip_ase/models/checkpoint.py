@@ -7,11 +7,13 @@ Format version 2 holds: ``format_version``, ``backend``, ``config`` (the backend
 metadata, ``bayesian_layers`` (the Bayesian linears' names in alpha/beta column order,
 ``{"edge": [...], "node": [...]}``, checked at load) and ``reference`` (None, or what
 ``blip calibrate`` measured on its data for thresholds in calibrated units: per-element
-quantiles of the force errors and calibrated stds, see :func:`blip_ase.uq.calibration.force_reference`).
+quantiles of the force errors and calibrated stds, see :func:`blip_ase.uq.calibration.force_reference`)
+and ``screen`` (None, or the cheap uncertainty screen ``blip calibrate`` fitted:
+:class:`blip_ase.inference.screen.Screen`).
 
 History: version 1 had the same keys, but ``bayesian_layers`` was added within it, so a version 1
 file may lack it; the upgrade to version 2 stores ``None`` there (layout unknown: not checked)
-and ``reference`` None, and records ``upgraded_from``. Older versions are upgraded by the functions in ``UPGRADES``; one
+and ``reference`` and ``screen`` None, and records ``upgraded_from``. Older versions are upgraded by the functions in ``UPGRADES``; one
 file of each earlier format is kept under ``tests/fixtures/`` and must keep loading.
 """
 
@@ -28,7 +30,8 @@ FORMAT_VERSION = 2
 CALIBRATION_QUANTITIES = ("energy", "forces", "stress")  # the one list of calibration keys
 DEFAULT_CALIBRATION = dict.fromkeys(CALIBRATION_QUANTITIES, 1.0)  # variance scale factors
 ISOTONIC_KEYS = tuple(f"{q}_isotonic" for q in CALIBRATION_QUANTITIES)  # optional isotonic maps
-REQUIRED_KEYS = frozenset({"backend", "config", "state_dict", "elements", "calibration", "bayesian_layers", "reference"})
+REQUIRED_KEYS = frozenset({"backend", "config", "state_dict", "elements", "calibration", "bayesian_layers", "reference",
+                           "screen"})
 
 
 
@@ -36,7 +39,8 @@ def _upgrade_1_to_2(ckpt: dict) -> dict:
     """Version 1 -> 2: ``bayesian_layers`` becomes a required key (None: written before the
     layout was stored, so it cannot be checked); ``reference`` is new (None: not measured)."""
     layers = ckpt.get("bayesian_layers")
-    return {**ckpt, "format_version": 2, "bayesian_layers": layers, "reference": None, "upgraded_from": 1}
+    return {**ckpt, "format_version": 2, "bayesian_layers": layers, "reference": None, "screen": None,
+            "upgraded_from": 1}
 
 
 UPGRADES: dict[int, Callable[[dict], dict]] = {1: _upgrade_1_to_2}
@@ -54,11 +58,13 @@ def save_checkpoint(
     calibration: dict[str, float] | None = None,
     training: dict | None = None,
     reference: dict | None = None,
+    screen: dict | None = None,
 ) -> None:
     """Write ``model`` to ``path`` (atomically: a temporary file is renamed into place).
 
     ``reference``: the calibration set's force error and std quantiles (``blip calibrate``,
-    :func:`blip_ase.uq.calibration.force_reference`), for thresholds in calibrated units.
+    :func:`blip_ase.uq.calibration.force_reference`), for thresholds in calibrated units;
+    ``screen``: the fitted uncertainty screen (:class:`blip_ase.inference.screen.Screen` as a dict).
     """
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     ckpt = {
@@ -73,6 +79,7 @@ def save_checkpoint(
         "training": training or {},
         "bayesian_layers": model.bayesian_layout(),
         "reference": reference,
+        "screen": screen,
     }
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")

@@ -122,7 +122,7 @@ class EnsemblePotential(Potential):
             batched.append(self.members[k].batch([g[k] for g in graphs]) if owner == k else batched[owner])
         return batched
 
-    def coefficients(self, graph: list[Any]) -> None:
+    def coefficients(self, graph: list[Any], *, jacobian: bool = True) -> None:
         """An ensemble has no noise coefficients (the member index is the randomness)."""
         return None
 

@@ -304,6 +304,27 @@ def fit_calibration(pred: Predictions, *, isotonic: bool = False) -> dict:
     return calibration
 
 
+def fit_uncertainty_screen(model: Any, frames: list, *, n_samples: int, seed: int, device: str | None) -> Any:
+    """The uncertainty screen of a BLIP model (:mod:`blip_ase.inference.screen`), fitted on
+    ``frames`` and their rattled copies: features from alpha/beta and the MAP forces, targets the Monte Carlo
+    per-atom force stds (uncalibrated; the engine applies the calibration when it screens)."""
+    from blip_ase.inference import MonteCarloEngine
+    from blip_ase.inference.screen import atom_features, fit_screen, rattled_copies
+
+    engine = MonteCarloEngine(model, device=device, seed=seed, calibration={})
+    features, stds = [], []
+    for k, atoms in enumerate(rattled_copies(frames, seed=seed)):
+        prepared = engine.prepare(atoms)
+        stats = engine.monte_carlo(prepared, n_samples, generators=[structure_generator(seed, k)], stress=False)[0]
+        forces = engine.map(prepared, stress=False)[0]["forces"]
+        with torch.no_grad():
+            inputs = model.posterior_inputs(prepared.graph)
+            coefficients = model.coefficients(prepared.graph, jacobian=False)
+        features.append(atom_features(coefficients, inputs, forces, len(model.elements)))
+        stds.append(np.sqrt(stats["forces_variance"]))
+    return fit_screen(features, stds, n_elements=len(model.elements))
+
+
 def calibrate(
     model_path: str | Path,
     data_path: str | Path,
@@ -315,11 +336,13 @@ def calibrate(
     device: str | None = None,
     overwrite: bool = False,
     progress: bool = False,
+    screen_fit: bool = True,
 ) -> dict:
     """Fit calibration on the validation set ``data_path`` and write the calibrated checkpoint.
 
     The fit starts from the uncalibrated variances (any calibration already in the checkpoint
-    is replaced). Everything else in the checkpoint is kept.
+    is replaced). For a BLIP model (``screen_fit``) the cheap uncertainty screen is fitted too
+    (:func:`fit_uncertainty_screen`). Everything else in the checkpoint is kept.
 
     Returns:
         ``{"calibration": scales (isotonic maps summarised), "reference": the force error and
@@ -348,15 +371,20 @@ def calibrate(
                    progress="predict" if progress else None)
     calibration = fit_calibration(pred, isotonic=isotonic)
     reference = {"data": str(data_path), **force_reference(pred, calibration)}
+    screen = None
+    if screen_fit and model_method(model) == "blip":
+        screen = fit_uncertainty_screen(model, frames, n_samples=n_samples, seed=seed, device=device).to_dict()
     training = dict(ckpt.get("training") or {})
     used = model.n_members if model_method(model) == "ensemble" else n_samples
     training["calibration_fit"] = {"data": str(data_path), "n_structures": len(frames), "n_samples": used,
                                    "seed": seed, "isotonic": isotonic}
-    save_checkpoint(out_path, model.cpu(), calibration=calibration, training=training, reference=reference)
+    save_checkpoint(out_path, model.cpu(), calibration=calibration, training=training, reference=reference,
+                    screen=screen)  # fmt: skip
     summary = {k: (v if not k.endswith("_isotonic") else f"{len(v['x'])} knots") for k, v in calibration.items()}
     return {
         "calibration": summary,
         "reference": reference,
+        "screen": screen,
         "before": compute_metrics(pred),
         "after": compute_metrics(pred, calibration),
     }
