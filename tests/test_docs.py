@@ -72,6 +72,17 @@ def python_blocks(path: Path) -> list[Block]:
 BLOCKS = [block for path in MARKDOWN for block in python_blocks(path)]
 
 
+def test_a_not_run_marker_applies_to_the_next_python_block_only(tmp_path):
+    page = tmp_path / "page.md"
+    page.write_text(
+        "<!-- not-run: needs a GPU -->\n```python\nimport cuda_only\n```\n\n"
+        "- in a list:\n\n    ```python\n    x = 1\n    ```\n"
+    )
+    first, second = python_blocks(page)
+    assert (first.not_run, first.code, first.line) == ("needs a GPU", "import cuda_only\n", 2)
+    assert (second.not_run, second.code, second.index) == (None, "x = 1\n", 1)
+
+
 def build_site(config: Path, site: Path) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "mkdocs", "build", "--strict", "-f", str(config), "-d", str(site)]
     env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
@@ -127,15 +138,38 @@ def test_every_benchmark_table_has_its_date_and_command_beside_it():
         assert re.search(r"python md_scripts/|blip (eval|learn|train|md)", section), f"section {title!r} has no command"
 
 
-@pytest.mark.parametrize("block", BLOCKS, ids=[block.id for block in BLOCKS])
-def test_the_python_example_runs_from_an_empty_directory_without_future_warnings(block, tmp_path):
-    if block.not_run is not None:
-        pytest.skip(f"marked not-run: {block.not_run}")
-    assert not tmp_path.resolve().is_relative_to(ROOT)
-    script = tmp_path / "example.py"
+def run_example(block: Block, directory: Path) -> subprocess.CompletedProcess:
+    """Run ``block`` as a script in ``directory`` (empty, outside the repository)."""
+    assert not directory.resolve().is_relative_to(ROOT)
+    script = directory / "example.py"
     script.write_text(block.code)
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "MPLBACKEND": "Agg"}
     cmd = [sys.executable, "-W", "error::FutureWarning", script.name]
-    done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=EXAMPLE_TIMEOUT_S, env=env)
+    return subprocess.run(cmd, cwd=directory, capture_output=True, text=True, timeout=EXAMPLE_TIMEOUT_S, env=env)
+
+
+@pytest.fixture(scope="module")
+def example_runs(request, tmp_path_factory) -> dict[str, subprocess.CompletedProcess]:
+    """The selected examples, run concurrently (one process per core): each one mostly waits for
+    its own imports, and one after another they take about a minute on two cores."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    selected = [
+        item.callspec.params["block"]
+        for item in request.session.items
+        if getattr(item, "originalname", None) == "test_the_python_example_runs_from_an_empty_directory"
+    ]
+    todo = [block for block in selected if block.not_run is None]
+    with ThreadPoolExecutor(max_workers=max(1, min(len(todo), os.cpu_count() or 1))) as pool:
+        runs = pool.map(lambda block: run_example(block, tmp_path_factory.mktemp("example")), todo)
+        return {block.id: done for block, done in zip(todo, runs)}
+
+
+@pytest.mark.parametrize("block", BLOCKS, ids=[block.id for block in BLOCKS])
+def test_the_python_example_runs_from_an_empty_directory(block, example_runs):
+    """Also without FutureWarnings (``-W error::FutureWarning``): deprecated calls fail here."""
+    if block.not_run is not None:
+        pytest.skip(f"marked not-run: {block.not_run}")
+    done = example_runs[block.id]
     where = f"{block.path.relative_to(ROOT)}, block {block.index} (line {block.line})"
     assert done.returncode == 0, f"{where} failed:\n{done.stdout}\n{done.stderr}"
