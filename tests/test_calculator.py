@@ -1,5 +1,5 @@
 """BLIPCalculator: finite differences, agreement with the raw model, results contract, seeds,
-caching, bad input and the README example, for BLIP, MC dropout and a deep ensemble alike.
+caching, bad input and the documented Python API example, for BLIP, MC dropout and a deep ensemble alike.
 Tiny float64 PaiNN models keep this file fast."""
 
 from __future__ import annotations
