@@ -118,6 +118,14 @@ def test_readme_is_short_and_holds_both_set_up_commands_verbatim():
         assert command in text
 
 
+def test_every_relative_link_of_the_readme_points_to_a_file_of_the_repository():
+    """MkDocs checks the links of docs/; README.md is outside the site, so it is checked here."""
+    links = re.findall(r"\]\(([^)\s]+)\)", (ROOT / "README.md").read_text())
+    relative = [link.split("#")[0] for link in links if "://" not in link and not link.startswith("#")]
+    assert len(relative) >= 10  # the README is mostly an index into docs/
+    assert [link for link in relative if not (ROOT / link).is_file()] == []
+
+
 def test_the_docs_and_readme_have_python_examples_and_few_are_not_run():
     by_file = {block.path.name for block in BLOCKS}
     assert {"README.md", "getting-started.md", "python-api.md", "md.md"} <= by_file
