@@ -312,11 +312,11 @@ def main(argv: list[str] | None = None) -> int:
 
     write_json(out / "results.json", {"args": vars(args), "wall_seconds": wall, "runs": rows})
     command = " ".join(["python", "md_scripts/" + Path(__file__).name, *argv])
-    tables = [f"Produced by `{command}` in {wall / 60:.0f} min on 2 CPU cores ({args.jobs} runs at a time, "
+    tables = [(f"Produced by `{command}` in {wall / 60:.0f} min on 2 CPU cores ({args.jobs} runs at a time, "
               f"one torch thread each); mean ± std over seeds {args.seeds}; {args.n_samples} Monte Carlo samples "
               f"(ensemble: its {args.members} members). Forces per component; ECE, NLL (nats, eV/Å) and Spearman "
               f"as in DESIGN.md; AUROC separates ID test from OOD structures by the mean per-atom force std. "
-              f"LLPR's \"uncalibrated\" rows include its own scale alpha^2, fitted on the validation split.\n"]
+              f"LLPR's \"uncalibrated\" rows include its own scale alpha^2, fitted on the validation split.\n")]
     if args.dev:
         tables.append("Development split (`--dev`): no test set was read. The ammonia OOD set is "
                       "`examples/ammonia/dev_ood.extxyz` (PySCF labels: its energies are on another reference, so "

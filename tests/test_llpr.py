@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from ase.io import read, write
+from conftest import build_potential
 
 from blip_ase import BLIPCalculator
 from blip_ase.cli.main import main as blip
@@ -22,7 +23,6 @@ from blip_ase.models.checkpoint import load_checkpoint
 from blip_ase.models.ensemble import EnsemblePotential
 from blip_ase.uq.evaluate import model_method, read_labelled
 from blip_ase.uq.llpr import covariance, fit_llpr, last_layer_rows, last_layer_weights
-from conftest import build_potential
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "ammonia"
 ALPHA2 = 2.5
@@ -252,3 +252,20 @@ def test_a_checkpoint_without_llpr_reads_as_none_and_mc_mode_still_needs_uncerta
         BLIPCalculator(model, mode="mc")
     frames, labels = read_labelled(EXAMPLE / "val.extxyz")
     assert len(frames) == len(labels)
+
+
+def test_blip_md_runs_with_an_llpr_checkpoint_and_records_its_force_stds(files, tmp_path, capsys):
+    """The monitor calls ``calc.monte_carlo(atoms, n_samples=...)``; with LLPR it gets closed-form
+    variances, so monitored MD works on a deterministic model after ``blip llpr``."""
+    from blip_ase.md import read_history
+
+    llpr = tmp_path / "llpr.pt"
+    assert blip(["llpr", "--model", str(files["det"]), "--train", str(files["train"]), "--val",
+                 str(files["val"]), "--out", str(llpr)]) == 0  # fmt: skip
+    nh3 = Path(__file__).resolve().parents[1] / "blip_ase" / "assets" / "ammonia_nh3.xyz"
+    out = tmp_path / "md"
+    assert blip(["md", "--model", str(llpr), "--structure", str(nh3), "--out", str(out), "--steps", "10",
+                 "--uq-interval", "5", "--halt-force-std-eV-per-A", "100", "--no-progress", "--no-plot"]) == 0  # fmt: skip
+    rows = read_history(out / "uncertainty.csv")
+    assert [r["step"] for r in rows] == [0, 5, 10]
+    assert json.loads((out / "summary.json").read_text())["status"] == "completed"

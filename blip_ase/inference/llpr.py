@@ -40,10 +40,11 @@ def validate_llpr(data: Mapping[str, Any]) -> dict[str, Any]:
     ``D = n_features``, ``scale`` a positive finite float.
 
     Raises:
+        TypeError: not a mapping.
         ValueError: naming the first problem.
     """
     if not isinstance(data, Mapping):
-        raise ValueError(f"LLPR data must be a dict, got {type(data).__name__}")
+        raise TypeError(f"LLPR data must be a dict, got {type(data).__name__}")
     missing = [k for k in LLPR_REQUIRED if k not in data]
     if missing:
         raise ValueError(f"LLPR data lacks the keys {missing}")

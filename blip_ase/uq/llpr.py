@@ -143,7 +143,7 @@ def fit_llpr(
     inverse = (eigvec / (eigval + sigma2)) @ eigvec.T
     inverse = 0.5 * (inverse + inverse.T)
     data = {
-        "inverse_covariance": inverse.tolist(), "n_features": int(len(w)), "scale": float(alpha2),
+        "inverse_covariance": inverse.tolist(), "n_features": len(w), "scale": float(alpha2),
         "regularizer": float(lam), "sigma2": float(sigma2), "energy_weight": energy_weight,
         "forces_weight": forces_weight, "val_forces_nll": nll, "n_train": len(train[0]), "n_val": len(val[0]),
     }  # fmt: skip
