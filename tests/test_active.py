@@ -142,6 +142,27 @@ def test_descriptors_are_invariant_to_rotation_and_atom_order_and_tell_structure
     assert np.linalg.norm(d[0] - d[2]) > 1e-4
 
 
+def test_an_orb_model_gives_descriptors_so_fps_selection_works_for_it():
+    """Issue 19 item 6: selection went through PaiNN's readout, so ORB could only select at random."""
+    import torch
+
+    from blip_ase.models.orb import ORB_BAYES, OrbConfig, OrbPotential
+
+    torch.manual_seed(0)
+    tiny = OrbConfig(latent_dim=16, base_mlp_hidden_dim=16, base_mlp_depth=1, head_mlp_hidden_dim=16,
+                     head_mlp_depth=1, num_message_passing_steps=2, radius=4.0, max_num_neighbors=12)
+    model = OrbPotential([1, 7, 8], tiny, ORB_BAYES).double()
+    frames = []
+    for k in range(6):
+        a = molecule("NH3")
+        a.rattle(0.02 * (k + 1), seed=k)
+        frames.append(a)
+    desc = descriptors(model, frames + [frames[0].copy()])
+    assert desc.shape == (7, 16) and np.allclose(desc[0], desc[6]) and np.linalg.norm(desc[0] - desc[5]) > 1e-6
+    chosen = select(desc, np.linspace(0.1, 1.0, 7), SelectConfig(budget=3, min_distance=1e-9))
+    assert len(chosen) == 3 and chosen[0] == 6 and 0 not in chosen  # frame 0 is a duplicate of the first pick
+
+
 # ------------------------------------------------------------------------------------------- oracles
 
 

@@ -106,8 +106,9 @@ def check_inputs(config: LearnConfig, out: Path, *, restart: bool) -> dict | Non
         unknown = sorted(set(atoms.get_chemical_symbols()) - {chemical_symbols[z] for z in model.elements})
         if unknown:
             raise ValueError(f"start structure {spec} has elements {unknown} the model {current} does not know")
-    if config.select.strategy != "random" and getattr(getattr(model, "net", None), "readout", None) is None:
-        raise ValueError(f"select.strategy {config.select.strategy} needs PaiNN node features; use random")
+    if config.select.strategy != "random" and not model.implements_descriptors:
+        raise ValueError(f"select.strategy {config.select.strategy} needs the model's descriptors (the "
+                         f"{model.backend} backend has none); use random")
     return state
 
 
