@@ -273,8 +273,8 @@ def test_the_emt_loop_labels_fine_tunes_and_reports_round_after_round(cu_root, c
 def test_a_clean_exploration_stops_the_loop_before_any_label(cu_root):
     md = {**FAST_MD, "thresholds": {"force_std_flag": 50.0, "force_std_halt": 100.0}}
     state = run_learn(load_learn_config(_config(cu_root, "clean.yaml", explore={"md": md})), cu_root / "run_clean")
-    assert state["stopped"].startswith("converged") and state["labels_spent"] == 0
-    assert not (cu_root / "run_clean" / "round_2").exists() and state["rounds"][0]["halted"] == 0
+    assert state.stopped.startswith("converged") and state.labels_spent == 0
+    assert not (cu_root / "run_clean" / "round_2").exists() and state.rounds[0]["halted"] == 0
 
 
 def test_the_external_oracle_writes_to_label_waits_and_continues_with_the_files_labels(cu_root, capsys):
@@ -355,7 +355,7 @@ def test_the_pyscf_loop_runs_hf_sto3g_on_water(tmp_path):
     state = run_learn(load_learn_config(path), tmp_path / "run")
     rdir = tmp_path / "run" / "round_1"
     labelled = read(rdir / "labelled.extxyz", ":")
-    assert state["stopped"].startswith("max_rounds") and len(labelled) == 3
+    assert state.stopped.startswith("max_rounds") and len(labelled) == 3
     assert {a.info["oracle"] for a in labelled} == {"pyscf:hf/sto-3g"}
     assert [a.info["frame_id"] for a in labelled] == _ids(rdir / "selected.extxyz")
     for atoms in labelled:
@@ -425,22 +425,25 @@ def test_an_existing_out_without_restart_is_refused_and_left_untouched(cu_root, 
 
 def test_a_restart_with_more_rounds_continues_a_loop_that_stopped_at_max_rounds(cu_root):
     config, out = load_learn_config(_config(cu_root, "more.yaml")), cu_root / "run_more"
-    assert run_learn(config, out)["stopped"].startswith("max_rounds: 1")
+    assert run_learn(config, out).stopped.startswith("max_rounds: 1")
     first = (out / "round_1" / "labelled.extxyz").read_bytes()
     state = run_learn(config, out, restart=True, max_rounds=2)
-    assert state["stopped"].startswith("max_rounds: 2") and [r["round"] for r in state["rounds"]] == [1, 2, 3]
+    assert state.stopped.startswith("max_rounds: 2") and [r["round"] for r in state.rounds] == [1, 2, 3]
     assert (out / "round_2" / "model.pt").is_file() and (out / "round_1" / "labelled.extxyz").read_bytes() == first
     with pytest.raises(ValueError, match=r"changes \['select.budget'\]"):
         run_learn(load_learn_config(_config(cu_root, "more.yaml", select={"budget": 2})), out, restart=True)
 
 
-def test_ctrl_c_during_the_exploration_stops_the_loop_and_restart_reruns_the_walker(cu_root):
-    """An interrupted walker is not a halt: the loop must not go on to select from a cut-short run."""
-    out = cu_root / "run_sigint"
-    config = _config(cu_root, "sigint.yaml", explore={"steps": 300})
+@pytest.mark.parametrize("engine", ["serial", "walkers"])
+def test_ctrl_c_during_the_exploration_stops_the_loop_and_restart_reruns_the_walker(cu_root, engine):
+    """An interrupted walker is not a halt: the loop must not go on to select from a cut-short run.
+    state.json says ``interrupted``, and the printed command resumes it."""
+    out = cu_root / f"run_sigint_{engine}"
+    config = _config(cu_root, f"sigint_{engine}.yaml", explore={"steps": 300, "engine": engine})
     cmd = [sys.executable, "-m", "blip_ase.cli.main", "learn", str(config), "--out", str(out)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    marker = out / "round_1" / "md" / "walker_0" / "uncertainty.csv"
+    md = out / "round_1" / "md" / ("walker_0" if engine == "serial" else "")
+    marker = md / "uncertainty.csv"
     deadline = time.monotonic() + 120
     while proc.poll() is None and time.monotonic() < deadline:
         if marker.is_file() and marker.stat().st_size > 100:
@@ -448,14 +451,19 @@ def test_ctrl_c_during_the_exploration_stops_the_loop_and_restart_reruns_the_wal
         time.sleep(0.01)
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 130 and "--restart" in stdout, stderr
+    assert proc.returncode == 130 and f"continue with: blip learn --out {out} --restart" in stdout, stderr
     state = json.loads((out / "state.json").read_text())
     assert state["stage"] == "explore" and not (out / "round_1" / "flagged.extxyz").exists()
-    assert json.loads((out / "round_1/md/walker_0/summary.json").read_text())["status"] == "interrupted"
-    done = subprocess.run(cmd + ["--restart"], capture_output=True, text=True, timeout=300)
+    assert state["status"] == "interrupted" and state["signal"] == "SIGINT"
+    assert json.loads((md / "summary.json").read_text())["status"] == "interrupted"
+    resume = stdout.split("continue with: ")[1].split()
+    assert resume[:2] == ["blip", "learn"]
+    done = subprocess.run([sys.executable, "-m", "blip_ase.cli.main", *resume[1:]], capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stderr
     rows = list(csv.DictReader(open(out / "report.csv")))
     assert rows[0]["md_steps_completed"] == "600" and rows[0]["n_labelled"] == "4"
+    assert (out / "round_1" / "md" / ("walker_1" if engine == "serial" else "flagged.extxyz")).exists()
 
 
 def test_the_example_config_passes_every_check_with_its_shipped_starting_model(tmp_path):
