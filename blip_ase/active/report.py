@@ -82,7 +82,8 @@ def plot_report(out: Path, rows: list[dict], *, n_start: int = 0) -> None:
     axes[2].set(xlabel="round", ylabel="force MAE (eV/A)", title="errors")
     if axes[2].get_legend_handles_labels()[0]:
         axes[2].legend()
-    for ax in axes:
+    for ax in axes:  # whole rounds only, also for a single round
+        ax.set_xlim(min(r) - 0.5, max(r) + 0.5)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     fig.savefig(out / "report.png", dpi=100)
