@@ -16,12 +16,19 @@ from ase import Atoms
 from ase.io import read
 
 from blip_ase.active.config import LearnConfig
+from blip_ase.active.state import Interrupted
 
 FINISHED = ("completed", "halted", "failed")
 
 
 def _flagged(path: Path) -> list[Atoms]:
     return read(path, ":", format="extxyz") if path.is_file() and path.stat().st_size else []
+
+
+def _signum(summary: dict) -> int:
+    import signal
+
+    return int(signal.Signals[summary.get("signal") or "SIGINT"])
 
 
 def _tag(atoms: Atoms, k: int, w: int, temperature_K: float) -> Atoms:
@@ -102,7 +109,7 @@ def _serial(config: LearnConfig, rdir: Path, model: str, k: int, device: str | N
             except MDRunFailed:  # an exploding system ends the walker like a halt
                 summary = json.loads(done.read_text())
             if summary["status"] == "interrupted":
-                raise KeyboardInterrupt(f"walker {w} interrupted at step {summary['final_step']}")
+                raise Interrupted(_signum(summary), f"walker {w} interrupted at step {summary['final_step']}")
         summaries.append(summary)
         pool += [_tag(a, k, w, T) for a in _flagged(wdir / "flagged.extxyz")]
     return summaries, pool
@@ -120,7 +127,7 @@ def _batched(config: LearnConfig, rdir: Path, model: str, k: int, device: str | 
         except MDRunFailed:
             summary = json.loads(done.read_text())
         if summary["status"] == "interrupted":
-            raise KeyboardInterrupt(f"the walkers were interrupted at step {summary['final_step']}")
+            raise Interrupted(_signum(summary), f"the walkers were interrupted at step {summary['final_step']}")
     temperatures = [T for _, T in config.explore.walkers]
     summaries = []
     for entry in summary["walkers"]:

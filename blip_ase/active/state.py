@@ -103,3 +103,11 @@ def read_state(out: Path) -> LoopState:
     if not path.is_file():
         raise FileNotFoundError(f"cannot restart: {path} does not exist (start without --restart)")
     return LoopState.from_dict(json.loads(path.read_text()), where=str(path))
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) or SIGTERM that stops the loop; ``signum`` says which."""
+
+    def __init__(self, signum: int, message: str = ""):
+        super().__init__(message or f"signal {signum}")
+        self.signum = int(signum)

@@ -47,15 +47,9 @@ def resume_command(args: argparse.Namespace) -> str:
     return f"blip learn --out {shlex.quote(str(args.out))} --restart{device}"
 
 
-class Interrupted(KeyboardInterrupt):
-    """SIGINT or SIGTERM, raised in the main thread; ``signum`` says which."""
-
-    def __init__(self, signum: int):
-        super().__init__(f"signal {signum}")
-        self.signum = signum
-
-
 def _interrupt(signum, frame):
+    from blip_ase.active.state import Interrupted
+
     raise Interrupted(signum)
 
 
