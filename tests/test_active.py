@@ -351,7 +351,7 @@ def test_a_kill_during_labelling_or_training_loses_no_frame_and_labels_none_twic
     config = _config(cu_root, f"kill_{stage}.yaml", train={"config": {"epochs": epochs}, "calibration_samples": 4},
                      oracle={"workers": 2})  # fmt: skip
     cmd = [sys.executable, "-m", "blip_ase.cli.main", "learn", str(config), "--out", str(out)]
-    env = {**os.environ, "BLIP_LEARN_LABEL_DELAY_S": "1.0" if stage == "label" else "0"}
+    env = {**os.environ, "BLIP_LEARN_LABEL_DELAY_S": "3.0" if stage == "label" else "0"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     marker = out / "round_1" / ("labels.log" if stage == "label" else "train/log.csv")
     deadline = time.monotonic() + 120
@@ -361,9 +361,9 @@ def test_a_kill_during_labelling_or_training_loses_no_frame_and_labels_none_twic
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()
-    if stage == "label":  # issue 19 item 4: the labelling workers die with their parent
+    if stage == "label":  # issue 19 item 4: the labelling workers die with their parent, not after their call
         assert len(workers) >= 2, workers
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + 1.5  # each worker's next call still sleeps for about 3 s
         while _alive(workers) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert not _alive(workers), f"workers {_alive(workers)} survived the SIGKILL of their parent"
@@ -494,7 +494,7 @@ def test_ctrl_c_during_the_exploration_stops_the_loop_and_restart_reruns_the_wal
     marker = md / "uncertainty.csv"
     deadline = time.monotonic() + 120
     while proc.poll() is None and time.monotonic() < deadline:
-        if marker.is_file() and marker.stat().st_size > 100:
+        if marker.is_file() and len(marker.read_text().splitlines()) > 2:  # the header, then checks
             break
         time.sleep(0.01)
     proc.send_signal(signum)
