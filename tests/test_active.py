@@ -531,23 +531,27 @@ def test_a_restart_keeps_the_command_line_limits_of_the_run_and_changes_them_onl
     """Issue 19 item 3: ``--restart`` went back to the YAML's max_rounds and ignored ``--max-rounds``
     of the first run. The stored settings rule; a change needs a flag and is recorded."""
     config, out = _config(cu_root, "limits.yaml", stop={"max_rounds": 3}), cu_root / "run_limits"
-    assert main(["learn", str(config), "--out", str(out), "--max-rounds", "1"]) == 0
+    assert main(["learn", str(config), "--out", str(out), "--max-rounds", "1", "--max-labels", "40"]) == 0
     assert "max_rounds: 1 rounds" in capsys.readouterr().out
     for argv in (["learn", str(config), "--out", str(out), "--restart"], ["learn", "--out", str(out), "--restart"]):
         assert main(argv) == 0  # the YAML says 3 rounds, the run said 1: the run's limit holds
         state = json.loads((out / "state.json").read_text())
         assert state["labels_spent"] == 4 and state["stopped"].startswith("max_rounds: 1") and not state["changes"]
-        assert state["overrides"] == {"stop.max_rounds": 1} and state["config"]["stop"]["max_rounds"] == 1
+        assert state["overrides"] == {"stop.max_rounds": 1, "stop.max_labels": 40}
+        assert state["config"]["stop"]["max_rounds"] == 1 and state["config"]["stop"]["max_labels"] == 40
     assert not (out / "round_2" / "selected.extxyz").exists()
-    edited = _config(cu_root, "limits.yaml", stop={"max_rounds": 3, "max_labels": 5})
+    edited = _config(cu_root, "limits.yaml", stop={"max_rounds": 3, "max_flagged_fraction": 0.6})
     assert main(["learn", str(edited), "--out", str(out), "--restart"]) == 2
     err = capsys.readouterr().err
-    assert "changes stop.max_labels None -> 5" in err and "--accept-changes" in err
-    assert main(["learn", str(edited), "--out", str(out), "--restart", "--accept-changes", "--max-rounds", "3"]) == 0
+    assert "changes stop.max_flagged_fraction 0.5 -> 0.6" in err and "--accept-changes" in err
+    argv = ["learn", str(edited), "--out", str(out), "--restart", "--accept-changes", "--max-rounds", "3"]
+    assert main(argv + ["--max-labels", "5"]) == 0
     state = json.loads((out / "state.json").read_text())
     assert state["labels_spent"] == 5 and state["stopped"] == "label budget spent: 5 oracle calls"
-    assert state["config"]["stop"] == {"max_rounds": 3, "max_labels": 5, "max_flagged_fraction": 0.5}
-    assert [c["changed"] for c in state["changes"]] == [{"stop.max_labels": [None, 5], "stop.max_rounds": [1, 3]}]
+    assert state["config"]["stop"] == {"max_rounds": 3, "max_labels": 5, "max_flagged_fraction": 0.6}
+    assert [c["changed"] for c in state["changes"]] == [
+        {"stop.max_flagged_fraction": [0.5, 0.6], "stop.max_labels": [40, 5], "stop.max_rounds": [1, 3]}
+    ]
     assert state["changes"][0]["round"] == 2 and state["changes"][0]["stage"] == "explore"
 
 
@@ -604,13 +608,18 @@ def test_the_ase_oracle_builds_one_calculator_per_worker(cu_root, tmp_path, monk
 def test_dask_labels_equal_local_ones_and_a_failure_is_recorded(cu_root):
     """Issue 19 item 5: the oracle on a Dask cluster (here a LocalCluster of 2 workers)."""
     pytest.importorskip("distributed", reason="the [cluster] extra: pip install -e '.[cluster]'")
+    from distributed import LocalCluster
+
     frames = read(cu_root / "val.extxyz", ":")[:3] + [Atoms("U2", positions=[[0, 0, 0], [0, 0, 2.5]])]
     local, remote = {}, {}
     config = OracleConfig(kind="ase", calculator="ase.calculators.emt:EMT")
     label_frames(frames, config, lambda k, lab: local.__setitem__(k, lab), workers=1)
-    dask = OracleConfig(kind="ase", calculator="ase.calculators.emt:EMT", executor="dask", workers=2)
-    label_frames(frames, dask, lambda k, lab: remote.__setitem__(k, lab))
-    assert sorted(remote) == [0, 1, 2, 3] and os.getpid() not in {lab.pid for lab in remote.values()}
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        dask = OracleConfig(kind="ase", calculator="ase.calculators.emt:EMT", executor="dask",
+                            dask_address=cluster.scheduler_address)  # a running cluster, reached by its address
+        label_frames(frames, dask, lambda k, lab: remote.__setitem__(k, lab))
+        worker_pids = {w.pid for w in cluster.workers.values()}
+    assert sorted(remote) == [0, 1, 2, 3] and {lab.pid for lab in remote.values()} <= worker_pids
     for k in range(3):
         assert remote[k].energy == local[k].energy and np.array_equal(remote[k].forces, local[k].forces)
     assert remote[3].error.startswith("NotImplementedError") and remote[3].energy is None

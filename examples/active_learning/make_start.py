@@ -74,11 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      epilog="Takes about 2 min on 2 cores (PySCF B3LYP/6-31G* labels).")
     parser.add_argument("--out", required=True, type=Path, help="new output directory (must not exist)")
-    parser.add_argument("--workers", type=int, default=None, help="labelling processes (default: the cores)")
     args = parser.parse_args(argv)
     if args.out.exists():
         parser.error(f"{args.out} already exists; choose a new directory (the shipped start/ is never overwritten)")
-    mae = make_start(args.out, workers=args.workers)
+    mae = make_start(args.out)
     print(f"wrote {args.out}: starting model val force MAE {mae:.3f} eV/A")
     return 0
 
