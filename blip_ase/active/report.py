@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 from blip_ase.strict_json import write_json
