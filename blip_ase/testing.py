@@ -6,6 +6,7 @@ A new backend's author runs them on a small float64 model of their backend::
     from blip_ase import testing
     testing.check_forces_match_finite_differences(model, molecule, seed=11)
     testing.check_batched_samples_equal_sequential(model, periodic_cell)
+    testing.check_descriptors(model, [molecule, other_molecule, periodic_cell], rotation=rotation)
     ...
 
 (``tests/test_backends.py`` runs them for PaiNN, ORB v3 conservative and direct, MC dropout and
