@@ -130,7 +130,7 @@ class EnsemblePotential(Potential):
         """:meth:`Potential.descriptors`: the members' descriptors side by side ``(N, sum D_k)``."""
         return torch.cat([m.descriptors(g) for m, g in zip(self.members, graph)], dim=-1)
 
-    def coefficients(self, graph: list[Any]) -> None:
+    def coefficients(self, graph: list[Any], *, jacobian: bool = True) -> None:
         """An ensemble has no noise coefficients (the member index is the randomness)."""
         return None
 

@@ -128,15 +128,18 @@ class Potential(nn.Module, metaclass=ABCMeta):
         :meth:`coefficients` need not carry the Jacobian (PaiNN in training)."""
         return False
 
-    def coefficients(self, graph: Any) -> Coefficients | None:
+    def coefficients(self, graph: Any, *, jacobian: bool = True) -> Coefficients | None:
         """alpha per edge and beta per node of ``graph``, once per configuration (None for a
-        deterministic model; zero columns for MC dropout, which has no learned rates)."""
+        deterministic model; zero columns for MC dropout, which has no learned rates).
+
+        ``jacobian=False``: the values only, without d alpha / d edge vector (what a cheap
+        uncertainty screen needs; samples need the Jacobian for exact forces)."""
         if self.bayes is None:
             return None
         x = self.posterior_inputs(graph)
         if self.posterior is None:
             return no_coefficients(x.edge_index.shape[1], len(x.species), like=x.edge_vector)
-        if not self.alpha_needs_jacobian or self._rerun_posterior():
+        if not jacobian or not self.alpha_needs_jacobian or self._rerun_posterior():
             return self.posterior(x.species, x.edge_index, x.edge_vector)
         # alpha depends on the edge vectors: keep d alpha / d vector so that forward() can give
         # every sample the full derivative of its energy (the network still runs once).
