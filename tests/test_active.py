@@ -423,11 +423,13 @@ def test_the_pyscf_loop_runs_hf_sto3g_on_water(tmp_path):
         ({"explore": {"structures": ["h2o.xyz"]}}, r"elements \['H', 'O'\] the model"),
         ({"explore": {"md": {"temperature_K": 5}}}, "explore.md may not set"),
         ({"explore": {"structures": ["missing.xyz"]}}, r"structure file \S*missing.xyz does not exist"),
-        ({"explore": {"temperatures_K": [float("nan")]}}, "explore.temperatures_K must list finite temperatures"),
+        ({"explore": {"temperatures_K": [float("nan")]}}, r"explore.temperatures_K\[0\] must be a finite number, got nan"),
         ({"explore": {"temperatures_K": [-300]}}, "explore.temperatures_K must list finite temperatures"),
         ({"explore": {"md": {**FAST_MD, "timestep_fs": -1.0}}}, "explore.md: timestep_fs must be > 0"),
-        ({"select": {"min_distance": float("inf")}}, "select.min_distance must be a finite number >= 0"),
-        ({"train": {"val_fraction": "a"}}, r"train.val_fraction must be a number in \[0, 1\)"),
+        ({"select": {"min_distance": float("inf")}}, "select.min_distance must be a finite number, got inf"),
+        ({"select": {"min_distance": -0.5}}, "select.min_distance must be a finite number >= 0, got -0.5"),
+        ({"train": {"val_fraction": "a"}}, "train.val_fraction must be a finite number, got 'a'"),
+        ({"train": {"val_fraction": 1.0}}, r"train.val_fraction must be a number in \[0, 1\), got 1.0"),
         ({"seed": "x"}, "seed must be an integer"),
         ({"train": {"config": {"epochz": 3}}}, r"unknown key\(s\) \['epochz'\] in train.config"),
         ({"val_data": "h2o.xyz"}, r"val_data \S*h2o.xyz frame 0 has no energy label"),
@@ -449,6 +451,26 @@ def test_bad_input_is_refused_before_any_work(cu_root, capsys, case, match):
     err = capsys.readouterr().err
     assert err.startswith("blip learn: error:") and re.search(match, err), err
     assert not out.exists()
+
+
+def test_a_config_built_in_python_is_checked_like_one_read_from_yaml():
+    """The sections check their own ranges (the YAML loader checks the types first)."""
+    from blip_ase.active.config import ExploreConfig, FineTuneConfig, StopConfig
+
+    md = {"thresholds": {"force_std_flag": 0.1}}
+    with pytest.raises(ValueError, match="explore.temperatures_K must list finite temperatures >= 0 K, got nan"):
+        ExploreConfig(structures=("a.xyz",), temperatures_K=(float("nan"),), md=md)
+    with pytest.raises(ValueError, match="explore.structures must list at least one entry"):
+        ExploreConfig(md=md)
+    with pytest.raises(ValueError, match="explore.md.thresholds needs a flag threshold"):
+        ExploreConfig(structures=("a.xyz",), md={})
+    with pytest.raises(ValueError, match=r"train.val_fraction must be a number in \[0, 1\), got 'a'"):
+        FineTuneConfig(val_fraction="a")
+    with pytest.raises(ValueError, match="stop.max_labels must be an integer >= 1, got True"):
+        StopConfig(max_labels=True)
+    with pytest.raises(ValueError, match="oracle.workers must be an integer >= 1, got 0"):
+        OracleConfig(workers=0)
+    assert ExploreConfig(structures=["a.xyz"], temperatures_K=[300], md=md).walkers == [("a.xyz", 300)]
 
 
 def test_a_missing_or_malformed_config_file_is_a_one_line_error(cu_root, capsys):
