@@ -153,8 +153,9 @@ def run_learn(
 
     Args:
         config: the loop (None with ``restart``: the settings stored in ``out``). out: its directory.
-        max_rounds, max_labels: override ``config.stop``; stored with the run, so a restart keeps
-            them; given on a restart they change the stored limits (recorded in ``state.changes``).
+        max_rounds: overrides ``config.stop.max_rounds``; stored with the run, so a restart keeps
+            it; given on a restart it changes the stored limit (recorded in ``state.changes``).
+        max_labels: the same for ``config.stop.max_labels``.
         restart: continue the loop in ``out`` with its stored settings.
         accept_changes: on restart, apply the stop limits or workers that ``config`` changes.
         device: torch device of the MD, the fine-tunes and the metrics (None: CUDA if available).
