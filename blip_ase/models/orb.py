@@ -193,6 +193,7 @@ class OrbPotential(Potential):
     """
 
     backend = "orb"
+    implements_descriptors = True
 
     def __init__(self, elements: list[int], config: OrbConfig = OrbConfig(), bayes: BayesConfig | None = None):
         if bayes is not None and getattr(bayes, "method", "blip") != "blip":
@@ -264,6 +265,13 @@ class OrbPotential(Potential):
         atom_graph = torch.repeat_interleave(torch.arange(len(n_node), device=n_node.device), n_node)
         vectors = -graph.graphs.edge_features["vectors"]
         return PosteriorInputs(graph.species, graph.edge_index(), vectors, atom_graph, len(n_node))
+
+    @torch.no_grad()
+    def descriptors(self, graph: OrbGraph) -> torch.Tensor:
+        """:meth:`Potential.descriptors`: the node features after the last message-passing step
+        ``(N, latent_dim)``, MAP (no noise). Translation invariant; ORB v3 is not rotation
+        equivariant by design, so they are rotation invariant only approximately."""
+        return self.net.model(graph.graphs)["node_features"]
 
     @torch.no_grad()
     def fit_normalisation(self, frames: list[Atoms], energies: np.ndarray, forces: np.ndarray) -> None:

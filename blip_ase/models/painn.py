@@ -112,9 +112,11 @@ class PaiNN(nn.Module):
         """
         return self.readout(self.scalar_features(species, edge_index, edge_vector)).squeeze(-1)
 
-    def scalar_features(self, species: torch.Tensor, edge_index: torch.Tensor, edge_vector: torch.Tensor
-                        ) -> torch.Tensor:  # fmt: skip
-        """``(N, F)`` the scalar features entering :attr:`readout` (arguments as :meth:`forward`)."""
+    def scalar_features(
+        self, species: torch.Tensor, edge_index: torch.Tensor, edge_vector: torch.Tensor
+    ) -> torch.Tensor:
+        """``(N, F)`` invariant scalar features after the last update (the readout's input);
+        arguments as :meth:`forward`."""
         cfg = self.config
         distance = edge_vector.norm(dim=-1)
         unit = edge_vector / distance[:, None]

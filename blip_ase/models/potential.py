@@ -47,6 +47,7 @@ class Potential(nn.Module, metaclass=ABCMeta):
         backend: the name stored in checkpoints (a key of :data:`BACKENDS`).
         implements_stress: whether ``forward(compute_stress=True)`` works (a property where it
             depends on the instance).
+        implements_descriptors: whether :meth:`descriptors` works.
         elements: atomic numbers the model knows, in species-index order.
         bayes: the BLIP configuration, or None for a deterministic model.
         cutoff: neighbour cutoff, Angstrom.
@@ -61,6 +62,7 @@ class Potential(nn.Module, metaclass=ABCMeta):
 
     backend: ClassVar[str]
     implements_stress: ClassVar[bool] = True
+    implements_descriptors: ClassVar[bool] = False
     alpha_needs_jacobian: ClassVar[bool] = True
     cutoff: float
     posterior: InferenceNetwork | None
@@ -205,6 +207,20 @@ class Potential(nn.Module, metaclass=ABCMeta):
             "rigidity) needs; LLPR is implemented for PaiNN"
         )
 
+    def descriptors(self, graph: Any) -> torch.Tensor:
+        """``(N, D)`` invariant per-atom features of ``graph`` (a batch of structures with ``N``
+        atoms in total, atoms in graph order), in MAP mode: what active learning compares
+        structures by (farthest-point selection, near-duplicate filter).
+
+        Contract (:func:`blip_ase.testing.check_descriptors`): invariant under translation (and
+        rotation for an equivariant backend), an atom's row depends only on its own structure
+        (batching does not mix structures), no gradient is recorded.
+
+        Raises:
+            NotImplementedError: a backend without descriptors (:attr:`implements_descriptors`).
+        """
+        raise NotImplementedError(f"the {self.backend} backend has no descriptors")
+
     def make_bayesian(self, module: nn.Module, *, edge_pattern: str, node_pattern: str) -> None:
         """Wrap ``module``'s matching linears and build :attr:`posterior` from :attr:`bayes`
         (the one construction of the inference network for every backend); patterns set in
@@ -272,6 +288,7 @@ class PaiNNPotential(Potential):
     """
 
     backend = "painn"
+    implements_descriptors = True
 
     def __init__(self, elements: list[int], config: PaiNNConfig = PaiNNConfig(), bayes: BayesConfig | None = None):
         super().__init__(elements, bayes, cutoff=config.cutoff)
@@ -371,6 +388,13 @@ class PaiNNPotential(Potential):
         lone = hidden(self.net.scalar_features(species, no_edges, h.new_zeros(0, 3)))
         per_atom = self.scale * (h - lone[graph.species])
         return scatter(per_atom, graph.batch, 0, dim_size=graph.n_graphs, reduce="sum")
+
+    @torch.no_grad()
+    def descriptors(self, graph: AtomGraph) -> torch.Tensor:
+        """:meth:`Potential.descriptors`: PaiNN's scalar features entering the readout
+        ``(N, n_features)``, MAP (no noise)."""
+        vectors = self.edge_vectors(graph, graph.positions, graph.cell)
+        return self.net.scalar_features(graph.species, graph.edge_index, vectors)
 
     def forward(  # the signature of Potential.forward
         self, graph: AtomGraph, *, coefficients: Coefficients | None = None, noise: NoiseSource | None = None,
