@@ -270,7 +270,7 @@ def _given_fields(options: set[str] | None) -> set[str] | None:
 
 
 def _interrupt(signum, frame):
-    from blip_ase.md.run import Interrupted
+    from blip_ase.md.lifecycle import Interrupted
 
     raise Interrupted(signum)
 
@@ -285,7 +285,7 @@ def run(args: argparse.Namespace) -> int:
     import threading
 
     from blip_ase.md import run_md
-    from blip_ase.md.run import MDRunFailed
+    from blip_ase.md.lifecycle import MDRunFailed
 
     if args.respawn and args.walkers is None:
         raise ValueError("--respawn needs --walkers N")
@@ -318,7 +318,7 @@ def _run_walkers(args: argparse.Namespace) -> int:
     import signal
     import threading
 
-    from blip_ase.md.run import MDRunFailed
+    from blip_ase.md.lifecycle import MDRunFailed
     from blip_ase.md.walkers import run_walkers
 
     config = walkers_config_from_args(args)

@@ -43,8 +43,10 @@ HISTORY_FIELDS = (
     "energy_std",
     "energy_std_per_atom",
     "level",
+    "check",
 )
-"""Columns of the uncertainty history (``level``: 0 ok, 1 flagged, 2 halted)."""
+"""Columns of the uncertainty history (``level``: 0 ok, 1 flagged, 2 halted; ``check``: the
+checks that set the level, joined by ``+``, e.g. ``force_std`` or ``fragmented``; empty when ok)."""
 WALKER_HISTORY_FIELDS = ("walker", *HISTORY_FIELDS)
 """Columns of a many-walker run's history (:mod:`blip_ase.md.walkers`)."""
 
@@ -311,7 +313,7 @@ class HistoryCSV(_AppendedFile):
 
     def write(self, record: dict) -> None:
         buffer = io.StringIO()
-        csv.writer(buffer).writerow([record[k] for k in self.fields])
+        csv.writer(buffer).writerow([record.get(k, "") for k in self.fields])
         _append_atomically(self.path, buffer.getvalue())
 
     def truncate_after(self, step: int) -> None:
@@ -320,7 +322,7 @@ class HistoryCSV(_AppendedFile):
         with open(tmp, "w", newline="") as fh:
             out = csv.writer(fh)
             out.writerow(self.fields)
-            out.writerows([[r[k] for k in self.fields] for r in rows])
+            out.writerows([[r.get(k, "") for k in self.fields] for r in rows])
         tmp.replace(self.path)
 
 
@@ -336,12 +338,13 @@ def read_history(path: str | Path) -> list[dict]:
     rows = []
     with open(path, newline="") as fh:
         reader = csv.DictReader(fh)
-        names = [k for k in WALKER_HISTORY_FIELDS if k in (reader.fieldnames or ())]
+        names = [k for k in WALKER_HISTORY_FIELDS if k in (reader.fieldnames or ()) and k != "check"]
         for row in reader:
             try:
                 rec = {k: float(row[k]) for k in names}
             except (TypeError, ValueError):
                 continue
+            rec["check"] = row.get("check") or ""
             for k in ("walker", "step", "level"):
                 if k in rec:
                     rec[k] = int(rec[k])
