@@ -60,6 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _add_io(parser.add_argument_group("input and output"))
     _add_dynamics(parser.add_argument_group("dynamics"))
     _add_monitor(parser.add_argument_group("uncertainty monitor (a threshold given as 'none' is off)"))
+    _add_physical(parser.add_argument_group("physical checks, each halting with its own reason ('none' is off)"))
     _add_walkers(parser.add_argument_group("many walkers in one batched pass (torch-sim)"))
     add_compute_options(parser)
 
@@ -204,6 +205,55 @@ def _add_monitor(group) -> None:
     )
 
 
+def _add_physical(group) -> None:
+    p = D.physical
+    group.add_argument(
+        "--bond-factor",
+        type=_optional_float,
+        default=p.bond_factor,
+        help="fragmented: atoms are bonded below this times the sum of their covalent radii; halt when a "
+        "molecule's bond graph splits relative to the start structure",
+    )
+    group.add_argument(
+        "--no-isolated-check",
+        action="store_true",
+        help="do not halt (fragmented) when an atom has no neighbour within the model cutoff",
+    )
+    group.add_argument(
+        "--min-distance-factor",
+        type=_optional_float,
+        default=p.min_distance_factor,
+        help="too_close: halt when two atoms are closer than this times the sum of their covalent radii",
+    )
+    group.add_argument(
+        "--runaway-temperature-factor",
+        type=_optional_float,
+        default=p.temperature_factor,
+        help="temperature_runaway: halt when T is above this times --temperature-K ...",
+    )
+    group.add_argument(
+        "--runaway-checks", type=int, default=p.temperature_checks, help="... at this many consecutive checks"
+    )
+    group.add_argument(
+        "--energy-jump-eV-per-atom",
+        type=_optional_float,
+        default=p.energy_jump_eV_per_atom,
+        help="energy_jump: halt when the total energy per atom changes by more than this between two checks",
+    )
+    group.add_argument("--no-physical-checks", action="store_true", help="switch every physical check off")
+
+
+_PHYSICAL_FIELDS = {  # blip md option (argparse dest) -> PhysicalChecks field
+    "bond_factor": "bond_factor",
+    "no_isolated_check": "isolated",
+    "min_distance_factor": "min_distance_factor",
+    "runaway_temperature_factor": "temperature_factor",
+    "runaway_checks": "temperature_checks",
+    "energy_jump_eV_per_atom": "energy_jump_eV_per_atom",
+    "no_physical_checks": "physical",
+}
+
+
 _THRESHOLD_FIELDS = {  # blip md option (argparse dest) -> Thresholds field
     "flag_force_std_eV_per_A": "force_std_flag",
     "halt_force_std_eV_per_A": "force_std_halt",
@@ -215,7 +265,11 @@ _THRESHOLD_FIELDS = {  # blip md option (argparse dest) -> Thresholds field
     "element_threshold": "per_element",
 }
 _NEGATED = {"no_progress": "progress", "no_plot": "plot"}  # option -> MDConfig field it switches off
-_FIELD_OF_OPTION = {**_NEGATED, **dict.fromkeys(_THRESHOLD_FIELDS, "thresholds")}
+_FIELD_OF_OPTION = {
+    **_NEGATED,
+    **dict.fromkeys(_THRESHOLD_FIELDS, "thresholds"),
+    **dict.fromkeys(_PHYSICAL_FIELDS, "physical"),
+}
 
 
 def config_from_args(args: argparse.Namespace):
@@ -223,7 +277,7 @@ def config_from_args(args: argparse.Namespace):
     whose name is a field of MDConfig maps onto it; see ``_THRESHOLD_FIELDS`` and ``_NEGATED``)."""
     from dataclasses import fields
 
-    from blip_ase.md import MDConfig, Thresholds
+    from blip_ase.md import MDConfig, PhysicalChecks, Thresholds
 
     values = dict(vars(args))
     _walker_settings(values)  # a list of temperatures or structures is for --walkers only
@@ -231,6 +285,9 @@ def config_from_args(args: argparse.Namespace):
     thresholds["per_element"] = dict(thresholds["per_element"] or [])
     config = {f.name: values[f.name] for f in fields(MDConfig) if f.name in values}
     config.update({field: not values[option] for option, field in _NEGATED.items()})
+    physical = {field: values[option] for option, field in _PHYSICAL_FIELDS.items() if field != "physical"}
+    physical["isolated"] = not physical["isolated"]
+    config["physical"] = None if values["no_physical_checks"] else PhysicalChecks(**physical)
     return MDConfig(**config, thresholds=Thresholds(**thresholds))
 
 
@@ -334,10 +391,12 @@ def _run_walkers(args: argparse.Namespace) -> int:
         for sig, previous in handlers.items():
             signal.signal(sig, previous)
     t = summary["timings"]
+    counts = [f"{summary['n_completed']} completed", f"{summary['n_halted']} halted"]
+    counts += [f"{summary[f'n_{k}']} {k}" for k in ("interrupted", "running") if summary[f"n_{k}"]]
     print(
         f"{summary['status']}: {summary['n_walkers']} walkers to step {summary['final_step']} "
-        f"({t['walker_steps_per_second']:.0f} walker-steps/s), {summary['n_running']} running at the end, "
-        f"{summary['n_halted']} halted, {summary['n_checked']} checks, {summary['n_flagged']} flagged"
+        f"({t['walker_steps_per_second']:.0f} walker-steps/s): {', '.join(counts)}; "
+        f"{summary['n_checked']} checks, {summary['n_flagged']} flagged"
     )
     for w in summary["walkers"]:
         if w["stop_reason"]:
@@ -357,5 +416,5 @@ def _print_summary(summary: dict, out: str) -> None:
         f"{summary['n_flagged']} flagged, max force std {summary['max_force_std_max'] or 0:.3f} eV/A"
     )
     if summary["stop_reason"]:
-        print(f"stopped at {summary['stop_reason']}")
+        print(f"stopped ({summary.get('stop_check') or summary['status']}) at {summary['stop_reason']}")
     print(f"outputs in {out}/: flagged.extxyz flagged.h5 summary.json uncertainty.csv md.traj md.log")

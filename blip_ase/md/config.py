@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 
 from blip_ase.md import dynamics as d
-from blip_ase.md.monitor import Thresholds
+from blip_ase.md.physics import PhysicalChecks
+from blip_ase.md.policy import Thresholds
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,9 @@ class MDConfig:
         uq_interval: steps between uncertainty checks.
         traj_interval: steps between trajectory/log frames.
         thresholds: flag/halt policy.
+        physical: the physical checks (fragmentation, atoms too close, temperature runaway,
+            energy jump; :class:`~blip_ase.md.physics.PhysicalChecks`); a mapping of its fields
+            is converted (JSON), None switches every check off.
         device: torch device (None: CUDA if available, else CPU).
         overwrite: replace the outputs of an earlier run in ``out``.
         restart: continue the run in ``out`` from the last frame of ``md.traj`` with the stored
@@ -64,6 +68,7 @@ class MDConfig:
     uq_interval: int = 10
     traj_interval: int = 10
     thresholds: Thresholds = field(default_factory=Thresholds)
+    physical: PhysicalChecks = field(default_factory=PhysicalChecks)
     device: str | None = None
     overwrite: bool = False
     restart: bool = False
@@ -72,6 +77,7 @@ class MDConfig:
     summary_every_s: float = 2.0
 
     def __post_init__(self):
+        object.__setattr__(self, "physical", PhysicalChecks.from_value(self.physical))
         if self.ensemble not in d.ENSEMBLES:
             raise ValueError(f"unknown ensemble {self.ensemble!r}; choose one of {', '.join(d.ENSEMBLES)}")
         for name in ("steps", "n_samples", "uq_interval", "traj_interval"):

@@ -88,7 +88,7 @@ class UncertaintyMonitor:
         n_samples: int | None = None,
         atoms: Atoms | None = None,
         on_check: Callable[[UncertaintyMonitor, FrameReport], None] | None = None,
-        physical: PhysicalChecks | None = None,
+        physical: PhysicalChecks | None = PhysicalChecks(),
         temperature_K: float | None = None,
         reference: Atoms | None = None,
     ):

@@ -64,7 +64,7 @@ class PhysicalChecks:
     min_distance_factor: float | None = 0.5
     temperature_factor: float | None = 3.0
     temperature_checks: int = 5
-    energy_jump_eV_per_atom: float | None = 1.0
+    energy_jump_eV_per_atom: float | None = 0.5
 
     def __post_init__(self):
         for name in ("bond_factor", "min_distance_factor", "temperature_factor", "energy_jump_eV_per_atom"):

@@ -209,15 +209,15 @@ def _non_finite_report(stats, atoms: Atoms, thresholds: Thresholds, keys: list[s
 
 def with_halt(report: FrameReport, halts: Sequence[tuple[str, str]]) -> FrameReport:
     """``report`` raised to level 2 by ``halts``, ``(check name, message)`` pairs (e.g. from the
-    physical checks, or a non-finite MAP prediction); their messages lead the reason. Returns
-    ``report`` unchanged when ``halts`` is empty."""
+    physical checks, or a non-finite MAP prediction); their messages follow the reason of a
+    report that halted already. Returns ``report`` unchanged when ``halts`` is empty."""
     if not halts:
         return report
     messages = [message for _, message in halts]
     names = [name for name, _ in halts]
-    if report.level == 2:  # the uncertainty halted too: keep both
-        messages.append(report.reason.removeprefix("halt: "))
-        names += list(report.checks)
+    if report.level == 2:  # the uncertainty halted too: its reason first, then these
+        messages.insert(0, report.reason.removeprefix("halt: "))
+        names = [*report.checks, *names]
     return replace(
         report, level=2, reason="halt: " + "; ".join(messages), checks=tuple(dict.fromkeys(names))
     )

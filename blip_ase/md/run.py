@@ -186,7 +186,7 @@ def execute(
         history_file=HistoryCSV(out / "uncertainty.csv", append=append),
         n_samples=config.n_samples,
         on_check=lambda m, report: on_check(m, report),
-        physical=None,
+        physical=config.physical,
         temperature_K=config.temperature_K,
         reference=reference,
     )

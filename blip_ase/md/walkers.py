@@ -190,7 +190,7 @@ class WalkerRun:
         self.history = WalkerHistoryCSV(out / "uncertainty.csv")
         for w in walkers:
             w.tracker = Tracker(
-                md.thresholds, physical=None, reference=w.start, cutoff_A=cutoff_A,
+                md.thresholds, physical=md.physical, reference=w.start, cutoff_A=cutoff_A,
                 target_K=w.temperature_K, writers=self.writers, history_file=self.history, extra={"walker": w.index},
             )  # fmt: skip
         self.trajectories: dict[int, object] = {}
@@ -323,8 +323,7 @@ class WalkerRun:
         per_walker = [w.summary() for w in self.walkers]
         return {
             "final_step": self.step,
-            "n_running": len(self.active),
-            "n_halted": sum(w.status == "halted" for w in self.walkers),
+            **{f"n_{status}": sum(w.status == status for w in self.walkers) for status in WALKER_STATUSES},
             "n_checked": sum(w["n_checked"] for w in per_walker),
             "n_flagged": sum(w["n_flagged"] for w in per_walker),
             "thresholds": self.config.md.thresholds.to_dict(),
@@ -400,12 +399,15 @@ def run_walkers(config: WalkersConfig) -> dict:
     def plot(png: Path, summary: dict) -> None:
         title = f"{config.n_walkers} walkers {md.ensemble} ({summary['status']})"
         t = md.thresholds
+        labels = {w.index: f"walker {w.index}, {w.temperature_K:g} K ({w.status})" for w in walkers}
         plot_history(png, read_history(out / "uncertainty.csv"), flag=t.force_std_flag, halt=t.force_std_halt,
-                     title=title)  # fmt: skip
+                     title=title, labels=labels)  # fmt: skip
 
     return life.finish(status, plot if md.plot else None)
 
 
+WALKER_STATUSES = ("running", "completed", "halted", "interrupted")
+"""A walker's status; the summary counts each (``n_running``, ``n_completed``, ...)."""
 OUTPUT_FILES = ("flagged.extxyz", "flagged.h5", "uncertainty.csv", "uncertainty.png", "summary.json", "walker_*.traj")
 """What a batched run writes (removed from ``out`` first with ``overwrite``)."""
 
