@@ -23,12 +23,13 @@ from conftest import save_tiny_checkpoint
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED_MODEL = ROOT / "blip_ase" / "assets" / "ammonia_model.pt"
 NH3 = ROOT / "blip_ase" / "assets" / "ammonia_nh3.xyz"
+NONE = {"bond_factor": None, "isolated": False, "min_distance_factor": None, "temperature_factor": None}
+NONE["energy_jump_eV_per_atom"] = None
 ONLY = {  # one check at a time
-    "fragmented": PhysicalChecks(min_distance_factor=None, temperature_factor=None, energy_jump_eV_per_atom=None),
-    "too_close": PhysicalChecks(bond_factor=None, isolated=False, temperature_factor=None, energy_jump_eV_per_atom=None),
-    "temperature_runaway": PhysicalChecks(bond_factor=None, isolated=False, min_distance_factor=None,
-                                          energy_jump_eV_per_atom=None),  # fmt: skip
-    "energy_jump": PhysicalChecks(bond_factor=None, isolated=False, min_distance_factor=None, temperature_factor=None),
+    "fragmented": PhysicalChecks(**{**NONE, "bond_factor": 1.5, "isolated": True}),
+    "too_close": PhysicalChecks(**{**NONE, "min_distance_factor": 0.5}),
+    "temperature_runaway": PhysicalChecks(**{**NONE, "temperature_factor": 3.0}),
+    "energy_jump": PhysicalChecks(**{**NONE, "energy_jump_eV_per_atom": 0.5}),
 }
 
 
@@ -76,7 +77,8 @@ def test_two_fragments_pulled_apart_halt_as_fragmented_once_the_bond_is_gone():
 def test_an_atom_without_neighbour_within_the_cutoff_is_fragmented_also_in_a_periodic_cell():
     far = pulled(6.0)  # the model sees it as alone: zero force, zero force std
     tracker = replay([far], ONLY["fragmented"])
-    assert tracker.stop_check == "fragmented" and "atom 1 H has no neighbour within the model cutoff 5 A" in tracker.stop_reason
+    assert tracker.stop_check == "fragmented"
+    assert "atom 1 H has no neighbour within the model cutoff 5 A" in tracker.stop_reason
     start, cell = pulled(0.0), pulled(1.0)  # split bond graph, but periodic cells use the cutoff rule only
     for atoms in (start, cell):
         atoms.cell, atoms.pbc = [20.0, 20.0, 20.0], True
@@ -249,7 +251,8 @@ def test_the_restart_refusal_lists_only_real_flags(tiny_model, tmp_path, capsys)
     from blip_ase.cli import md as cli_md
 
     out = tmp_path / "o"
-    assert blip(["md", "--model", str(tiny_model), "--out", str(out), "--steps", "10", "--no-progress", "--no-plot"]) == 0
+    first = ["md", "--model", str(tiny_model), "--out", str(out), "--steps", "10", "--no-progress", "--no-plot"]
+    assert blip(first) == 0
     capsys.readouterr()
     assert blip(["md", "--restart", "--out", str(out), "--steps", "20", "--seed", "5"]) == 2
     allowed = re.search(r"Only (.*) may change", capsys.readouterr().err).group(1)

@@ -19,7 +19,11 @@ Outputs in --out: md.traj (ASE trajectory, restart point), md.log, flagged.extxy
 blip_energy_variance, step, time, reason, flagged_atoms), uncertainty.csv and uncertainty.png
 (history and plot), summary.json (counts, thresholds, stop reason, timings). A frame above a halt
 threshold is exported and stops the run at that step (summary status "halted"); so does a frame
-whose prediction or uncertainty is not finite (NaN or inf: reason "non-finite prediction").
+whose prediction or uncertainty is not finite (NaN or inf: reason "non-finite prediction"), and
+one that fails a physical check, which the model's uncertainty cannot see (an isolated atom has
+zero force std): "fragmented" (a molecule's bond graph split, or an atom with no neighbour within
+the model cutoff), "too_close", "temperature_runaway", "energy_jump". summary.json "stop_check"
+and the "check" column of uncertainty.csv name the check that stopped the run.
 
 Exit codes: 0 completed or halted (summary.json "status" tells which), 1 failed during the run
 (status "failed", the error in summary.json), 2 bad input (nothing is created), 130 interrupted by

@@ -34,6 +34,8 @@ from blip_ase.md.policy import (  # re-exported: the public names of the policy 
 from blip_ase.md.tracker import Tracker
 from blip_ase.md.writers import FrameWriter, HistoryCSV
 
+DEFAULT_CHECKS = PhysicalChecks()
+
 __all__ = [
     "LEVELS",
     "PREDICTION_KEYS",
@@ -88,7 +90,7 @@ class UncertaintyMonitor:
         n_samples: int | None = None,
         atoms: Atoms | None = None,
         on_check: Callable[[UncertaintyMonitor, FrameReport], None] | None = None,
-        physical: PhysicalChecks | None = PhysicalChecks(),
+        physical: PhysicalChecks | None = DEFAULT_CHECKS,
         temperature_K: float | None = None,
         reference: Atoms | None = None,
     ):

@@ -151,7 +151,10 @@ class PhysicalState:
             counts = np.bincount(neighbor_list("i", atoms, self.cutoff_A), minlength=len(atoms))
             if (counts == 0).any():
                 k = int(np.argmin(counts))
-                return "fragmented", f"fragmented: atom {k} {chemical_symbols[atoms.numbers[k]]} has no neighbour within the model cutoff {self.cutoff_A:g} A"
+                symbol = chemical_symbols[atoms.numbers[k]]
+                return "fragmented", (
+                    f"fragmented: atom {k} {symbol} has no neighbour within the model cutoff {self.cutoff_A:g} A"
+                )
         return None
 
     def split_message(self, atoms: Atoms, now: np.ndarray) -> str:

@@ -1,15 +1,17 @@
 """The uncertainty-monitored MD run behind ``blip md``: :func:`run_md`.
 
-MAP forces propagate the dynamics, the Monte Carlo uncertainty is evaluated every
-``uq_interval`` steps by an :class:`~blip_ase.md.monitor.UncertaintyMonitor` (and a non-finite
-force halts at any step), and everything is written to one directory:
+MAP forces propagate the dynamics, the Monte Carlo uncertainty and the physical checks are
+evaluated every ``uq_interval`` steps by an :class:`~blip_ase.md.monitor.UncertaintyMonitor`
+(and a non-finite force halts at any step), and everything is written to one directory:
 
 - ``md.traj``: ASE trajectory every ``traj_interval`` steps and the last frame (restart point);
 - ``md.log``: ASE's MD log (time, energies, temperature) every ``traj_interval`` steps;
 - ``flagged.extxyz`` and ``flagged.h5``: frames above the flag threshold (see writers);
-- ``uncertainty.csv``: the monitor's history; ``uncertainty.png``: its plot;
-- ``summary.json``: counts, thresholds, stop reason, timings and the run's configuration (the
-  restart reads it), rewritten during the run; strict JSON.
+- ``uncertainty.csv``: the monitor's history (``check``: what set a frame's level);
+  ``uncertainty.png``: its plot;
+- ``summary.json``: counts, thresholds, stop reason and check (``stop_check``), timings and the
+  run's configuration with the physical checks (the restart reads it), rewritten during the run;
+  strict JSON. The lifecycle (interrupt, failure, summary, plot) is :mod:`blip_ase.md.lifecycle`.
 
 Every input is checked before anything is created: the model, the structure (elements the
 model knows, finite positions), the thresholds (per-element ones for elements the model

@@ -4,11 +4,12 @@
 as one torch-sim ``SimState`` by torch-sim's own integrators (``nve``, ``nvt_langevin``), driven
 by the MAP forces of :class:`~blip_ase.md.torchsim.BLIPModel`. Every ``uq_interval`` steps the
 Monte Carlo uncertainty of all running walkers is computed in one batched pass and the run's
-:class:`~blip_ase.md.monitor.Thresholds` are applied to each walker on its own
-(:func:`~blip_ase.md.monitor.evaluate_frame`, the policy of ``blip md``): a flagged walker's frame is
-exported with its walker id and it goes on; a halted walker (above a halt threshold, or a
-non-finite MAP prediction at any step) is exported, removed from the batch while the others run
-on, and with ``respawn`` started again from its start structure with a new seed.
+:class:`~blip_ase.md.policy.Thresholds` and physical checks are applied to each walker on its own
+(:func:`~blip_ase.md.policy.evaluate_frame`, the policy of ``blip md``): a flagged walker's frame is
+exported with its walker id and it goes on; a halted walker (above a halt threshold, failing a
+physical check, or a non-finite MAP prediction at any step) is exported, removed from the batch
+while the others run on, and with ``respawn`` started again from its start structure with a new
+seed.
 
 Reproducibility: walker ``k`` uses seed ``seed + k`` for its initial velocities (as
 ``blip md --seed``) and its Monte Carlo noise, which is drawn from generators of its own, so its
@@ -18,8 +19,13 @@ draws its thermostat noise from torch's global generator for the whole batch (it
 generator), so a Langevin run is reproducible for the same seed and walkers, but a walker's path
 depends on the batch it runs in. Other ensembles are refused (see :data:`REFUSED`).
 
+Every walker has its own :class:`~blip_ase.md.tracker.Tracker` (the one ``run_md`` uses: same
+policy, physical checks, records, exports and stop reasons); the summary counts the walkers per
+status (``n_running``, ``n_completed``, ``n_halted``, ``n_interrupted``).
+
 Outputs in ``out``: ``flagged.extxyz`` and ``flagged.h5`` (as ``blip md``, plus ``walker``),
-``uncertainty.csv`` (``walker`` first), ``uncertainty.png`` (one line per walker),
+``uncertainty.csv`` (``walker`` first), ``uncertainty.png`` (one labelled line per walker, the
+legend outside the axes),
 ``walker_<k>.traj`` (every ``traj_interval`` steps and the last frame) and ``summary.json`` (one
 entry per walker with its status and stop reason).
 """
