@@ -70,7 +70,9 @@ def test_two_fragments_pulled_apart_halt_as_fragmented_once_the_bond_is_gone():
     frames = [pulled(d) for d in (0.0, 0.2, 0.4, 0.8, 1.5)]  # bonded below 1.5 x (0.71 + 0.31) = 1.53 A
     tracker = replay(frames, ONLY["fragmented"])
     assert tracker.halted and tracker.halt_step == 30 and tracker.stop_check == "fragmented"
-    assert "bond graph split into 2 fragments (start 1); atom 1 H" in tracker.stop_reason
+    assert "bond graph split into 2 fragments (start 1); atoms 0 N and 1 H, bonded at the start, are 1.82 A apart" in (
+        tracker.stop_reason
+    )
     assert [r["check"] for r in tracker.history] == ["", "", "", "fragmented"]
 
 

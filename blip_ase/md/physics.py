@@ -116,9 +116,13 @@ class PhysicalState:
     def __init__(self, checks: PhysicalChecks, reference: Atoms, *, cutoff_A: float | None, target_K: float | None):
         self.checks, self.cutoff_A, self.target_K = checks, cutoff_A, target_K
         self.molecule = not reference.pbc.any()
-        self.reference = None
+        self.reference = self.bonds = None
         if checks.bond_factor is not None and self.molecule:
+            from ase.neighborlist import neighbor_list
+
             self.reference = bond_fragments(reference, checks.bond_factor)
+            i, j = neighbor_list("ij", reference, checks.bond_factor * covalent_radii[reference.numbers])
+            self.bonds = np.stack([i[i < j], j[i < j]], axis=1)  # (n_bonds, 2) of the start structure
         self.reset()
 
     def reset(self) -> None:
@@ -158,20 +162,17 @@ class PhysicalState:
         return None
 
     def split_message(self, atoms: Atoms, now: np.ndarray) -> str:
-        """Which fragment left: the smallest one and its nearest other atom."""
-        sizes = np.bincount(now)
-        smallest = int(np.argmin(np.where(sizes > 0, sizes, len(atoms) + 1)))
-        inside = np.flatnonzero(now == smallest)
-        outside = np.flatnonzero(now != smallest)
-        d = atoms.get_all_distances()[np.ix_(inside, outside)]
-        a, b = np.unravel_index(np.argmin(d), d.shape)
-        i, j = int(inside[a]), int(outside[b])
-        sym = chemical_symbols
+        """The most stretched bond of the start structure that the split broke."""
+        broken = self.bonds[now[self.bonds[:, 0]] != now[self.bonds[:, 1]]]
+        r = covalent_radii[atoms.numbers]
+        d = np.linalg.norm(atoms.positions[broken[:, 0]] - atoms.positions[broken[:, 1]], axis=1)
+        k = int(np.argmax(d / (r[broken[:, 0]] + r[broken[:, 1]])))
+        i, j = (int(x) for x in broken[k])
+        sym, limit = chemical_symbols, self.checks.bond_factor * (r[i] + r[j])
         return (
             f"fragmented: the bond graph split into {len(np.unique(now))} fragments (start "
-            f"{len(np.unique(self.reference))}); atom {i} {sym[atoms.numbers[i]]} is {d[a, b]:.3g} A from the nearest "
-            f"other fragment (atom {j} {sym[atoms.numbers[j]]}; bonded below "
-            f"{self.checks.bond_factor * (covalent_radii[atoms.numbers[i]] + covalent_radii[atoms.numbers[j]]):.3g} A)"
+            f"{len(np.unique(self.reference))}); atoms {i} {sym[atoms.numbers[i]]} and {j} {sym[atoms.numbers[j]]}, "
+            f"bonded at the start, are {d[k]:.3g} A apart (bonded below {limit:.3g} A)"
         )
 
     def too_close(self, atoms: Atoms) -> tuple[str, str] | None:
