@@ -383,7 +383,6 @@ def plot_history(
 
     step = np.array([r["step"] for r in history], dtype=float)
     std = np.array([r["max_force_std"] for r in history], dtype=float)
-    level = np.array([r["level"] for r in history], dtype=int)
     temperature = np.array([r["temperature_K"] for r in history], dtype=float)
     walker = np.array([r.get("walker", -1) for r in history], dtype=int)
     lines = np.unique(walker)
@@ -395,17 +394,7 @@ def plot_history(
         label = (labels or {}).get(int(w), f"walker {w}") if many else "max atomic force std"
         ax.plot(step[mine], std[mine], "-", color=color, lw=1, label=label)
         ax_t.plot(step[mine], temperature[mine], color=color if many else "tab:gray", lw=1)
-    if (level == 1).any():
-        ax.plot(step[level == 1], std[level == 1], "o", mfc="none", mec="tab:orange", mew=1.5, ms=6,
-                zorder=5, label=f"flagged ({int((level == 1).sum())})")  # fmt: skip
-    for check in dict.fromkeys(r.get("check", "") for r in history if r["level"] == 2):
-        mine = np.array([r["level"] == 2 and r.get("check", "") == check for r in history])
-        ax.plot(step[mine], np.nan_to_num(std[mine]), "X", color="tab:red", mec="k", ms=9, zorder=6,
-                label=f"halted: {check or 'halt'} ({int(mine.sum())})")  # fmt: skip
-    if flag is not None:
-        ax.axhline(flag, color="tab:orange", ls="--", lw=1, label=f"flag = {flag:g} eV/A")
-    if halt is not None:
-        ax.axhline(halt, color="tab:red", ls="--", lw=1, label=f"halt = {halt:g} eV/A")
+    _mark_events(ax, history, flag=flag, halt=halt)
     positive = std[std > 0]
     if positive.size and positive.max() > 10 * np.median(positive):  # a blow-up would flatten the rest
         ax.set_yscale("log")
@@ -425,6 +414,25 @@ def plot_history(
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return fig
+
+
+def _mark_events(ax, history: list[dict], *, flag: float | None, halt: float | None) -> None:
+    """Flagged and halted points (one legend entry per halting check) and the threshold lines,
+    each only if there is one."""
+    step = np.array([r["step"] for r in history], dtype=float)
+    std = np.array([r["max_force_std"] for r in history], dtype=float)
+    level = np.array([r["level"] for r in history], dtype=int)
+    if (level == 1).any():
+        ax.plot(step[level == 1], std[level == 1], "o", mfc="none", mec="tab:orange", mew=1.5, ms=6,
+                zorder=5, label=f"flagged ({int((level == 1).sum())})")  # fmt: skip
+    for check in dict.fromkeys(r.get("check", "") for r in history if r["level"] == 2):
+        mine = np.array([r["level"] == 2 and r.get("check", "") == check for r in history])
+        ax.plot(step[mine], np.nan_to_num(std[mine]), "X", color="tab:red", mec="k", ms=9, zorder=6,
+                label=f"halted: {check or 'halt'} ({int(mine.sum())})")  # fmt: skip
+    if flag is not None:
+        ax.axhline(flag, color="tab:orange", ls="--", lw=1, label=f"flag = {flag:g} eV/A")
+    if halt is not None:
+        ax.axhline(halt, color="tab:red", ls="--", lw=1, label=f"halt = {halt:g} eV/A")
 
 
 def _fs_per_step(history: list[dict]) -> float | None:
