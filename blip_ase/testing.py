@@ -6,6 +6,7 @@ A new backend's author runs them on a small float64 model of their backend::
     from blip_ase import testing
     testing.check_forces_match_finite_differences(model, molecule, seed=11)
     testing.check_batched_samples_equal_sequential(model, periodic_cell)
+    testing.check_descriptors(model, [molecule, other_molecule, periodic_cell], rotation=rotation)
     ...
 
 (``tests/test_backends.py`` runs them for PaiNN, ORB v3 conservative and direct, MC dropout and
@@ -244,3 +245,35 @@ def _expect_value_error(call: Callable[[], object], fragment: str) -> None:
         assert fragment in str(exc), f"the error {exc!r} does not name {fragment!r}"
         return
     raise AssertionError(f"no ValueError (expected one naming {fragment!r})")
+
+
+def check_descriptors(
+    model: Potential, structures: Sequence[Atoms], *, rotation: np.ndarray | None, atol: float = 1e-8
+) -> None:
+    """:meth:`Potential.descriptors` are ``(n_atoms, D)`` finite per-atom features, the same ``D``
+    for every structure, without a recorded gradient; translating (and, with ``rotation``,
+    rotating) a structure leaves them unchanged; in a batch each structure's rows equal its
+    descriptors alone (batching does not mix structures); different structures differ.
+
+    ``rotation=None`` checks translation only (ORB v3 is not rotation equivariant)."""
+    assert model.implements_descriptors, f"{type(model).__name__} declares no descriptors"
+    alone = [model.descriptors(model.build_graph(atoms)) for atoms in structures]
+    widths = {d.shape[1] for d in alone}
+    assert len(widths) == 1, f"descriptor widths differ between structures: {widths}"
+    for atoms, d in zip(structures, alone):
+        assert d.ndim == 2 and d.shape[0] == len(atoms), f"descriptors of {len(atoms)} atoms have shape {tuple(d.shape)}"
+        assert not d.requires_grad, "descriptors must not record a gradient"
+        assert bool(torch.isfinite(d).all()), "non-finite descriptors"
+        moved = atoms.copy()
+        if rotation is not None:
+            moved.set_cell(atoms.cell.array @ rotation.T, scale_atoms=False)
+            moved.positions = atoms.positions @ rotation.T
+        moved.positions += np.array([0.31, -0.27, 0.12])
+        again = model.descriptors(model.build_graph(moved))
+        torch.testing.assert_close(again, d, rtol=0, atol=atol, msg="descriptors changed under a rigid motion")
+    batched = model.descriptors(model.batch([model.build_graph(atoms) for atoms in structures]))
+    torch.testing.assert_close(batched, torch.cat(alone), rtol=1e-9, atol=atol,
+                               msg="descriptors in a batch differ from each structure's alone")  # fmt: skip
+    if len(structures) > 1 and len(structures[0]) == len(structures[1]):
+        gap = float((alone[0] - alone[1]).abs().max())
+        assert gap > 1e-6, "two different structures have the same descriptors: they tell nothing apart"

@@ -142,6 +142,27 @@ def test_descriptors_are_invariant_to_rotation_and_atom_order_and_tell_structure
     assert np.linalg.norm(d[0] - d[2]) > 1e-4
 
 
+def test_an_orb_model_gives_descriptors_so_fps_selection_works_for_it():
+    """Issue 19 item 6: selection went through PaiNN's readout, so ORB could only select at random."""
+    import torch
+
+    from blip_ase.models.orb import ORB_BAYES, OrbConfig, OrbPotential
+
+    torch.manual_seed(0)
+    tiny = OrbConfig(latent_dim=16, base_mlp_hidden_dim=16, base_mlp_depth=1, head_mlp_hidden_dim=16,
+                     head_mlp_depth=1, num_message_passing_steps=2, radius=4.0, max_num_neighbors=12)
+    model = OrbPotential([1, 7, 8], tiny, ORB_BAYES).double()
+    frames = []
+    for k in range(6):
+        a = molecule("NH3")
+        a.rattle(0.02 * (k + 1), seed=k)
+        frames.append(a)
+    desc = descriptors(model, frames + [frames[0].copy()])
+    assert desc.shape == (7, 16) and np.allclose(desc[0], desc[6]) and np.linalg.norm(desc[0] - desc[5]) > 1e-6
+    chosen = select(desc, np.linspace(0.1, 1.0, 7), SelectConfig(budget=3, min_distance=1e-9))
+    assert len(chosen) == 3 and chosen[0] == 6 and 0 not in chosen  # frame 0 is a duplicate of the first pick
+
+
 # ------------------------------------------------------------------------------------------- oracles
 
 
@@ -247,13 +268,17 @@ def test_the_emt_loop_labels_fine_tunes_and_reports_round_after_round(cu_root, c
         assert metrics["round"] == k and metrics["n_labelled"] == len(labelled) and (rdir / "model.pt").is_file()
     labelled = _ids(out / "round_1/labelled.extxyz") + _ids(out / "round_2/labelled.extxyz")
     assert (out / "report.png").stat().st_size > 0 and sorted(_logged(out)) == sorted(labelled)
+    assert [int(r["labels_total"]) for r in rows] == [14 + 4, 14 + 6, 14 + 6]  # starting data included
+    summary = json.loads((out / "round_1" / "md" / "summary.json").read_text())  # engine auto: one batch
+    assert summary["n_walkers"] == 2 and [w["seed"] for w in summary["walkers"]] == [1000, 1001]
+    assert [w["temperature_K"] for w in summary["walkers"]] == [600, 1200]
 
 
 def test_a_clean_exploration_stops_the_loop_before_any_label(cu_root):
     md = {**FAST_MD, "thresholds": {"force_std_flag": 50.0, "force_std_halt": 100.0}}
     state = run_learn(load_learn_config(_config(cu_root, "clean.yaml", explore={"md": md})), cu_root / "run_clean")
-    assert state["stopped"].startswith("converged") and state["labels_spent"] == 0
-    assert not (cu_root / "run_clean" / "round_2").exists() and state["rounds"][0]["halted"] == 0
+    assert state.stopped.startswith("converged") and state.labels_spent == 0
+    assert not (cu_root / "run_clean" / "round_2").exists() and state.rounds[0]["halted"] == 0
 
 
 def test_the_external_oracle_writes_to_label_waits_and_continues_with_the_files_labels(cu_root, capsys):
@@ -286,24 +311,62 @@ def test_the_external_oracle_writes_to_label_waits_and_continues_with_the_files_
     assert (out / "round_1" / "labelled.external.extxyz").is_file() and (out / "round_1" / "model.pt").is_file()
 
 
-@pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL")
+def _descendants(pid: int) -> list[int]:
+    """Processes below ``pid`` (Linux /proc)."""
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    found, frontier = [], [pid]
+    while frontier:
+        children = [p for p, parent in parents.items() if parent in frontier]
+        found += children
+        frontier = children
+    return found
+
+
+def _alive(pids: list[int]) -> list[int]:
+    """Those of ``pids`` still running (a zombie awaiting its reaper is dead)."""
+    alive = []
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state not in ("Z", "X"):
+            alive.append(pid)
+    return alive
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SIGKILL, /proc")
 @pytest.mark.parametrize("stage", ["label", "train"])
 def test_a_kill_during_labelling_or_training_loses_no_frame_and_labels_none_twice(cu_root, stage):
     """SIGKILL ``blip learn`` while the oracle runs (each call delayed by the test hook) or while
     the model trains; ``--restart`` finishes the loop."""
     out = cu_root / f"run_kill_{stage}"
     epochs = 2 if stage == "label" else 60
-    config = _config(cu_root, f"kill_{stage}.yaml", train={"config": {"epochs": epochs}, "calibration_samples": 4})
+    config = _config(cu_root, f"kill_{stage}.yaml", train={"config": {"epochs": epochs}, "calibration_samples": 4},
+                     oracle={"workers": 2})  # fmt: skip
     cmd = [sys.executable, "-m", "blip_ase.cli.main", "learn", str(config), "--out", str(out)]
-    env = {**os.environ, "BLIP_LEARN_LABEL_DELAY_S": "0.7" if stage == "label" else "0"}
+    env = {**os.environ, "BLIP_LEARN_LABEL_DELAY_S": "3.0" if stage == "label" else "0"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     marker = out / "round_1" / ("labels.log" if stage == "label" else "train/log.csv")
     deadline = time.monotonic() + 120
     while not (marker.is_file() and marker.stat().st_size) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
+    workers = _descendants(proc.pid)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()
+    if stage == "label":  # issue 19 item 4: the labelling workers die with their parent, not after their call
+        assert len(workers) >= 2, workers
+        deadline = time.monotonic() + 1.5  # each worker's next call still sleeps for about 3 s
+        while _alive(workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _alive(workers), f"workers {_alive(workers)} survived the SIGKILL of their parent"
     state = json.loads((out / "state.json").read_text())
     assert state["stage"] == stage and state["status"] == "running"
     if stage == "label":
@@ -334,7 +397,7 @@ def test_the_pyscf_loop_runs_hf_sto3g_on_water(tmp_path):
     state = run_learn(load_learn_config(path), tmp_path / "run")
     rdir = tmp_path / "run" / "round_1"
     labelled = read(rdir / "labelled.extxyz", ":")
-    assert state["stopped"].startswith("max_rounds") and len(labelled) == 3
+    assert state.stopped.startswith("max_rounds") and len(labelled) == 3
     assert {a.info["oracle"] for a in labelled} == {"pyscf:hf/sto-3g"}
     assert [a.info["frame_id"] for a in labelled] == _ids(rdir / "selected.extxyz")
     for atoms in labelled:
@@ -360,14 +423,22 @@ def test_the_pyscf_loop_runs_hf_sto3g_on_water(tmp_path):
         ({"explore": {"structures": ["h2o.xyz"]}}, r"elements \['H', 'O'\] the model"),
         ({"explore": {"md": {"temperature_K": 5}}}, "explore.md may not set"),
         ({"explore": {"structures": ["missing.xyz"]}}, r"structure file \S*missing.xyz does not exist"),
-        ({"explore": {"temperatures_K": [float("nan")]}}, "explore.temperatures_K must list finite temperatures"),
+        ({"explore": {"temperatures_K": [float("nan")]}}, r"explore.temperatures_K\[0\] must be a finite number, got nan"),
         ({"explore": {"temperatures_K": [-300]}}, "explore.temperatures_K must list finite temperatures"),
         ({"explore": {"md": {**FAST_MD, "timestep_fs": -1.0}}}, "explore.md: timestep_fs must be > 0"),
-        ({"select": {"min_distance": float("inf")}}, "select.min_distance must be a finite number >= 0"),
-        ({"train": {"val_fraction": "a"}}, r"train.val_fraction must be a number in \[0, 1\)"),
+        ({"select": {"min_distance": float("inf")}}, "select.min_distance must be a finite number, got inf"),
+        ({"select": {"min_distance": -0.5}}, "select.min_distance must be a finite number >= 0, got -0.5"),
+        ({"train": {"val_fraction": "a"}}, "train.val_fraction must be a finite number, got 'a'"),
+        ({"train": {"val_fraction": 1.0}}, r"train.val_fraction must be a number in \[0, 1\), got 1.0"),
         ({"seed": "x"}, "seed must be an integer"),
         ({"train": {"config": {"epochz": 3}}}, r"unknown key\(s\) \['epochz'\] in train.config"),
         ({"val_data": "h2o.xyz"}, r"val_data \S*h2o.xyz frame 0 has no energy label"),
+        ({"explore": {"engine": "walkers", "md": {**FAST_MD, "ensemble": "nvt-nose-hoover",
+                      "thresholds": {"force_std_flag": 0.0}}}}, "explore.engine walkers: .*cannot run nvt-nose-hoover"),
+        ({"explore": {"engine": "gpu"}}, r"explore.engine must be one of \['auto', 'walkers', 'serial'\]"),
+        ({"oracle": {"executor": "slurm"}}, r"oracle.executor must be one of \['processes', 'dask'\]"),
+        ({"oracle": {"dask_address": "tcp://x:8786"}}, "oracle.dask_address needs executor: dask"),
+        ({"stop": {"max_rounds": 0}}, "stop.max_rounds must be an integer >= 1"),
     ],
 )
 def test_bad_input_is_refused_before_any_work(cu_root, capsys, case, match):
@@ -380,6 +451,26 @@ def test_bad_input_is_refused_before_any_work(cu_root, capsys, case, match):
     err = capsys.readouterr().err
     assert err.startswith("blip learn: error:") and re.search(match, err), err
     assert not out.exists()
+
+
+def test_a_config_built_in_python_is_checked_like_one_read_from_yaml():
+    """The sections check their own ranges (the YAML loader checks the types first)."""
+    from blip_ase.active.config import ExploreConfig, FineTuneConfig, StopConfig
+
+    md = {"thresholds": {"force_std_flag": 0.1}}
+    with pytest.raises(ValueError, match="explore.temperatures_K must list finite temperatures >= 0 K, got nan"):
+        ExploreConfig(structures=("a.xyz",), temperatures_K=(float("nan"),), md=md)
+    with pytest.raises(ValueError, match="explore.structures must list at least one entry"):
+        ExploreConfig(md=md)
+    with pytest.raises(ValueError, match="explore.md.thresholds needs a flag threshold"):
+        ExploreConfig(structures=("a.xyz",), md={})
+    with pytest.raises(ValueError, match=r"train.val_fraction must be a number in \[0, 1\), got 'a'"):
+        FineTuneConfig(val_fraction="a")
+    with pytest.raises(ValueError, match="stop.max_labels must be an integer >= 1, got True"):
+        StopConfig(max_labels=True)
+    with pytest.raises(ValueError, match="oracle.workers must be an integer >= 1, got 0"):
+        OracleConfig(workers=0)
+    assert ExploreConfig(structures=["a.xyz"], temperatures_K=[300], md=md).walkers == [("a.xyz", 300)]
 
 
 def test_a_missing_or_malformed_config_file_is_a_one_line_error(cu_root, capsys):
@@ -404,37 +495,45 @@ def test_an_existing_out_without_restart_is_refused_and_left_untouched(cu_root, 
 
 def test_a_restart_with_more_rounds_continues_a_loop_that_stopped_at_max_rounds(cu_root):
     config, out = load_learn_config(_config(cu_root, "more.yaml")), cu_root / "run_more"
-    assert run_learn(config, out)["stopped"].startswith("max_rounds: 1")
+    assert run_learn(config, out).stopped.startswith("max_rounds: 1")
     first = (out / "round_1" / "labelled.extxyz").read_bytes()
     state = run_learn(config, out, restart=True, max_rounds=2)
-    assert state["stopped"].startswith("max_rounds: 2") and [r["round"] for r in state["rounds"]] == [1, 2, 3]
+    assert state.stopped.startswith("max_rounds: 2") and [r["round"] for r in state.rounds] == [1, 2, 3]
     assert (out / "round_2" / "model.pt").is_file() and (out / "round_1" / "labelled.extxyz").read_bytes() == first
     with pytest.raises(ValueError, match=r"changes \['select.budget'\]"):
         run_learn(load_learn_config(_config(cu_root, "more.yaml", select={"budget": 2})), out, restart=True)
 
 
-def test_ctrl_c_during_the_exploration_stops_the_loop_and_restart_reruns_the_walker(cu_root):
-    """An interrupted walker is not a halt: the loop must not go on to select from a cut-short run."""
-    out = cu_root / "run_sigint"
-    config = _config(cu_root, "sigint.yaml", explore={"steps": 300})
+@pytest.mark.parametrize("engine, signum", [("serial", signal.SIGINT), ("walkers", signal.SIGTERM)])
+def test_ctrl_c_during_the_exploration_stops_the_loop_and_restart_reruns_the_walker(cu_root, engine, signum):
+    """An interrupted walker is not a halt: the loop must not go on to select from a cut-short run.
+    state.json says ``interrupted``, and the printed command resumes it."""
+    out = cu_root / f"run_sigint_{engine}"
+    config = _config(cu_root, f"sigint_{engine}.yaml", explore={"steps": 300, "engine": engine})
     cmd = [sys.executable, "-m", "blip_ase.cli.main", "learn", str(config), "--out", str(out)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    marker = out / "round_1" / "md" / "walker_0" / "uncertainty.csv"
+    md = out / "round_1" / "md" / ("walker_0" if engine == "serial" else "")
+    marker = md / "uncertainty.csv"
     deadline = time.monotonic() + 120
     while proc.poll() is None and time.monotonic() < deadline:
-        if marker.is_file() and marker.stat().st_size > 100:
+        if marker.is_file() and len(marker.read_text().splitlines()) > 2:  # the header, then checks
             break
         time.sleep(0.01)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 130 and "--restart" in stdout, stderr
+    assert proc.returncode == 128 + signum and f"continue with: blip learn --out {out} --restart" in stdout, stderr
     state = json.loads((out / "state.json").read_text())
     assert state["stage"] == "explore" and not (out / "round_1" / "flagged.extxyz").exists()
-    assert json.loads((out / "round_1/md/walker_0/summary.json").read_text())["status"] == "interrupted"
-    done = subprocess.run(cmd + ["--restart"], capture_output=True, text=True, timeout=300)
+    assert state["status"] == "interrupted" and state["signal"] == signal.Signals(signum).name
+    assert json.loads((md / "summary.json").read_text())["status"] == "interrupted"
+    resume = stdout.split("continue with: ")[1].split()
+    assert resume[:2] == ["blip", "learn"]
+    done = subprocess.run([sys.executable, "-m", "blip_ase.cli.main", *resume[1:]], capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stderr
     rows = list(csv.DictReader(open(out / "report.csv")))
     assert rows[0]["md_steps_completed"] == "600" and rows[0]["n_labelled"] == "4"
+    assert (out / "round_1" / "md" / ("walker_1" if engine == "serial" else "flagged.extxyz")).exists()
 
 
 def test_the_example_config_passes_every_check_with_its_shipped_starting_model(tmp_path):
@@ -445,3 +544,144 @@ def test_the_example_config_passes_every_check_with_its_shipped_starting_model(t
     config = load_learn_config(example)
     assert config.oracle.name == "pyscf:b3lyp/6-31g*" and Path(config.test_data).is_file()
     assert check_inputs(config, tmp_path / "al_run", restart=False) is None and not (tmp_path / "al_run").exists()
+
+
+# ------------------------------------------------------------------------------------------- issue 19
+
+
+def test_a_restart_keeps_the_command_line_limits_of_the_run_and_changes_them_only_explicitly(cu_root, capsys):
+    """Issue 19 item 3: ``--restart`` went back to the YAML's max_rounds and ignored ``--max-rounds``
+    of the first run. The stored settings rule; a change needs a flag and is recorded."""
+    config, out = _config(cu_root, "limits.yaml", stop={"max_rounds": 3}), cu_root / "run_limits"
+    assert main(["learn", str(config), "--out", str(out), "--max-rounds", "1", "--max-labels", "40"]) == 0
+    assert "max_rounds: 1 rounds" in capsys.readouterr().out
+    for argv in (["learn", str(config), "--out", str(out), "--restart"], ["learn", "--out", str(out), "--restart"]):
+        assert main(argv) == 0  # the YAML says 3 rounds, the run said 1: the run's limit holds
+        state = json.loads((out / "state.json").read_text())
+        assert state["labels_spent"] == 4 and state["stopped"].startswith("max_rounds: 1") and not state["changes"]
+        assert state["overrides"] == {"stop.max_rounds": 1, "stop.max_labels": 40}
+        assert state["config"]["stop"]["max_rounds"] == 1 and state["config"]["stop"]["max_labels"] == 40
+    assert not (out / "round_2" / "selected.extxyz").exists()
+    edited = _config(cu_root, "limits.yaml", stop={"max_rounds": 3, "max_flagged_fraction": 0.6})
+    assert main(["learn", str(edited), "--out", str(out), "--restart"]) == 2
+    err = capsys.readouterr().err
+    assert "changes stop.max_flagged_fraction 0.5 -> 0.6" in err and "--accept-changes" in err
+    argv = ["learn", str(edited), "--out", str(out), "--restart", "--accept-changes", "--max-rounds", "3"]
+    assert main(argv + ["--max-labels", "5"]) == 0
+    state = json.loads((out / "state.json").read_text())
+    assert state["labels_spent"] == 5 and state["stopped"] == "label budget spent: 5 oracle calls"
+    assert state["config"]["stop"] == {"max_rounds": 3, "max_labels": 5, "max_flagged_fraction": 0.6}
+    assert [c["changed"] for c in state["changes"]] == [
+        {"stop.max_flagged_fraction": [0.5, 0.6], "stop.max_labels": [40, 5], "stop.max_rounds": [1, 3]}
+    ]
+    assert state["changes"][0]["round"] == 2 and state["changes"][0]["stage"] == "explore"
+
+
+def test_labels_total_and_report_png_count_the_starting_data_and_tick_whole_rounds(cu_root, monkeypatch):
+    """Issue 19 item 7: the cumulative count left out the 14 starting frames; ticks were 1.5, 2.5."""
+    import matplotlib.figure
+
+    from blip_ase.active.report import labels_total, plot_report
+
+    rows = [{"round": 1, "n_labelled": 4, "n_failed": 0, "md_steps_completed": 5, "md_steps_requested": 6},
+            {"round": 2, "n_labelled": 1, "n_failed": 1, "md_steps_completed": 6, "md_steps_requested": 6},
+            {"round": 3, "md_steps_completed": 6, "md_steps_requested": 6, "val_forces_mae": 0.1}]  # fmt: skip
+    assert labels_total(rows, 14) == [18, 20, 20]
+    saved = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: saved.append(fig))
+    plot_report(cu_root, rows, n_start=14)
+    ticks = np.concatenate([ax.get_xticks() for ax in saved[0].axes])
+    assert np.array_equal(ticks, np.round(ticks))
+    assert list(saved[0].axes[1].lines[0].get_ydata()) == [18, 20, 20]
+
+
+COUNTING = """
+from ase.calculators.calculator import all_changes
+from ase.calculators.emt import EMT
+
+
+class CountingEMT(EMT):
+    built = 0
+
+    def __init__(self, **kwargs):
+        type(self).built += 1
+        super().__init__(**kwargs)
+
+    def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
+        super().calculate(atoms, properties, system_changes)
+        self.results["energy"] = float(type(self).built)  # how many were built in this process
+"""
+
+
+def test_the_ase_oracle_builds_one_calculator_per_worker(cu_root, tmp_path, monkeypatch):
+    """Issue 19 item 2: the ase oracle built one calculator per frame."""
+    (tmp_path / "counting_calc.py").write_text(COUNTING)
+    monkeypatch.syspath_prepend(str(tmp_path))  # spawned workers inherit sys.path
+    frames = read(cu_root / "val.extxyz", ":")[:6]
+    config = OracleConfig(kind="ase", calculator="counting_calc:CountingEMT")
+    got = {}
+    label_frames(frames, config, lambda k, lab: got.__setitem__(k, lab), workers=2)
+    assert sorted(got) == list(range(6)) and all(lab.error is None for lab in got.values())
+    assert {lab.energy for lab in got.values()} == {1.0} and len({lab.pid for lab in got.values()}) <= 2
+    for k, atoms in enumerate(frames):  # and a reused calculator gives each frame its own forces
+        assert np.allclose(got[k].forces, atoms.get_forces(), atol=1e-5)
+
+
+def test_dask_labels_equal_local_ones_and_a_failure_is_recorded(cu_root):
+    """Issue 19 item 5: the oracle on a Dask cluster (here a LocalCluster of 2 workers)."""
+    pytest.importorskip("distributed", reason="the [cluster] extra: pip install -e '.[cluster]'")
+    from distributed import LocalCluster
+
+    frames = read(cu_root / "val.extxyz", ":")[:3] + [Atoms("U2", positions=[[0, 0, 0], [0, 0, 2.5]])]
+    local, remote = {}, {}
+    config = OracleConfig(kind="ase", calculator="ase.calculators.emt:EMT")
+    label_frames(frames, config, lambda k, lab: local.__setitem__(k, lab), workers=1)
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        dask = OracleConfig(kind="ase", calculator="ase.calculators.emt:EMT", executor="dask",
+                            dask_address=cluster.scheduler_address)  # a running cluster, reached by its address
+        label_frames(frames, dask, lambda k, lab: remote.__setitem__(k, lab))
+        worker_pids = {w.pid for w in cluster.workers.values()}
+    assert sorted(remote) == [0, 1, 2, 3] and {lab.pid for lab in remote.values()} <= worker_pids
+    for k in range(3):
+        assert remote[k].energy == local[k].energy and np.array_equal(remote[k].forces, local[k].forces)
+    assert remote[3].error.startswith("NotImplementedError") and remote[3].energy is None
+
+
+def test_the_loop_labels_on_dask_and_writes_each_label_file(cu_root):
+    pytest.importorskip("distributed", reason="the [cluster] extra: pip install -e '.[cluster]'")
+    out = cu_root / "run_dask"
+    config = _config(cu_root, "dask.yaml", oracle={"executor": "dask", "workers": 2}, explore={"engine": "serial"})
+    state = run_learn(load_learn_config(config), out)
+    assert state.stopped.startswith("max_rounds") and state.labels_spent == 4
+    rdir = out / "round_1"
+    assert sorted(p.name for p in (rdir / "labels").iterdir()) == sorted(f"{i}.extxyz" for i in _ids(rdir / "selected.extxyz"))
+    log = [json.loads(line) for line in (rdir / "labels.log").read_text().splitlines()]
+    assert len(log) == 4 and os.getpid() not in {entry["pid"] for entry in log}
+    for atoms in read(rdir / "labelled.extxyz", ":"):
+        assert np.allclose(atoms.get_forces(), _labelled(atoms, EMT()).get_forces())
+    assert (out / "round_1" / "md" / "walker_1" / "summary.json").is_file()  # engine serial: one run per walker
+
+
+def test_explore_engine_auto_batches_two_walkers_or_more_when_the_ensemble_allows(cu_root):
+    """Issue 19 item 2: explore.engine auto runs a round's walkers as one torch-sim batch (the EMT
+    loop test checks the batch's files)."""
+    from blip_ase.active.exploration import uses_walkers
+
+    config = load_learn_config(_config(cu_root, "engine.yaml"))
+    assert uses_walkers(config)  # nvt-langevin, two walkers
+    single = load_learn_config(_config(cu_root, "engine1.yaml", explore={"temperatures_K": [600]}))
+    assert not uses_walkers(single)
+
+
+def test_make_start_has_help_and_writes_only_to_its_output_directory(tmp_path):
+    """Issue 19 item 7: --help ran the whole job and the script overwrote tracked files."""
+    script = Path(__file__).resolve().parents[1] / "examples" / "active_learning" / "make_start.py"
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "--out" in done.stdout and time.monotonic() - start < 30
+    bare = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert bare.returncode == 2 and "--out" in bare.stderr and not any(tmp_path.iterdir())
+    shipped = script.parent / "start"
+    refused = subprocess.run([sys.executable, str(script), "--out", str(shipped)], capture_output=True, text=True,
+                             timeout=60)  # fmt: skip
+    assert refused.returncode == 2 and "already exists" in refused.stderr

@@ -236,3 +236,13 @@ def test_a_batch_of_structures_equals_each_structure_alone(case):
     cell = small_cell()
     testing.check_batched_structures_equal_separate(model, [small_molecule(), small_molecule(), cell][:2])
     testing.check_batched_structures_equal_separate(model, [cell, cell])
+
+
+def test_descriptors_are_invariant_per_atom_features_that_batching_does_not_mix(case, rotation):
+    """What active learning selects by (FPS, near-duplicates): the same for a moved structure,
+    independent of batch-mates, for every backend (ORB v3 included: fps works for it)."""
+    spec, model = case
+    other = small_molecule()
+    other.rattle(0.1, seed=5)
+    testing.check_descriptors(model, [small_molecule(), other, small_cell()],
+                              rotation=rotation if spec.equivariant else None)  # fmt: skip

@@ -1,5 +1,5 @@
 """BLIPCalculator: finite differences, agreement with the raw model, results contract, seeds,
-caching, bad input and the README example, for BLIP, MC dropout and a deep ensemble alike.
+caching, bad input and the documented Python API example, for BLIP, MC dropout and a deep ensemble alike.
 Tiny float64 PaiNN models keep this file fast."""
 
 from __future__ import annotations
@@ -397,7 +397,7 @@ def test_bad_options_are_rejected(model):
         BLIPCalculator(model).monte_carlo()
 
 
-# --- checkpoints and the README example -----------------------------------------------------
+# --- checkpoints and the documented example -----------------------------------------------------
 
 
 def test_from_checkpoint_uses_the_stored_calibration_unless_overridden(model, nh3, tmp_path):
@@ -411,18 +411,19 @@ def test_from_checkpoint_uses_the_stored_calibration_unless_overridden(model, nh
     assert a["energy_variance"] == pytest.approx(4.0 * b["energy_variance"], rel=1e-10)
 
 
-def readme_example() -> str:
-    """The first python block after '## Python API' in README.md."""
-    found = re.search(r"^## Python API\s*$.*?```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S | re.M)
-    assert found, "README.md has no '## Python API' section with a ```python block"
+def python_api_example() -> str:
+    """The first python block after '## The calculator' in docs/python-api.md (formerly README's)."""
+    text = (ROOT / "docs" / "python-api.md").read_text()
+    found = re.search(r"^## The calculator\s*$.*?```python\n(.*?)```", text, re.S | re.M)
+    assert found, "docs/python-api.md has no '## The calculator' section with a ```python block"
     return found.group(1)
 
 
-def test_readme_python_api_example_runs(monkeypatch):
-    """Runs the README example as written, on the shipped checkpoint."""
-    code = readme_example()
-    monkeypatch.chdir(ROOT)
-    exec(compile(code, "README.md:Python API", "exec"), {"__name__": "readme_example"})
+def test_the_python_api_example_runs_outside_the_repository(tmp_path, monkeypatch):
+    """Runs the documented example as written, on the shipped checkpoint, from an empty directory."""
+    code = python_api_example()
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "docs/python-api.md:The calculator", "exec"), {"__name__": "python_api_example"})
 
 
 def test_voigt_conversions_are_inverse_and_follow_ase_order():

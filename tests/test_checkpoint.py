@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 
@@ -72,6 +76,44 @@ def test_a_reordering_of_the_bayesian_layers_is_refused_at_load(tmp_path):
     expected = r"wraps other edge layers \(alpha columns\).*first difference at column 0"
     with pytest.raises(CheckpointError, match=expected):
         load_checkpoint(tmp_path / "swapped.pt")
-    del ckpt["bayesian_layers"]  # files written before the layout was stored still load
+    ckpt["bayesian_layers"] = None  # files written before the layout was stored still load
     torch.save(ckpt, tmp_path / "old.pt")
     load_checkpoint(tmp_path / "old.pt")
+
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+@pytest.mark.parametrize("name", ["checkpoint_v1.pt", "checkpoint_v1_without_layout.pt"])
+def test_every_earlier_checkpoint_format_still_loads_and_predicts_what_it_did(name):
+    """The metatrain habit: one committed file of each earlier format (a tiny PaiNN written by
+    format version 1, with and without ``bayesian_layers``) is upgraded on load and gives the
+    MAP energy and forces it gave when it was written (``checkpoint_v1_reference.json``)."""
+    from ase.build import molecule
+
+    from blip_ase import BLIPCalculator
+    from blip_ase.models.checkpoint import FORMAT_VERSION, read_checkpoint
+
+    raw = torch.load(FIXTURES / name, weights_only=True)
+    assert raw["format_version"] == 1 and FORMAT_VERSION == 2
+    ckpt = read_checkpoint(FIXTURES / name)
+    assert ckpt["format_version"] == FORMAT_VERSION and ckpt["upgraded_from"] == 1
+    assert (ckpt["bayesian_layers"] is None) == ("without_layout" in name)
+    reference = json.loads((FIXTURES / "checkpoint_v1_reference.json").read_text())
+    atoms = molecule("NH3")
+    atoms.calc = BLIPCalculator.from_checkpoint(FIXTURES / name, mode="map", device="cpu")
+    assert atoms.get_potential_energy() == pytest.approx(reference["map_energy_eV"], abs=1e-6)
+    np.testing.assert_allclose(atoms.get_forces(), reference["map_forces_eV_per_A"], atol=1e-6)
+    assert atoms.calc.calibration["forces"] == 2.0
+
+
+def test_a_checkpoint_missing_a_required_key_is_named_as_damaged(tmp_path):
+    from blip_ase.models import save_checkpoint
+
+    save_checkpoint(tmp_path / "m.pt", tiny_painn())
+    ckpt = torch.load(tmp_path / "m.pt", weights_only=True)
+    assert ckpt["format_version"] == 2
+    del ckpt["bayesian_layers"]
+    torch.save(ckpt, tmp_path / "damaged.pt")
+    with pytest.raises(CheckpointError, match=r"damaged checkpoint: format version 2 requires the keys \['bayesian_layers'\]"):
+        load_checkpoint(tmp_path / "damaged.pt")

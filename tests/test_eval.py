@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from ase.calculators.singlepoint import SinglePointCalculator
 from ase.io import read, write
 
 from blip_ase import BLIPCalculator
@@ -16,7 +17,7 @@ from blip_ase.bayes import BayesConfig
 from blip_ase.cli.main import main as blip
 from blip_ase.models import PaiNNConfig, PaiNNPotential, save_checkpoint
 from blip_ase.models.ensemble import EnsemblePotential
-from blip_ase.uq.evaluate import calibrate, evaluate
+from blip_ase.uq.evaluate import calibrate, evaluate, predict, read_labelled, structure_generator
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "ammonia"
 SHIPPED = ammonia_model()
@@ -63,7 +64,7 @@ def test_blip_eval_writes_metrics_json_plots_and_a_table_for_the_shipped_model(d
     for section in ("id", "ood"):
         assert ID_KEYS <= set(report[section])
         assert all(np.isfinite(report[section][k]) for k in ID_KEYS)
-    assert "id_uncalibrated" not in report  # the shipped model is not calibrated
+    assert "id_uncalibrated" in report  # the shipped model is calibrated (blip calibrate on examples/ammonia/val.extxyz)
     # eV and eV/A: the shipped model is accurate to ~0.01 eV and ~0.06 eV/A near equilibrium
     assert report["id"]["energy_mae"] < 0.1 and report["id"]["forces_mae"] < 0.15
     assert report["ood"]["forces_mae"] > 2 * report["id"]["forces_mae"]
@@ -74,14 +75,32 @@ def test_blip_eval_writes_metrics_json_plots_and_a_table_for_the_shipped_model(d
     assert "force ECE" in printed and "AUROC" in printed and "metrics.json" in printed
 
 
-def test_eval_metrics_are_those_of_the_calculator_predictions(data):
-    """All methods share one code path: the seeded BLIPCalculator, frame after frame."""
+def test_eval_metrics_are_those_of_the_engine_predictions_structure_by_structure(data):
+    """All methods share one code path: the calculator's inference engine, structure ``k`` seeded
+    by ``structure_generator(seed, k)``; batching many structures per pass changes nothing."""
     report = evaluate(SHIPPED, data["id"], n_samples=5, seed=3)
     calc = BLIPCalculator.from_checkpoint(SHIPPED, n_samples=5, seed=3, device="cpu")
     errors = []
-    for atoms in read(data["id"], ":"):
-        errors.append(atoms.get_forces() - calc.monte_carlo(atoms.copy())["forces"])
-    assert report["id"]["forces_mae"] == pytest.approx(np.abs(np.concatenate(errors)).mean(), rel=1e-12)
+    for k, atoms in enumerate(read(data["id"], ":")):
+        prepared = calc.engine.prepare(atoms.copy())
+        stats = calc.engine.monte_carlo(prepared, 5, generators=[structure_generator(3, k)])[0]
+        errors.append(atoms.get_forces() - stats["forces"])
+    assert report["id"]["forces_mae"] == pytest.approx(np.abs(np.concatenate(errors)).mean(), rel=1e-6)
+
+
+def test_predict_gives_each_structure_the_same_numbers_in_any_batch(data, monkeypatch):
+    from blip_ase.models.checkpoint import load_checkpoint
+    from blip_ase.uq import evaluate as ev
+
+    model, _ = load_checkpoint(SHIPPED)
+    frames, labels = read_labelled(data["id"])
+    batched = predict(model, frames, labels, n_samples=4, seed=1)
+    monkeypatch.setattr(ev, "PREDICT_BATCH_ATOMS", 1)  # one structure per pass
+    model, _ = load_checkpoint(SHIPPED)
+    alone = predict(model, frames, labels, n_samples=4, seed=1)
+    np.testing.assert_allclose(batched.forces_pred, alone.forces_pred, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(batched.forces_variance, alone.forces_variance, rtol=1e-4, atol=1e-9)
+    assert not np.allclose(batched.forces_variance, predict(model, frames, labels, n_samples=4, seed=2).forces_variance)
 
 
 def test_eval_reports_and_plots_alpha_and_beta_per_layer_for_id_and_ood(data, tmp_path):
@@ -148,7 +167,7 @@ def test_calibration_fits_the_nll_optimal_scale_and_the_calculator_applies_it(da
     assert report["id"]["energy_mae"] == report["id_uncalibrated"]["energy_mae"]
     # ... and BLIPCalculator applies the stored scale
     atoms = read(data["held"], 0)
-    raw = BLIPCalculator.from_checkpoint(SHIPPED, n_samples=4, seed=0, device="cpu").monte_carlo(atoms)
+    raw = BLIPCalculator.from_checkpoint(SHIPPED, n_samples=4, seed=0, device="cpu", calibration={}).monte_carlo(atoms)
     cal = BLIPCalculator.from_checkpoint(calibrated, n_samples=4, seed=0, device="cpu").monte_carlo(atoms)
     np.testing.assert_allclose(cal["forces_variance"], scale * raw["forces_variance"], rtol=1e-10)
 
@@ -196,3 +215,37 @@ def test_calibrate_never_replaces_an_existing_file_without_overwrite(data, tmp_p
     assert "exists; pass --overwrite" in capsys.readouterr().err and existing.read_bytes() == b"precious"
     assert run_blip(*args, "--overwrite") == 0
     assert torch.load(existing, weights_only=True)["calibration"]["forces"] > 0
+
+
+def test_calibrate_stores_the_per_element_quantiles_of_the_errors_it_saw(data, tmp_path):
+    """Labels made from the model's own seeded predictions plus known offsets: the per-atom error
+    norms are exactly the offsets, so the stored quantiles are known in advance."""
+    from blip_ase.models.checkpoint import load_checkpoint, read_checkpoint
+
+    frames = read(data["id"], ":")[:8]
+    model, _ = load_checkpoint(SHIPPED)
+    pred = predict(model, frames, read_labelled(data["id"])[1][:8], n_samples=6, seed=4)
+    rng = np.random.default_rng(0)
+    offsets = rng.uniform(0.01, 0.5, size=len(pred.forces_pred))  # eV/A, one per atom, along x
+    labelled, start = [], 0
+    for atoms in frames:
+        n = len(atoms)
+        forces = pred.forces_pred[start : start + n].copy()
+        forces[:, 0] += offsets[start : start + n]
+        atoms = atoms.copy()
+        atoms.calc = SinglePointCalculator(atoms, energy=0.0, forces=forces)
+        labelled.append(atoms)
+        start += n
+    write(tmp_path / "val.extxyz", labelled)
+    result = calibrate(SHIPPED, tmp_path / "val.extxyz", tmp_path / "cal.pt", n_samples=6, seed=4)
+    stored = read_checkpoint(tmp_path / "cal.pt")["reference"]
+    assert stored == result["reference"] and stored["quantiles"][-1] == 1.0
+    numbers = np.concatenate([a.numbers for a in frames])
+    for symbol, z in (("H", 1), ("N", 7), ("all", None)):
+        mask = np.ones(len(numbers), bool) if z is None else numbers == z
+        np.testing.assert_allclose(stored["force_error"][symbol], np.quantile(offsets[mask], stored["quantiles"]),
+                                   rtol=1e-6)
+        assert stored["n_atoms"][symbol] == mask.sum()
+    scale = result["calibration"]["forces"]
+    expected_std = np.sqrt(scale * pred.forces_variance)
+    np.testing.assert_allclose(stored["force_std"]["all"], np.quantile(expected_std, stored["quantiles"]), rtol=1e-5)

@@ -52,7 +52,7 @@ NVE_MAX_DRIFT_EV_PER_PS = 5e-3  # measured 2.3 meV/ps (seed 0)
 
 @pytest.fixture(scope="module")
 def shipped_model() -> Path:
-    assert SHIPPED_MODEL.is_file(), f"the shipped model {SHIPPED_MODEL} is missing (train it: see README)"
+    assert SHIPPED_MODEL.is_file(), f"the shipped model {SHIPPED_MODEL} is missing (train it: see docs/guide/train.md)"
     return SHIPPED_MODEL
 
 
@@ -432,17 +432,19 @@ def test_the_main_job_finds_the_shipped_model_and_structure_from_any_directory(t
     assert summary["status"] == "completed" and (tmp_path / "md_out" / "uncertainty.png").is_file()
 
 
-def test_the_readme_monitor_example_runs(tmp_path, monkeypatch):
-    """The Python block of README's MD section, as written (its export goes to tmp_path)."""
+def test_the_documented_monitor_example_runs(tmp_path, monkeypatch):
+    """The Python block of docs/python-api.md's monitor section (formerly README's), as written,
+    from an empty directory; its export goes to tmp_path."""
     import re
 
-    text = (ROOT / "README.md").read_text()
-    section = text[text.index("In Python the monitor attaches to any ASE dynamics") :]
+    text = (ROOT / "docs" / "python-api.md").read_text()
+    section = text[text.index("## Monitoring any ASE dynamics") :]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    assert '"flagged.extxyz"' in code
     code = code.replace('"flagged.extxyz"', repr(str(tmp_path / "flagged.extxyz")))
-    monkeypatch.chdir(ROOT)
-    namespace: dict = {"__name__": "readme_md_example"}
-    exec(compile(code, "README.md:md example", "exec"), namespace)
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {"__name__": "documented_md_example"}
+    exec(compile(code, "docs/python-api.md:monitor example", "exec"), namespace)
     monitor = namespace["monitor"]
     assert monitor.n_checked >= 1 and len(monitor.history) == monitor.n_checked
     if monitor.n_flagged:

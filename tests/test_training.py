@@ -66,7 +66,7 @@ def test_training_on_ammonia_lowers_the_validation_force_mae_below_a_measured_bo
 def test_a_checkpoint_round_trip_reproduces_predictions_exactly(trained, tmp_path):
     _, run = trained
     model, ckpt = load_checkpoint(run / "model.pt")
-    assert ckpt["format_version"] == 1 and ckpt["backend"] == "painn" and ckpt["elements"] == [1, 7]
+    assert ckpt["format_version"] == 2 and ckpt["backend"] == "painn" and ckpt["elements"] == [1, 7]
     assert ckpt["training"]["config"]["seed"] == 0
     torch.load(run / "model.pt", weights_only=True)  # never needs to run code
     save_checkpoint(tmp_path / "copy.pt", model, calibration=ckpt["calibration"], training=ckpt["training"])
@@ -167,7 +167,7 @@ def test_a_checkpoint_of_an_unknown_format_version_is_refused(trained, tmp_path)
     ckpt = torch.load(run / "model.pt", weights_only=True)
     ckpt["format_version"] = 99
     torch.save(ckpt, tmp_path / "future.pt")
-    with pytest.raises(CheckpointError, match=r"format version 99; this blip-ase reads version 1"):
+    with pytest.raises(CheckpointError, match=r"format version 99; this blip-ase reads version 2"):
         load_checkpoint(tmp_path / "future.pt")
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="not a blip-ase checkpoint: not a readable torch.save file"):
@@ -189,3 +189,93 @@ def test_a_config_value_outside_its_choices_is_rejected_with_the_choices(tmp_pat
     path.write_text("backend: schnet\n")
     with pytest.raises(ValueError, match=r"bad.yaml.backend must be one of \['painn', 'orb'\], got 'schnet'"):
         load_config(path)
+
+
+# --------------------------------------------------------------- entry point, ensembles, init_checkpoint
+
+TINY_FAST = (
+    "painn: {n_features: 8, n_interactions: 1, n_rbf: 6, cutoff: 4.0}\nepochs: 1\nbatch_size: 8\nprogress: false\n"
+)
+
+
+def _imports(module: str) -> set[str]:
+    """Every module ``blip_ase.training.<module>`` imports, at module or function level."""
+    import ast
+
+    tree = ast.parse((Path(__file__).resolve().parents[1] / "blip_ase" / "training" / f"{module}.py").read_text())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names |= {node.module, *(f"{node.module}.{a.name}" for a in node.names)}
+        elif isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+    return names
+
+
+def test_the_training_loop_and_the_ensemble_do_not_import_each_other_in_a_cycle():
+    """Before: loop.train called ensemble.train_ensemble, which called loop.train (function-level imports)."""
+    import os
+    import subprocess
+    import sys
+
+    loop, ensemble = _imports("loop"), _imports("ensemble")
+    assert not {"blip_ase.training.ensemble", "blip_ase.training.entry"} & loop
+    assert "blip_ase.training.loop" in ensemble and "blip_ase.training.entry" not in ensemble
+    for module in ("loop", "ensemble", "entry"):
+        code = f"import blip_ase.training.{module}"
+        subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_train_model_refuses_an_ensemble_config(tmp_path):
+    from blip_ase.training import TrainConfig
+    from blip_ase.training.loop import train_model
+
+    with pytest.raises(ValueError, match="train_model trains one model, but ensemble is 2"):
+        train_model(TrainConfig(ensemble=2), EXAMPLE / "val.extxyz", EXAMPLE / "val.extxyz", tmp_path / "o")
+
+
+@pytest.fixture(scope="module")
+def few_frames(tmp_path_factory):
+    path = tmp_path_factory.mktemp("few") / "few.extxyz"
+    write(path, read(EXAMPLE / "val.extxyz", ":6"))
+    return path
+
+
+def _state(path: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(path)[0].state_dict()
+
+
+def _same_weights(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_an_ensemble_keeps_init_checkpoint_every_member_starts_from_its_weights(tmp_path, few_frames):
+    """Before: the ensemble path dropped init_checkpoint without a word. With lr 0 a member's
+    checkpoint holds exactly the weights it started from."""
+    (tmp_path / "c.yaml").write_text(TINY_FAST + "seed: 11\n")
+    (tmp_path / "frozen.yaml").write_text(TINY_FAST + "optim: {lr: 0.0}\n")
+    train(load_config(tmp_path / "c.yaml"), few_frames, few_frames, tmp_path / "init")
+    init = _state(tmp_path / "init" / "model.pt")
+    summary = train(load_config(tmp_path / "frozen.yaml", ensemble=2), few_frames, few_frames, tmp_path / "ens",
+                    init_checkpoint=tmp_path / "init" / "model.pt")  # fmt: skip
+    assert len(summary["members"]) == 2
+    for k in range(2):
+        assert _same_weights(_state(tmp_path / "ens" / f"member_{k}" / "model.pt"), init)
+    ckpt = load_checkpoint(tmp_path / "ens" / "model.pt")[1]
+    assert ckpt["backend"] == "ensemble" and ckpt["training"]["init_checkpoint"] == str(tmp_path / "init" / "model.pt")
+    # without init_checkpoint the members start from their own seeded initialisation
+    train(load_config(tmp_path / "frozen.yaml", ensemble=2), few_frames, few_frames, tmp_path / "fresh")
+    assert not _same_weights(_state(tmp_path / "fresh" / "member_0" / "model.pt"), init)
+
+    # an ensemble checkpoint: member k starts from its member k; another size is refused before any training
+    again = train(load_config(tmp_path / "frozen.yaml", ensemble=2), few_frames, few_frames, tmp_path / "again",
+                  init_checkpoint=tmp_path / "fresh" / "model.pt")  # fmt: skip
+    assert len(again["members"]) == 2
+    for k in range(2):
+        assert _same_weights(_state(tmp_path / "again" / f"member_{k}" / "model.pt"),
+                             _state(tmp_path / "fresh" / f"member_{k}" / "model.pt"))  # fmt: skip
+    for n, wanted in ((1, "a single model"), (3, "an ensemble of 3")):
+        with pytest.raises(ValueError, match=rf"is an ensemble of 2 members, but the config trains {wanted}"):
+            train(load_config(tmp_path / "frozen.yaml", ensemble=n), few_frames, few_frames, tmp_path / f"bad{n}",
+                  init_checkpoint=tmp_path / "fresh" / "model.pt")  # fmt: skip
+        assert not (tmp_path / f"bad{n}").exists()

@@ -7,15 +7,9 @@ import pytest
 from scipy import integrate, optimize, stats
 
 from blip_ase import BLIPCalculator
+from blip_ase.inference.calibration import apply_isotonic, isotonic_variance_factor, variance_factors
 from blip_ase.uq import metrics as m
-from blip_ase.uq.calibration import (
-    apply_isotonic,
-    fit_isotonic,
-    fit_variance_scale,
-    isotonic_variance_factor,
-    pool_adjacent_violators,
-    variance_factors,
-)
+from blip_ase.uq.calibration import fit_isotonic, fit_variance_scale, pool_adjacent_violators
 
 
 def gaussian_forces(seed: int = 0, n_atoms: int = 5000, sigma_factor: float = 1.0):

@@ -9,6 +9,8 @@ import importlib
 
 _EXPORTS = {
     "LearnConfig": "blip_ase.active.config",
+    "LoopState": "blip_ase.active.state",
+    "read_state": "blip_ase.active.state",
     "load_learn_config": "blip_ase.active.config",
     "run_learn": "blip_ase.active.loop",
     "descriptors": "blip_ase.active.selection",

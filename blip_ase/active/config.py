@@ -13,24 +13,52 @@ Relative paths in the file are relative to the file's directory. Example::
       md: {timestep_fs: 0.5, uq_interval: 10, n_samples: 16,
            thresholds: {force_std_flag: 0.25, force_std_halt: 1.0}}
     select: {strategy: fps, budget: 16, min_distance: 0.01}
-    oracle: {kind: pyscf, method: b3lyp, basis: 6-31g*}
+    oracle: {kind: pyscf, method: b3lyp, basis: 6-31g*, executor: processes}
     train: {val_fraction: 0.2, config: {epochs: 100}}
     stop: {max_rounds: 5, max_labels: 200, max_flagged_fraction: 0.05}
+
+Every section is a frozen dataclass that checks its own fields when built (``ValueError`` naming
+the setting as ``section.field``), so a config built in Python is checked exactly like one read
+from YAML by :func:`~blip_ase.training.config.from_dict`. Three fields stay mappings because
+their keys belong to someone else: ``explore.md`` (fields of :class:`~blip_ase.md.MDConfig`,
+checked by building it), ``oracle.kwargs`` (the calculator's constructor) and ``train.config``
+(overrides of the checkpoint's training configuration, checked against it before any work).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from blip_ase.md.config import MDConfig
-from blip_ase.md.monitor import Thresholds
+from blip_ase.md import MDConfig, Thresholds
 
 # MDConfig fields the loop sets itself (explore.md may not)
 LOOP_MD_FIELDS = ("model", "structure", "out", "temperature_K", "overwrite", "restart", "progress", "seed")
+
+
+def is_integer(value) -> bool:
+    """An int that is not a bool."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_finite_number(value) -> bool:
+    """A finite int or float (not a bool, a string or a NaN)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def require_integer(name: str, value, least: int | None = None) -> None:
+    """``ValueError`` naming ``name`` unless ``value`` is an integer (``>= least``)."""
+    if not is_integer(value) or (least is not None and value < least):
+        raise ValueError(f"{name} must be an integer" + ("" if least is None else f" >= {least}") + f", got {value!r}")
+
+
+def require_mapping(name: str, value) -> None:
+    if not isinstance(value, dict):
+        raise ValueError(f"{name} must be a mapping, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -44,12 +72,53 @@ class ExploreConfig:
         md: other :class:`~blip_ase.md.MDConfig` fields (ensemble, timestep_fs, uq_interval,
             n_samples, ...; ``thresholds`` as a mapping of :class:`~blip_ase.md.Thresholds`
             fields; at least one flag threshold is required: the models differ too much for a default).
+        engine: ``walkers``: all walkers of a round as one batch (``blip md --walkers``, torch-sim;
+            ensembles ``nve`` and ``nvt-langevin``; an interrupted batch is run again whole);
+            ``serial``: one ``blip md`` run after another (any ensemble; an interrupted walker
+            resumes alone); ``auto``: ``walkers`` when the ensemble allows it and there are at
+            least two walkers, else ``serial``.
     """
 
-    structures: list[str] = field(default_factory=list)
-    temperatures_K: list[float] = field(default_factory=lambda: [300.0])
+    structures: tuple[str, ...] = ()
+    temperatures_K: tuple[float, ...] = (300.0,)
     steps: int = 1000
     md: dict = field(default_factory=dict)
+    engine: Literal["auto", "walkers", "serial"] = "auto"
+
+    def __post_init__(self):
+        for name in ("structures", "temperatures_K"):
+            value = getattr(self, name)
+            if not isinstance(value, (list, tuple)) or not value:
+                raise ValueError(f"explore.{name} must list at least one entry, got {value!r}")
+            object.__setattr__(self, name, tuple(value))
+        if not all(isinstance(spec, str) and spec for spec in self.structures):
+            raise ValueError(f"explore.structures must list structure files, got {list(self.structures)!r}")
+        for T in self.temperatures_K:
+            if not (is_finite_number(T) and T >= 0):
+                raise ValueError(f"explore.temperatures_K must list finite temperatures >= 0 K, got {T!r}")
+        require_integer("explore.steps", self.steps, 1)
+        require_mapping("explore.md", self.md)
+        if self.engine not in ("auto", "walkers", "serial"):
+            raise ValueError(f"explore.engine must be one of ['auto', 'walkers', 'serial'], got {self.engine!r}")
+        set_by_loop = sorted(set(self.md) & set(LOOP_MD_FIELDS))
+        if set_by_loop:
+            raise ValueError(
+                f"explore.md may not set {set_by_loop}: the loop sets them "
+                "(temperatures: explore.temperatures_K, seed: the top-level seed)"
+            )
+        try:
+            for T in self.temperatures_K:
+                md = self.md_config(temperature_K=T)  # raises for unknown keys and bad values
+        except ValueError as exc:
+            raise ValueError(f"explore.md: {exc}") from None
+        th = md.thresholds
+        if th.force_std_flag is None and th.relative_flag is None and th.energy_std_flag is None and not th.per_element:
+            raise ValueError("explore.md.thresholds needs a flag threshold (e.g. force_std_flag: 0.25 eV/A)")
+
+    @property
+    def walkers(self) -> list[tuple[str, float]]:
+        """(structure, temperature) of walker ``w``, structures outermost."""
+        return [(s, T) for s in self.structures for T in self.temperatures_K]
 
     def md_config(self, **loop_fields) -> MDConfig:
         """The :class:`MDConfig` of one walker: ``md`` plus the fields the loop sets."""
@@ -68,8 +137,8 @@ class SelectConfig:
             (highest uncertainty first) or ``random`` (uniform, for comparison; no duplicate filter).
         budget: at most this many frames per round (>= 1).
         min_distance: near-duplicate threshold on the descriptor distance (RMS difference of the
-            model's mean-pooled node features); a frame closer than this to a chosen or an already
-            labelled frame is dropped.
+            model's mean-pooled per-atom descriptors); a frame closer than this to a chosen or an
+            already labelled frame is dropped.
         seed: of the ``random`` strategy.
     """
 
@@ -78,10 +147,16 @@ class SelectConfig:
     min_distance: float = 0.01
     seed: int = 0
 
+    def __post_init__(self):
+        require_integer("select.budget", self.budget, 1)
+        require_integer("select.seed", self.seed)
+        if not (is_finite_number(self.min_distance) and self.min_distance >= 0):
+            raise ValueError(f"select.min_distance must be a finite number >= 0, got {self.min_distance!r}")
+
 
 @dataclass(frozen=True)
 class OracleConfig:
-    """Who labels the selected frames.
+    """Who labels the selected frames, and where.
 
     Attributes:
         kind: ``pyscf`` (molecular HF/DFT), ``ase`` (any ASE calculator) or ``external`` (files:
@@ -91,9 +166,15 @@ class OracleConfig:
         basis: PySCF basis set (``sto-3g``, ``6-31g*``, ``def2-svp``).
         charge, spin: PySCF molecular charge and 2S (restricted for spin 0, unrestricted otherwise).
         max_cycle: SCF iterations; an unconverged SCF is a recorded failure.
-        calculator: ``module:Class`` of the ASE calculator (kind ``ase``).
+        calculator: ``module:Class`` of the ASE calculator (kind ``ase``); built once per worker.
         kwargs: keyword arguments of that class.
-        workers: parallel labelling processes, one thread each (None: the machine's cores).
+        workers: parallel labelling processes, one thread each (None: the machine's cores; with
+            ``executor: dask`` and no ``dask_address``: the workers of the local cluster).
+        executor: ``processes`` (local worker processes that die with the loop) or ``dask``
+            (a Dask ``distributed`` cluster: ``pip install "blip-ase[cluster]"``; reach SLURM or
+            PBS through ``dask-jobqueue``, see ``docs/learn-cluster.md``).
+        dask_address: scheduler address of a running Dask cluster (``tcp://host:8786``); None:
+            a ``LocalCluster`` of ``workers`` processes for the labelling.
     """
 
     kind: Literal["pyscf", "ase", "external"] = "pyscf"
@@ -105,6 +186,22 @@ class OracleConfig:
     calculator: str | None = None
     kwargs: dict = field(default_factory=dict)
     workers: int | None = None
+    executor: Literal["processes", "dask"] = "processes"
+    dask_address: str | None = None
+
+    def __post_init__(self):
+        require_integer("oracle.charge", self.charge)
+        require_integer("oracle.spin", self.spin)
+        require_integer("oracle.max_cycle", self.max_cycle, 1)
+        if self.workers is not None:
+            require_integer("oracle.workers", self.workers, 1)
+        require_mapping("oracle.kwargs", self.kwargs)
+        if self.kind == "ase" and (not isinstance(self.calculator, str) or ":" not in self.calculator):
+            raise ValueError(f"oracle.calculator must be 'module:Class' for kind 'ase', got {self.calculator!r}")
+        if self.executor not in ("processes", "dask"):
+            raise ValueError(f"oracle.executor must be one of ['processes', 'dask'], got {self.executor!r}")
+        if self.dask_address is not None and (self.executor != "dask" or not isinstance(self.dask_address, str)):
+            raise ValueError(f"oracle.dask_address needs executor: dask and a string, got {self.dask_address!r}")
 
     @property
     def name(self) -> str:
@@ -131,6 +228,14 @@ class FineTuneConfig:
     calibrate: bool = True
     calibration_samples: int = 32
 
+    def __post_init__(self):
+        require_mapping("train.config", self.config)
+        if not (is_finite_number(self.val_fraction) and 0 <= self.val_fraction < 1):
+            raise ValueError(f"train.val_fraction must be a number in [0, 1), got {self.val_fraction!r}")
+        if not isinstance(self.calibrate, bool):
+            raise ValueError(f"train.calibrate must be true or false, got {self.calibrate!r}")
+        require_integer("train.calibration_samples", self.calibration_samples, 2)
+
 
 @dataclass(frozen=True)
 class StopConfig:
@@ -147,6 +252,18 @@ class StopConfig:
     max_labels: int | None = None
     max_flagged_fraction: float | None = None
 
+    def __post_init__(self):
+        require_integer("stop.max_rounds", self.max_rounds, 1)
+        if self.max_labels is not None:
+            require_integer("stop.max_labels", self.max_labels, 1)
+        mff = self.max_flagged_fraction
+        if mff is not None and not (is_finite_number(mff) and 0 <= mff <= 1):
+            raise ValueError(f"stop.max_flagged_fraction must be a number in [0, 1], got {mff!r}")
+
+
+SECTIONS = {"explore": ExploreConfig, "select": SelectConfig, "oracle": OracleConfig, "train": FineTuneConfig,
+            "stop": StopConfig}  # fmt: skip
+
 
 @dataclass(frozen=True)
 class LearnConfig:
@@ -157,6 +274,7 @@ class LearnConfig:
             validation data (any format of ``blip train``), kept in every fine-tune.
         test_data: optional labelled test set; its force MAE is reported every round.
         seed: of the MD walkers (round ``k``, walker ``w``: ``seed + 1000 k + w``) and the splits.
+        explore, select, oracle, train, stop: the sections (:class:`ExploreConfig`, ...).
     """
 
     model: str = ""
@@ -164,83 +282,31 @@ class LearnConfig:
     val_data: str = ""
     test_data: str | None = None
     seed: int = 0
-    explore: ExploreConfig = field(default_factory=ExploreConfig)
+    explore: ExploreConfig = field(default_factory=ExploreConfig)  # a missing section: its error
     select: SelectConfig = field(default_factory=SelectConfig)
     oracle: OracleConfig = field(default_factory=OracleConfig)
     train: FineTuneConfig = field(default_factory=FineTuneConfig)
     stop: StopConfig = field(default_factory=StopConfig)
 
     def __post_init__(self):
-        _check(self)
+        for name in ("model", "train_data", "val_data"):
+            if not getattr(self, name):
+                raise ValueError(f"the learn config needs {name!r}")
+        require_integer("seed", self.seed)
+        for name, cls in SECTIONS.items():
+            if not isinstance(getattr(self, name), cls):
+                raise ValueError(f"{name} must be a mapping of {cls.__name__} fields, got {getattr(self, name)!r}")
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """JSON-ready (tuples as lists): what ``state.json`` stores and :meth:`from_stored` reads."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
 
+    @classmethod
+    def from_stored(cls, data: dict) -> LearnConfig:
+        """Inverse of :meth:`to_dict` (the config stored in a run directory)."""
+        from blip_ase.training.config import from_dict
 
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value) -> bool:
-    """A finite int or float (not a bool, a string or a NaN)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _check(cfg: LearnConfig) -> None:
-    """Raise ``ValueError`` naming the first invalid setting."""
-    for name in ("model", "train_data", "val_data"):
-        if not getattr(cfg, name):
-            raise ValueError(f"the learn config needs {name!r}")
-    e, s, o, t, st = cfg.explore, cfg.select, cfg.oracle, cfg.train, cfg.stop
-    for name, value in (("explore.structures", e.structures), ("explore.temperatures_K", e.temperatures_K)):
-        if not isinstance(value, list) or not value:
-            raise ValueError(f"{name} must list at least one entry, got {value!r}")
-    if not all(isinstance(spec, str) and spec for spec in e.structures):
-        raise ValueError(f"explore.structures must list structure files, got {e.structures!r}")
-    for T in e.temperatures_K:
-        if not (_is_number(T) and T >= 0):
-            raise ValueError(f"explore.temperatures_K must list finite temperatures >= 0 K, got {T!r}")
-    for name, value in (("explore.md", e.md), ("oracle.kwargs", o.kwargs), ("train.config", t.config)):
-        if not isinstance(value, dict):
-            raise ValueError(f"{name} must be a mapping, got {value!r}")
-    for name, value in (("seed", cfg.seed), ("select.seed", s.seed), ("oracle.charge", o.charge),
-                        ("oracle.spin", o.spin)):
-        if not _is_int(value):
-            raise ValueError(f"{name} must be an integer, got {value!r}")
-    checks = [
-        ("explore.steps", e.steps, 1), ("select.budget", s.budget, 1), ("stop.max_rounds", st.max_rounds, 1),
-        ("train.calibration_samples", t.calibration_samples, 2), ("oracle.max_cycle", o.max_cycle, 1),
-    ]
-    checks += [("stop.max_labels", st.max_labels, 1)] if st.max_labels is not None else []
-    checks += [("oracle.workers", o.workers, 1)] if o.workers is not None else []
-    for name, value, least in checks:
-        if not _is_int(value) or value < least:
-            raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
-    if not (_is_number(s.min_distance) and s.min_distance >= 0):
-        raise ValueError(f"select.min_distance must be a finite number >= 0, got {s.min_distance!r}")
-    if not (_is_number(t.val_fraction) and 0 <= t.val_fraction < 1):
-        raise ValueError(f"train.val_fraction must be a number in [0, 1), got {t.val_fraction!r}")
-    if not isinstance(t.calibrate, bool):
-        raise ValueError(f"train.calibrate must be true or false, got {t.calibrate!r}")
-    mff = st.max_flagged_fraction
-    if mff is not None and not (_is_number(mff) and 0 <= mff <= 1):
-        raise ValueError(f"stop.max_flagged_fraction must be a number in [0, 1], got {mff!r}")
-    if o.kind == "ase" and (not isinstance(o.calculator, str) or ":" not in o.calculator):
-        raise ValueError(f"oracle.calculator must be 'module:Class' for kind 'ase', got {o.calculator!r}")
-    set_by_loop = sorted(set(e.md) & set(LOOP_MD_FIELDS))
-    if set_by_loop:
-        raise ValueError(
-            f"explore.md may not set {set_by_loop}: the loop sets them "
-            "(temperatures: explore.temperatures_K, seed: the top-level seed)"
-        )
-    try:
-        for T in e.temperatures_K:
-            md = e.md_config(temperature_K=T)  # raises for unknown keys and bad values
-    except ValueError as exc:
-        raise ValueError(f"explore.md: {exc}") from None
-    th = md.thresholds
-    if th.force_std_flag is None and th.relative_flag is None and th.energy_std_flag is None and not th.per_element:
-        raise ValueError("explore.md.thresholds needs a flag threshold (e.g. force_std_flag: 0.25 eV/A)")
+        return from_dict(cls, data, where="the stored learn config")
 
 
 def load_learn_config(path: str | Path) -> LearnConfig:

@@ -4,41 +4,44 @@
 A row describes round ``k``: its exploration (with the model of round ``k - 1``; the test error
 ``test_forces_mae`` is that model's), its selection and labels, and its fine-tune (``val_*`` are
 the new model's, on the validation data of all rounds so far, after calibration).
+``labels_total`` counts every labelled frame the model of the next round has seen or paid for:
+the starting training and validation data plus every oracle call so far (failures included).
 """
 
 from __future__ import annotations
 
 import csv
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from blip_ase.strict_json import write_json
 
-STAGES = ("explore", "select", "label", "train")
+if TYPE_CHECKING:
+    from blip_ase.active.state import LoopState
+
 REPORT_FIELDS = (
     "round", "n_walkers", "n_checked", "n_flagged", "flagged_fraction", "n_selected", "n_labelled", "n_failed",
+    "labels_total",
     "n_train_total", "n_val_total", "md_steps_completed", "md_steps_requested", "halted", "test_forces_mae",
     "val_forces_mae", "val_forces_ece", "seconds_md", "seconds_label", "seconds_train",
 )  # fmt: skip
 
 
-def read_state(out: Path) -> dict:
-    """``out/state.json``.
-
-    Raises:
-        FileNotFoundError: nothing to restart from.
-    """
-    import json
-
-    path = out / "state.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"cannot restart: {path} does not exist (start without --restart)")
-    return json.loads(path.read_text())
+def labels_total(rows: list[dict], n_start: int) -> list[int]:
+    """Cumulative labels after each round: the ``n_start`` starting frames plus every oracle call
+    (labelled or failed) of the rounds so far."""
+    total, out = n_start, []
+    for row in rows:
+        total += int(row.get("n_labelled") or 0) + int(row.get("n_failed") or 0)
+        out.append(total)
+    return out
 
 
-def write_report(out: Path, state: dict) -> None:
+def write_report(out: Path, state: LoopState) -> None:
     """Rewrite ``state.json``, ``report.csv`` and the current round's ``metrics.json``."""
-    write_json(out / "state.json", state)
-    rows = state["rounds"]
+    write_json(out / "state.json", state.to_dict())
+    totals = labels_total(list(state.rounds), state.n_start_labels)
+    rows = [row | {"labels_total": t} for row, t in zip(state.rounds, totals)]
     tmp = out / "report.csv.tmp"
     with open(tmp, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=REPORT_FIELDS, extrasaction="ignore")
@@ -50,12 +53,14 @@ def write_report(out: Path, state: dict) -> None:
         write_json(out / f"round_{rows[-1]['round']}" / "metrics.json", rows[-1])
 
 
-def plot_report(out: Path, rows: list[dict]) -> None:
-    """``report.png``: MD steps completed, labels spent and force errors per round."""
+def plot_report(out: Path, rows: list[dict], *, n_start: int = 0) -> None:
+    """``report.png``: MD steps completed, labels (starting data included) and force errors per
+    round; round ticks are whole numbers."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     if not rows:
         return
@@ -65,15 +70,20 @@ def plot_report(out: Path, rows: list[dict]) -> None:
     axes[0].plot(r, [row["md_steps_requested"] for row in rows], "k--", label="requested")
     axes[0].set(xlabel="round", ylabel="MD steps (all walkers)", title="exploration")
     axes[0].legend()
-    spent = [sum(x.get("n_labelled", 0) + x.get("n_failed", 0) for x in rows[: i + 1]) for i in range(len(rows))]
-    axes[1].plot(r, spent, "o-")
-    axes[1].set(xlabel="round", ylabel="oracle calls (cumulative)", title="labels")
+    axes[1].plot(r, labels_total(rows, n_start), "o-")
+    axes[1].axhline(n_start, color="k", ls=":", label=f"starting data ({n_start})")
+    axes[1].set(xlabel="round", ylabel="labelled frames (cumulative)", title="labels: start + oracle calls")
+    axes[1].legend()
     for key, label in (("test_forces_mae", "test (model that explored)"), ("val_forces_mae", "validation (new model)")):
         points = [(x["round"], x[key]) for x in rows if x.get(key) is not None]
         if points:
             axes[2].plot(*zip(*points), "o-", label=label)
     axes[2].set(xlabel="round", ylabel="force MAE (eV/A)", title="errors")
-    axes[2].legend()
+    if axes[2].get_legend_handles_labels()[0]:
+        axes[2].legend()
+    for ax in axes:  # whole rounds only, also for a single round
+        ax.set_xlim(min(r) - 0.5, max(r) + 0.5)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     fig.savefig(out / "report.png", dpi=100)
     plt.close(fig)

@@ -1,8 +1,9 @@
 """Which flagged frames to label: uncertainty first, with diversity.
 
-The descriptor of a structure is the model's mean-pooled invariant node features (PaiNN: the
-scalar features entering the readout, in MAP mode), divided by ``sqrt(n_features)`` so that
-distances are RMS differences per feature whatever the model's width. Strategies:
+The descriptor of a structure is the mean over its atoms of the model's invariant per-atom
+features (:meth:`blip_ase.models.Potential.descriptors`, MAP; PaiNN: the scalar features entering
+the readout; ORB v3: the last node features), divided by ``sqrt(D)`` so that distances are RMS
+differences per feature whatever the model's width. Strategies:
 
 - ``fps``: uncertainty-weighted farthest-point sampling: the most uncertain frame first, then
   repeatedly the frame maximising ``distance to the chosen (and already labelled) frames x
@@ -24,33 +25,35 @@ from ase import Atoms
 from blip_ase.active.config import SelectConfig
 
 
-def descriptors(model, frames: Sequence[Atoms]) -> np.ndarray:
-    """``(n_frames, n_features)`` mean-pooled node features of ``frames`` under ``model`` (MAP).
+def descriptors(model, frames: Sequence[Atoms], *, batch_atoms: int = 2048) -> np.ndarray:
+    """``(n_frames, D)`` mean-pooled per-atom descriptors of ``frames`` under ``model``, divided by
+    ``sqrt(D)`` (:meth:`~blip_ase.models.Potential.descriptors`: invariant, MAP).
+
+    Args:
+        model: a :class:`~blip_ase.models.Potential` with ``implements_descriptors``.
+        frames: structures, evaluated in batches of about ``batch_atoms`` atoms.
 
     Raises:
-        ValueError: a backend without readable node features (only PaiNN has them here).
+        ValueError: a backend without descriptors.
     """
     import torch
 
-    readout = getattr(getattr(model, "net", None), "readout", None)
-    if readout is None:
+    if not model.implements_descriptors:
         raise ValueError(
-            f"FPS descriptors need PaiNN node features; the {model.backend} backend has none here: "
-            "use select.strategy random (max_variance also filters near-duplicates by descriptor)"
+            f"FPS descriptors need the model's per-atom features; the {model.backend} backend has none: "
+            "use select.strategy random"
         )
     model.eval()
-    captured: list[torch.Tensor] = []
+    out: list[np.ndarray] = []
+    chunk: list[Atoms] = []
     with torch.no_grad():
-        model.lone_atom_output()  # cached from here on, so the hook sees only the structure's pass
-        handle = readout.register_forward_hook(lambda module, inputs, output: captured.append(inputs[0]))
-        try:
-            out = []
-            for atoms in frames:
-                captured.clear()
-                model(model.build_graph(atoms), compute_forces=False)
-                out.append(captured[-1].mean(0).double().cpu().numpy())
-        finally:
-            handle.remove()
+        for k, atoms in enumerate(frames):
+            chunk.append(atoms)
+            if k == len(frames) - 1 or sum(len(a) for a in chunk) + len(frames[k + 1]) > batch_atoms:
+                per_atom = model.descriptors(model.build_batch(chunk)).double().cpu().numpy()
+                bounds = np.cumsum([0] + [len(a) for a in chunk])
+                out += [per_atom[a:b].mean(0) for a, b in zip(bounds[:-1], bounds[1:])]
+                chunk = []
     desc = np.stack(out) if out else np.zeros((0, 1))
     return desc / np.sqrt(desc.shape[1])
 

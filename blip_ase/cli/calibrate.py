@@ -35,5 +35,12 @@ def run(args: argparse.Namespace) -> int:
     print(f"{'on the calibration set':<24}{'before':>12}{'after':>12}")
     for key in ("forces_nll", "forces_ece", "energy_nll"):
         print(f"{key:<24}{result['before'][key]:>12.4g}{result['after'][key]:>12.4g}")
+    ref = result["reference"]
+    levels = ", ".join(f"q{round(100 * q)}" for q in ref["quantiles"])
+    print(f"per-atom force error / calibrated std on the calibration set, eV/A ({levels}):")
+    for key in ref["force_error"]:
+        errors = " ".join(f"{v:.3g}" for v in ref["force_error"][key])
+        stds = " ".join(f"{v:.3g}" for v in ref["force_std"][key])
+        print(f"  {key:<4} error {errors}  |  std {stds}")
     print(f"wrote {args.out}")
     return 0

@@ -6,8 +6,9 @@ restart rebuilds the run from it (:mod:`blip_ase.md.restart`).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 
+from blip_ase.configuration import checked_int, from_dict
 from blip_ase.md import dynamics as d
 from blip_ase.md.physics import PhysicalChecks
 from blip_ase.md.policy import Thresholds
@@ -80,12 +81,8 @@ class MDConfig:
         object.__setattr__(self, "physical", PhysicalChecks.from_value(self.physical))
         if self.ensemble not in d.ENSEMBLES:
             raise ValueError(f"unknown ensemble {self.ensemble!r}; choose one of {', '.join(d.ENSEMBLES)}")
-        for name in ("steps", "n_samples", "uq_interval", "traj_interval"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or int(value) != value or value < (0 if name == "steps" else 1):
-                raise ValueError(f"{name} must be an integer >= {0 if name == 'steps' else 1}, got {value!r}")
-        if self.n_samples < 2:
-            raise ValueError(f"n_samples must be >= 2 (variances need two samples), got {self.n_samples}")
+        for name, least in (("steps", 0), ("n_samples", 2), ("uq_interval", 1), ("traj_interval", 1)):
+            checked_int(getattr(self, name), least=least, name=name)  # n_samples: a variance needs two
         if self.overwrite and self.restart:
             raise ValueError("overwrite and restart exclude each other")
         d.check_settings(
@@ -105,18 +102,10 @@ class MDConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> MDConfig:
-        """Inverse of :meth:`to_dict`; unknown keys are an error.
+        """Inverse of :meth:`to_dict` (``thresholds`` as a mapping, ``per_element`` pairs as lists).
 
         Raises:
-            ValueError: a key that is not a field.
+            ValueError: an unknown key (the message lists the allowed ones) or a bad value, named
+                (see :func:`blip_ase.configuration.from_dict`).
         """
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown MD configuration keys {unknown}")
-        values = dict(data)
-        if isinstance(values.get("thresholds"), dict):
-            t = dict(values["thresholds"])
-            t["per_element"] = {k: tuple(v) for k, v in t.get("per_element", {}).items()}
-            values["thresholds"] = Thresholds(**t)
-        return cls(**values)
+        return from_dict(cls, data, where="")

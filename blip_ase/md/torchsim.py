@@ -21,8 +21,8 @@ from ase import Atoms
 from torch_sim.models.interface import ModelInterface
 from torch_sim.state import SimState
 
-from blip_ase.bayes import StructureNoise, structure_sizes
-from blip_ase.calculator import BLIPCalculator, _Prepared, monte_carlo_statistics
+from blip_ase.calculator import BLIPCalculator
+from blip_ase.inference import Prepared
 
 
 def state_structures(state: SimState) -> list[Atoms]:
@@ -42,8 +42,9 @@ class BLIPModel(ModelInterface):
     """A :class:`~blip_ase.calculator.BLIPCalculator`'s model as a torch-sim model (MAP forces).
 
     Args:
-        calculator: supplies the model (its device and dtype), the variance calibration and the
-            bound on atoms per batched Monte Carlo pass (``max_batch_atoms``).
+        calculator: its inference engine (:attr:`~blip_ase.calculator.BLIPCalculator.engine`)
+            supplies the model (its device and dtype), the variance calibration, the bound on atoms
+            per batched Monte Carlo pass (``max_batch_atoms``) and the graph cache.
 
     Stress is not computed (the batched walkers run NVE and NVT).
     """
@@ -51,27 +52,24 @@ class BLIPModel(ModelInterface):
     def __init__(self, calculator: BLIPCalculator):
         super().__init__()
         self.calculator = calculator
+        self.engine = calculator.engine
         self.potential = calculator.model
         self._device, self._dtype = self.potential.device, self.potential.dtype
         self._compute_forces, self._compute_stress = True, False
-        self._prepared: _Prepared | None = None
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, **options: Any) -> BLIPModel:
         """The model stored at ``path``; ``options`` as for ``BLIPCalculator.from_checkpoint``."""
         return cls(BLIPCalculator.from_checkpoint(path, mode="map", **options))
 
-    def prepare(self, state: SimState) -> _Prepared:
-        """The batched graph of ``state`` (neighbour lists once per configuration: cached until the
-        positions, cells or systems change)."""
+    def prepare(self, state: SimState) -> Prepared:
+        """The batched graph of ``state`` (neighbour lists once per configuration: cached by the
+        engine until the positions, cells or systems change)."""
         key = (state.positions.detach(), state.cell.detach(), state.system_idx, state.atomic_numbers)
-        cached = self._prepared
-        if cached is not None and all(a.shape == b.shape and torch.equal(a, b) for a, b in zip(cached.key, key)):
-            return cached
-        graph = self.potential.build_batch(state_structures(state))
-        key = tuple(t.clone() for t in key)
-        self._prepared = _Prepared(key, graph, state.n_atoms, periodic=False)
-        return self._prepared
+        prepared = self.engine.lookup(key)
+        if prepared is None:
+            prepared = self.engine.prepare(state_structures(state), key=tuple(t.clone() for t in key))
+        return prepared
 
     def forward(self, state: SimState, **_: Any) -> dict[str, torch.Tensor]:
         """MAP ``energy (n_systems,)`` eV and ``forces (n_atoms, 3)`` eV/A of every system."""
@@ -94,19 +92,4 @@ class BLIPModel(ModelInterface):
             Per system, the calculator's Monte Carlo results (``energy``, ``forces``,
             ``energy_variance``, ``forces_variance``; calibrated), numpy on the CPU.
         """
-        prepared = self.prepare(state)
-        calc = self.calculator
-        n_systems = len(generators)
-        edges, nodes = structure_sizes(self.potential, prepared.graph, n_systems)
-        noise = StructureNoise.spawn_per_structure(
-            generators, calc.samples_per_check(n_samples), edges, nodes, device=self.device
-        )
-        raw = calc._evaluate(prepared, noise)
-        bounds = np.concatenate([[0], np.cumsum(state.n_atoms_per_system.cpu().numpy())])
-        return [
-            monte_carlo_statistics(
-                {"energy": raw["energy"][:, k], "forces": raw["forces"][:, bounds[k] : bounds[k + 1]]},
-                calc._variance_factors,
-            )
-            for k in range(n_systems)
-        ]
+        return self.engine.monte_carlo(self.prepare(state), n_samples, generators=generators, stress=False)

@@ -1,11 +1,20 @@
 """Checkpoint files: one ``torch.save`` dict, read with ``torch.load(weights_only=True)``.
 
-Format version 1 holds: ``format_version``, ``backend``, ``config`` (the backend's
+Format version 2 holds: ``format_version``, ``backend``, ``config`` (the backend's
 ``config_dict()``: elements, architecture, Bayesian settings), ``state_dict``, ``elements``,
 ``reference_energies`` (eV, per element), ``normalisation`` (``scale``),
-``calibration`` (variance scale factors ``energy``, ``forces``, ``stress``) and ``training``
-metadata, and ``bayesian_layers`` (the Bayesian linears' names in alpha/beta column order,
-checked at load; absent in older files). Older versions are upgraded by functions in ``_UPGRADES``.
+``calibration`` (variance scale factors ``energy``, ``forces``, ``stress``), ``training``
+metadata, ``bayesian_layers`` (the Bayesian linears' names in alpha/beta column order,
+``{"edge": [...], "node": [...]}``, checked at load) and ``reference`` (None, or what
+``blip calibrate`` measured on its data for thresholds in calibrated units: per-element
+quantiles of the force errors and calibrated stds, see :func:`blip_ase.uq.calibration.force_reference`)
+and ``screen`` (None, or the cheap uncertainty screen ``blip calibrate`` fitted:
+:class:`blip_ase.inference.screen.Screen`).
+
+History: version 1 had the same keys, but ``bayesian_layers`` was added within it, so a version 1
+file may lack it; the upgrade to version 2 stores ``None`` there (layout unknown: not checked)
+and ``reference`` and ``screen`` None, and records ``upgraded_from``. Older versions are upgraded by the functions in ``UPGRADES``; one
+file of each earlier format is kept under ``tests/fixtures/`` and must keep loading.
 """
 
 from __future__ import annotations
@@ -17,13 +26,25 @@ import torch
 
 from blip_ase.models.potential import BACKENDS, Potential
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 CALIBRATION_QUANTITIES = ("energy", "forces", "stress")  # the one list of calibration keys
 DEFAULT_CALIBRATION = dict.fromkeys(CALIBRATION_QUANTITIES, 1.0)  # variance scale factors
 ISOTONIC_KEYS = tuple(f"{q}_isotonic" for q in CALIBRATION_QUANTITIES)  # optional isotonic maps
+REQUIRED_KEYS = frozenset({"backend", "config", "state_dict", "elements", "calibration", "bayesian_layers", "reference",
+                           "screen"})
 
-# version -> function upgrading a checkpoint dict of that version to version + 1
-_UPGRADES: dict[int, Callable[[dict], dict]] = {}
+
+
+def _upgrade_1_to_2(ckpt: dict) -> dict:
+    """Version 1 -> 2: ``bayesian_layers`` becomes a required key (None: written before the
+    layout was stored, so it cannot be checked); ``reference`` is new (None: not measured)."""
+    layers = ckpt.get("bayesian_layers")
+    return {**ckpt, "format_version": 2, "bayesian_layers": layers, "reference": None, "screen": None,
+            "upgraded_from": 1}
+
+
+UPGRADES: dict[int, Callable[[dict], dict]] = {1: _upgrade_1_to_2}
+"""version -> function upgrading a checkpoint dict of that version to version + 1."""
 
 
 class CheckpointError(ValueError):
@@ -36,8 +57,15 @@ def save_checkpoint(
     *,
     calibration: dict[str, float] | None = None,
     training: dict | None = None,
+    reference: dict | None = None,
+    screen: dict | None = None,
 ) -> None:
-    """Write ``model`` to ``path`` (atomically: a temporary file is renamed into place)."""
+    """Write ``model`` to ``path`` (atomically: a temporary file is renamed into place).
+
+    ``reference``: the calibration set's force error and std quantiles (``blip calibrate``,
+    :func:`blip_ase.uq.calibration.force_reference`), for thresholds in calibrated units;
+    ``screen``: the fitted uncertainty screen (:class:`blip_ase.inference.screen.Screen` as a dict).
+    """
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     ckpt = {
         "format_version": FORMAT_VERSION,
@@ -50,6 +78,8 @@ def save_checkpoint(
         "calibration": {**DEFAULT_CALIBRATION, **(calibration or {})},
         "training": training or {},
         "bayesian_layers": model.bayesian_layout(),
+        "reference": reference,
+        "screen": screen,
     }
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
@@ -69,13 +99,16 @@ def read_checkpoint(path: str | Path) -> dict:
     if not isinstance(ckpt, dict) or "format_version" not in ckpt:
         raise CheckpointError(f"{path} is not a blip-ase checkpoint (no 'format_version' key)")
     version = ckpt["format_version"]
-    while version in _UPGRADES:
-        ckpt = _UPGRADES[version](ckpt)
+    while version in UPGRADES:
+        ckpt = UPGRADES[version](ckpt)
         version = ckpt["format_version"]
     if version != FORMAT_VERSION:
         raise CheckpointError(
             f"{path} has checkpoint format version {version!r}; this blip-ase reads version {FORMAT_VERSION}"
         )
+    missing = sorted(REQUIRED_KEYS - ckpt.keys())
+    if missing:
+        raise CheckpointError(f"{path} is a damaged checkpoint: format version {version} requires the keys {missing}")
     if ckpt["backend"] not in BACKENDS:
         raise CheckpointError(f"{path} uses unknown backend {ckpt['backend']!r}; known: {sorted(BACKENDS)}")
     return ckpt
@@ -116,7 +149,7 @@ def check_bayesian_layout(path: str | Path, stored: dict | None, built: dict[str
 
     The weights would load (same keys), but alpha/beta column k would drive another layer than
     in training: permuted noise. Checkpoints written before the layout was stored (no key) are
-    not checked.
+    not checked (``None`` after the upgrade from format version 1).
 
     Raises:
         CheckpointError: naming the first difference.

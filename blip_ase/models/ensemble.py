@@ -122,7 +122,15 @@ class EnsemblePotential(Potential):
             batched.append(self.members[k].batch([g[k] for g in graphs]) if owner == k else batched[owner])
         return batched
 
-    def coefficients(self, graph: list[Any]) -> None:
+    @property
+    def implements_descriptors(self) -> bool:  # type: ignore[override]  # a ClassVar on the base
+        return all(m.implements_descriptors for m in self.members)
+
+    def descriptors(self, graph: list[Any]) -> torch.Tensor:
+        """:meth:`Potential.descriptors`: the members' descriptors side by side ``(N, sum D_k)``."""
+        return torch.cat([m.descriptors(g) for m, g in zip(self.members, graph)], dim=-1)
+
+    def coefficients(self, graph: list[Any], *, jacobian: bool = True) -> None:
         """An ensemble has no noise coefficients (the member index is the randomness)."""
         return None
 

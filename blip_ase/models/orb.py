@@ -29,6 +29,7 @@ import torch
 from ase import Atoms
 
 from blip_ase.bayes import BayesConfig, Coefficients, NoiseSource, PosteriorInputs, noise_context
+from blip_ase.configuration import PATH
 from blip_ase.data.dataset import energy_statistics
 from blip_ase.models.potential import Potential
 from blip_ase.voigt import voigt_to_matrix
@@ -64,7 +65,8 @@ class OrbConfig:
             ``max_num_neighbors`` and the architecture sizes to orb-models' defaults. None: use
             the fields below.
         weights_path: local file with the base model's state_dict (as downloaded from
-            orb-models); None: random initialisation (e.g. training from scratch, tests).
+            orb-models); None: random initialisation (e.g. training from scratch, tests). In a
+            YAML config a relative path is relative to the file's directory.
         kind: ``direct`` (forces/stress heads) or ``conservative`` (gradients of the energy).
         latent_dim, base_mlp_hidden_dim, base_mlp_depth, head_mlp_hidden_dim, head_mlp_depth,
             num_message_passing_steps, activation: architecture (orb-models' argument names).
@@ -73,7 +75,7 @@ class OrbConfig:
     """
 
     model: str | None = None
-    weights_path: str | None = None
+    weights_path: str | None = dataclasses.field(default=None, metadata=PATH)
     kind: Literal["direct", "conservative"] = "conservative"
     latent_dim: int = 256
     base_mlp_hidden_dim: int = 1024
@@ -191,6 +193,7 @@ class OrbPotential(Potential):
     """
 
     backend = "orb"
+    implements_descriptors = True
 
     def __init__(self, elements: list[int], config: OrbConfig = OrbConfig(), bayes: BayesConfig | None = None):
         if bayes is not None and getattr(bayes, "method", "blip") != "blip":
@@ -262,6 +265,13 @@ class OrbPotential(Potential):
         atom_graph = torch.repeat_interleave(torch.arange(len(n_node), device=n_node.device), n_node)
         vectors = -graph.graphs.edge_features["vectors"]
         return PosteriorInputs(graph.species, graph.edge_index(), vectors, atom_graph, len(n_node))
+
+    @torch.no_grad()
+    def descriptors(self, graph: OrbGraph) -> torch.Tensor:
+        """:meth:`Potential.descriptors`: the node features after the last message-passing step
+        ``(N, latent_dim)``, MAP (no noise). Translation invariant; ORB v3 is not rotation
+        equivariant by design, so they are rotation invariant only approximately."""
+        return self.net.model(graph.graphs)["node_features"]
 
     @torch.no_grad()
     def fit_normalisation(self, frames: list[Atoms], energies: np.ndarray, forces: np.ndarray) -> None:

@@ -110,6 +110,13 @@ class PaiNN(nn.Module):
         Returns:
             ``(N,)`` per-atom energies in normalised units.
         """
+        return self.readout(self.scalar_features(species, edge_index, edge_vector)).squeeze(-1)
+
+    def scalar_features(
+        self, species: torch.Tensor, edge_index: torch.Tensor, edge_vector: torch.Tensor
+    ) -> torch.Tensor:
+        """``(N, F)`` invariant scalar features after the last update (the readout's input);
+        arguments as :meth:`forward`."""
         cfg = self.config
         distance = edge_vector.norm(dim=-1)
         unit = edge_vector / distance[:, None]
@@ -121,4 +128,4 @@ class PaiNN(nn.Module):
         for interaction, update, w in zip(self.interactions, self.updates, filters):
             s, v = interaction(s, v, w, unit, edge_index)
             s, v = update(s, v)
-        return self.readout(s).squeeze(-1)
+        return s

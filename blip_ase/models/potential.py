@@ -47,6 +47,7 @@ class Potential(nn.Module, metaclass=ABCMeta):
         backend: the name stored in checkpoints (a key of :data:`BACKENDS`).
         implements_stress: whether ``forward(compute_stress=True)`` works (a property where it
             depends on the instance).
+        implements_descriptors: whether :meth:`descriptors` works.
         elements: atomic numbers the model knows, in species-index order.
         bayes: the BLIP configuration, or None for a deterministic model.
         cutoff: neighbour cutoff, Angstrom.
@@ -61,6 +62,7 @@ class Potential(nn.Module, metaclass=ABCMeta):
 
     backend: ClassVar[str]
     implements_stress: ClassVar[bool] = True
+    implements_descriptors: ClassVar[bool] = False
     alpha_needs_jacobian: ClassVar[bool] = True
     cutoff: float
     posterior: InferenceNetwork | None
@@ -126,15 +128,18 @@ class Potential(nn.Module, metaclass=ABCMeta):
         :meth:`coefficients` need not carry the Jacobian (PaiNN in training)."""
         return False
 
-    def coefficients(self, graph: Any) -> Coefficients | None:
+    def coefficients(self, graph: Any, *, jacobian: bool = True) -> Coefficients | None:
         """alpha per edge and beta per node of ``graph``, once per configuration (None for a
-        deterministic model; zero columns for MC dropout, which has no learned rates)."""
+        deterministic model; zero columns for MC dropout, which has no learned rates).
+
+        ``jacobian=False``: the values only, without d alpha / d edge vector (what a cheap
+        uncertainty screen needs; samples need the Jacobian for exact forces)."""
         if self.bayes is None:
             return None
         x = self.posterior_inputs(graph)
         if self.posterior is None:
             return no_coefficients(x.edge_index.shape[1], len(x.species), like=x.edge_vector)
-        if not self.alpha_needs_jacobian or self._rerun_posterior():
+        if not jacobian or not self.alpha_needs_jacobian or self._rerun_posterior():
             return self.posterior(x.species, x.edge_index, x.edge_vector)
         # alpha depends on the edge vectors: keep d alpha / d vector so that forward() can give
         # every sample the full derivative of its energy (the network still runs once).
@@ -175,6 +180,20 @@ class Potential(nn.Module, metaclass=ABCMeta):
         calculator calls; training calls :meth:`forward`."""
         with input_gradients_only():
             return self(graph, coefficients=coefficients, noise=noise, compute_stress=compute_stress)
+
+    def descriptors(self, graph: Any) -> torch.Tensor:
+        """``(N, D)`` invariant per-atom features of ``graph`` (a batch of structures with ``N``
+        atoms in total, atoms in graph order), in MAP mode: what active learning compares
+        structures by (farthest-point selection, near-duplicate filter).
+
+        Contract (:func:`blip_ase.testing.check_descriptors`): invariant under translation (and
+        rotation for an equivariant backend), an atom's row depends only on its own structure
+        (batching does not mix structures), no gradient is recorded.
+
+        Raises:
+            NotImplementedError: a backend without descriptors (:attr:`implements_descriptors`).
+        """
+        raise NotImplementedError(f"the {self.backend} backend has no descriptors")
 
     def make_bayesian(self, module: nn.Module, *, edge_pattern: str, node_pattern: str) -> None:
         """Wrap ``module``'s matching linears and build :attr:`posterior` from :attr:`bayes`
@@ -243,6 +262,7 @@ class PaiNNPotential(Potential):
     """
 
     backend = "painn"
+    implements_descriptors = True
 
     def __init__(self, elements: list[int], config: PaiNNConfig = PaiNNConfig(), bayes: BayesConfig | None = None):
         super().__init__(elements, bayes, cutoff=config.cutoff)
@@ -321,6 +341,13 @@ class PaiNNPotential(Potential):
         if key is not None:
             self._lone_cache = (key, out)
         return out
+
+    @torch.no_grad()
+    def descriptors(self, graph: AtomGraph) -> torch.Tensor:
+        """:meth:`Potential.descriptors`: PaiNN's scalar features entering the readout
+        ``(N, n_features)``, MAP (no noise)."""
+        vectors = self.edge_vectors(graph, graph.positions, graph.cell)
+        return self.net.scalar_features(graph.species, graph.edge_index, vectors)
 
     def forward(  # the signature of Potential.forward
         self, graph: AtomGraph, *, coefficients: Coefficients | None = None, noise: NoiseSource | None = None,

@@ -1,18 +1,21 @@
-"""Training configuration: frozen dataclasses loaded from YAML; unknown keys are rejected."""
+"""Training configuration: frozen dataclasses loaded from YAML by :mod:`blip_ase.configuration`.
+
+``from_dict`` and ``with_overrides`` are re-exported from there (the one loader of every config).
+"""
 
 from __future__ import annotations
 
-import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from blip_ase.bayes import BayesConfig
+from blip_ase.configuration import checked_int, from_dict, load_yaml, with_overrides
 from blip_ase.models.orb import OrbConfig
 from blip_ase.models.painn import PaiNNConfig
 from blip_ase.training.contrastive import ContrastiveConfig
+
+__all__ = ["LossConfig", "OptimConfig", "TrainConfig", "from_dict", "load_config", "with_overrides"]
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,11 @@ class OptimConfig:
     warmup_fraction: float = 0.05
     grad_clip: float | None = None
     early_stopping_patience: int | None = None
+
+    def __post_init__(self):
+        checked_int(self.plateau_patience, least=0, name="plateau_patience")
+        if self.early_stopping_patience is not None:
+            checked_int(self.early_stopping_patience, least=1, name="early_stopping_patience")
 
 
 @dataclass(frozen=True)
@@ -112,75 +120,19 @@ class TrainConfig:
     ensemble: int = 1
 
     def __post_init__(self):
-        for name, least in (("select_samples", 2), ("kl_warmup_epochs", 0)):  # a variance needs 2 samples
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < least:
-                raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
-
-
-def _is_dataclass_type(tp: Any) -> bool:
-    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
-
-
-def _check_keys(cls: type, data: dict, where: str) -> None:
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(data) - set(names))
-    if unknown:
-        raise ValueError(f"unknown key(s) {unknown} in {where}; allowed: {names}")
-
-
-def _check_choice(tp: Any, value: Any, where: str) -> None:
-    if typing.get_origin(tp) is Literal and value not in typing.get_args(tp):
-        raise ValueError(f"{where} must be one of {list(typing.get_args(tp))}, got {value!r}")
-
-
-def from_dict(cls: type, data: dict, where: str = "config") -> Any:
-    """Build dataclass ``cls`` from ``data``; nested dataclasses recursively.
-
-    Raises:
-        ValueError: an unknown key (the message lists the allowed ones) or a non-mapping section.
-    """
-    if not isinstance(data, dict):
-        raise ValueError(f"{where} must be a mapping, got {type(data).__name__}")
-    _check_keys(cls, data, where)
-    hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for key, value in data.items():
-        tp = hints[key]
-        _check_choice(tp, value, f"{where}.{key}")
-        if _is_dataclass_type(tp):
-            value = from_dict(tp, value or {}, f"{where}.{key}")
-        elif isinstance(tp, types.UnionType) and value is not None:
-            inner = [t for t in typing.get_args(tp) if _is_dataclass_type(t)]
-            if inner:
-                value = from_dict(inner[0], value, f"{where}.{key}")
-        kwargs[key] = value
-    return cls(**kwargs)
-
-
-def with_overrides(cfg: Any, overrides: dict, where: str = "overrides") -> Any:
-    """Copy of dataclass ``cfg`` with nested ``overrides`` (``{"bayes": {"kl_weight": 1.0}}``)
-    replaced; unknown keys and values outside their choices are rejected as in :func:`from_dict`."""
-    _check_keys(type(cfg), overrides, where)
-    hints = typing.get_type_hints(type(cfg))
-    changes = {}
-    for key, value in overrides.items():
-        current = getattr(cfg, key)
-        if dataclasses.is_dataclass(current) and isinstance(value, dict):
-            value = with_overrides(current, value, f"{where}.{key}")
-        _check_choice(hints[key], value, f"{where}.{key}")
-        changes[key] = value
-    return dataclasses.replace(cfg, **changes)
+        for name, least in (("epochs", 1), ("batch_size", 1), ("seed", 0), ("kl_warmup_epochs", 0), ("ensemble", 1)):
+            checked_int(getattr(self, name), least=least, name=name)
+        checked_int(self.select_samples, least=2, name="select_samples")  # a variance needs 2 samples
 
 
 def load_config(path: str | Path, **overrides: Any) -> TrainConfig:
-    """Read a YAML file into :class:`TrainConfig`; ``overrides`` replace top-level fields."""
-    import yaml
+    """Read a YAML file into :class:`TrainConfig`.
 
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file {path} does not exist")
-    with open(path) as fh:
-        data = yaml.safe_load(fh) or {}
-    cfg = from_dict(TrainConfig, data, where=str(path))
-    return dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+    Relative paths in the file (``orb.weights_path``) are relative to the file's directory.
+    ``overrides`` replace top-level fields (None: keep the file's value), through the same
+    checks as the file's values (see :mod:`blip_ase.configuration`).
+
+    Raises:
+        FileNotFoundError: no such file. ValueError: an unknown key or a bad value (named).
+    """
+    return load_yaml(path, TrainConfig, {k: v for k, v in overrides.items() if v is not None})

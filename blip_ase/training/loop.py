@@ -16,7 +16,7 @@ from blip_ase.bayes import NoiseSource
 from blip_ase.data.dataset import Batch, GraphDataset
 from blip_ase.data.readers import read_frames
 from blip_ase.devices import resolve_device
-from blip_ase.models.checkpoint import save_checkpoint
+from blip_ase.models.checkpoint import load_checkpoint, save_checkpoint
 from blip_ase.models.potential import BACKENDS, Potential
 from blip_ase.training import distributed
 from blip_ase.training.config import TrainConfig
@@ -155,29 +155,54 @@ def _load(path: str | Path, model: Potential, use_stress: bool, name: str) -> Gr
     return model.make_dataset(read_frames(path), use_stress=use_stress, name=name)
 
 
-def train(
-    cfg: TrainConfig, train_path: str | Path, val_path: str | Path, out_dir: str | Path, *, overwrite: bool = False,
-    init_checkpoint: str | Path | None = None,
-) -> dict:  # fmt: skip
-    """Train a model and write ``out_dir/model.pt`` (the epoch chosen by ``cfg.select_by``) and
-    ``out_dir/log.csv``. Under torchrun, one model across the processes
-    (:mod:`blip_ase.training.distributed`); rank 0 writes the files.
+def initial_model(init_checkpoint: str | Path, *, member: int = 0, members: int = 1) -> Potential:
+    """A fresh copy of the model training starts from (fine-tuning).
 
-    With ``init_checkpoint`` the model is that checkpoint's (fine-tuning): its architecture,
-    elements and normalisation are kept, and ``cfg``'s architecture sections are ignored.
+    Args:
+        init_checkpoint: a single model's checkpoint (every member starts from it), or an
+            ensemble checkpoint with ``members`` members (member ``k`` starts from its member ``k``).
+        member: which member of the ensemble being trained this copy is for.
+        members: the size of the ensemble being trained (1: a single model).
+
+    Raises:
+        ValueError: an ensemble checkpoint whose number of members is not ``members``.
+    """
+    model = load_checkpoint(init_checkpoint)[0]
+    if model.backend != "ensemble":
+        return model
+    n = len(model.members)
+    if n != members:
+        wanted = "a single model" if members == 1 else f"an ensemble of {members}"
+        raise ValueError(
+            f"init_checkpoint {init_checkpoint} is an ensemble of {n} members, but the config trains {wanted}: "
+            f"set ensemble: {n} (member k starts from member k), or start from one member's checkpoint"
+        )
+    return model.members[member]
+
+
+def train_model(
+    cfg: TrainConfig, train_path: str | Path, val_path: str | Path, out_dir: str | Path, *, overwrite: bool = False,
+    init_model: Potential | None = None,
+) -> dict:  # fmt: skip
+    """Train one model and write ``out_dir/model.pt`` (the epoch chosen by ``cfg.select_by``) and
+    ``out_dir/log.csv``. Under torchrun, one model across the processes
+    (:mod:`blip_ase.training.distributed`); rank 0 writes the files. :func:`blip_ase.training.train`
+    is the entry point that also trains ensembles.
+
+    With ``init_model`` (see :func:`initial_model`; it is trained in place) training fine-tunes
+    that model: its architecture, elements and normalisation are kept, and ``cfg``'s
+    architecture sections are ignored.
 
     Returns:
         Summary: best epoch, validation metrics of the best checkpoint (MAP), wall time.
 
     Raises:
         FileExistsError: ``out_dir/model.pt`` exists and ``overwrite`` is False.
-        ValueError: bad data (missing labels, unknown elements, NaN positions) or config, or a
-            ``batch_size`` that is not a multiple of the number of processes.
+        ValueError: ``cfg.ensemble`` is not 1, bad data (missing labels, unknown elements, NaN
+            positions) or config, or a ``batch_size`` that is not a multiple of the number of processes.
     """
     if cfg.ensemble != 1:
-        from blip_ase.training.ensemble import train_ensemble
-
-        return train_ensemble(cfg, train_path, val_path, out_dir, overwrite=overwrite)
+        raise ValueError(f"train_model trains one model, but ensemble is {cfg.ensemble}; use blip_ase.training.train")
     out_dir = Path(out_dir)
     ckpt_path = out_dir / "model.pt"
     if ckpt_path.exists() and not overwrite:
@@ -186,10 +211,8 @@ def train(
     distributed.check_batch_size(cfg.batch_size, distributed.world_size())
     use_stress = cfg.loss.stress_weight > 0
     train_frames = read_frames(train_path)
-    if init_checkpoint is not None:
-        from blip_ase.models.checkpoint import load_checkpoint
-
-        model = load_checkpoint(init_checkpoint)[0]
+    if init_model is not None:
+        model = init_model
     else:
         elements = cfg.elements or sorted({int(z) for a in train_frames for z in a.numbers})
         with torch.random.fork_rng(devices=[]):
@@ -197,7 +220,7 @@ def train(
             model = build_model(cfg, elements)
     train_data = model.make_dataset(train_frames, use_stress=use_stress, name=str(train_path))
     val_data = _load(val_path, model, use_stress, str(val_path))
-    if init_checkpoint is None:
+    if init_model is None:
         fit_normalisation(model, train_data)
     model.to(device=device, dtype=dtype)
     optimizer = make_optimizer(model, cfg)

@@ -5,7 +5,8 @@
 and ``blip calibrate``) is imported on demand.
 """
 
-from blip_ase.uq.calibration import fit_isotonic, fit_variance_scale, variance_factors
+from blip_ase.inference.calibration import variance_factors
+from blip_ase.uq.calibration import fit_isotonic, fit_variance_scale
 from blip_ase.uq.metrics import (
     auroc,
     calibration_curve,

@@ -13,17 +13,25 @@ floats and lists (so ``torch.load(weights_only=True)`` reads them):
    recalibrated CDF of the standardised error is ``G(z) = R(Phi(z))``; the calculator reports
    variances multiplied by ``s * E_G[z^2]`` (:func:`isotonic_variance_factor`), the second moment
    about the predicted mean of the recalibrated distribution, and ``blip eval`` also reports the
-   ECE of the recalibrated CDF itself.
+   ECE of the recalibrated CDF itself. Applying a stored calibration (validation, variance
+   factors, the isotonic map) is the inference engine's: :mod:`blip_ase.inference.calibration`.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 from scipy import stats
 
-from blip_ase.models.checkpoint import CALIBRATION_QUANTITIES as QUANTITIES
+from blip_ase.inference.calibration import variance_factors
+
+if TYPE_CHECKING:
+    from blip_ase.uq.predictions import Predictions
 
 MIN_STRUCTURES = 5
+REFERENCE_QUANTILES = (0.5, 0.9, 0.95, 0.99, 1.0)
+"""Quantile levels of the reference distributions :func:`force_reference` stores (1.0: the maximum)."""
 
 
 def fit_variance_scale(error: np.ndarray, variance: np.ndarray) -> float:
@@ -81,44 +89,34 @@ def fit_isotonic(error: np.ndarray, variance: np.ndarray) -> dict[str, list[floa
     return {"x": x.tolist(), "y": np.maximum.accumulate(y).tolist()}
 
 
-def apply_isotonic(u: np.ndarray, isotonic: dict[str, list[float]]) -> np.ndarray:
-    """Recalibrated levels ``R(u)`` of CDF levels ``u`` (any shape)."""
-    return np.interp(u, isotonic["x"], isotonic["y"])
+def force_reference(pred: Predictions, calibration: dict) -> dict:
+    """Reference distributions of the calibration set for thresholds in calibrated units.
 
+    Per element (symbol) and over all atoms (``"all"``), the :data:`REFERENCE_QUANTILES` of
 
-def isotonic_variance_factor(isotonic: dict[str, list[float]]) -> float:
-    """``E_G[z^2]`` of the recalibrated standardised error distribution ``G(z) = R(Phi(z))``."""
-    z = np.linspace(-12.0, 12.0, 24001)
-    cdf = apply_isotonic(stats.norm.cdf(z), isotonic)
-    mass = np.diff(np.concatenate([[0.0], cdf, [1.0]]))  # mass beyond +-12 sits at the ends
-    grid = np.concatenate([[z[0]], 0.5 * (z[1:] + z[:-1]), [z[-1]]])
-    return float(np.sum(mass * grid**2))
+    - ``force_error``: the per-atom force error norm ``|F_true - F_pred|``, eV/A;
+    - ``force_std``: the calibrated per-atom force std ``sqrt(factor * v_i)``, eV/A, the quantity
+      the MD monitor compares with its thresholds (``factor``: the forces variance factor).
 
+    Args:
+        pred: predictions with uncertainty and ``numbers``.
+        calibration: the fitted calibration (scales and isotonic maps).
 
-def validate_isotonic(name: str, isotonic: object) -> dict[str, list[float]]:
-    """Check an isotonic map read from a checkpoint; returns it with float lists.
-
-    Raises:
-        ValueError: not ``{"x", "y"}`` lists of equal length >= 2, ``x`` not increasing in
-            ``[0, 1]`` or ``y`` not nondecreasing in ``[0, 1]``.
+    Returns:
+        ``{"quantiles": [...], "force_error": {key: [...]}, "force_std": {key: [...]},
+        "n_atoms": {key: count}}``, plain floats (stored in the checkpoint).
     """
-    if not isinstance(isotonic, dict) or set(isotonic) != {"x", "y"}:
-        raise ValueError(f"calibration {name!r} must be a dict with keys 'x' and 'y', got {isotonic!r:.80}")
-    x, y = np.asarray(isotonic["x"], float), np.asarray(isotonic["y"], float)
-    if x.ndim != 1 or x.shape != y.shape or x.size < 2:
-        raise ValueError(f"calibration {name!r}: x and y must be equal-length lists of at least 2 numbers")
-    ok = np.isfinite(x).all() and np.isfinite(y).all() and (np.diff(x) > 0).all() and (np.diff(y) >= 0).all()
-    if not ok or x[0] < 0 or x[-1] > 1 or y[0] < 0 or y[-1] > 1:
-        raise ValueError(f"calibration {name!r}: x must increase and y must not decrease, both within [0, 1]")
-    return {"x": x.tolist(), "y": y.tolist()}
+    from ase.data import chemical_symbols
 
-
-def variance_factors(calibration: dict) -> dict[str, float]:
-    """Total variance multiplier per quantity: the scale times the isotonic factor (if any)."""
-    factors = {}
-    for q in QUANTITIES:
-        factor = float(calibration.get(q, 1.0))
-        if calibration.get(f"{q}_isotonic") is not None:
-            factor *= isotonic_variance_factor(calibration[f"{q}_isotonic"])
-        factors[q] = factor
-    return factors
+    factor = variance_factors(calibration)["forces"]
+    error = np.linalg.norm(pred.forces_error, axis=1)
+    std = np.sqrt(factor * np.clip(pred.forces_variance, 0.0, None))
+    groups = {"all": np.ones(len(error), bool)}
+    groups.update({chemical_symbols[z]: pred.numbers == z for z in np.unique(pred.numbers)})
+    q = list(REFERENCE_QUANTILES)
+    return {
+        "quantiles": q,
+        "force_error": {k: np.quantile(error[m], q).tolist() for k, m in groups.items()},
+        "force_std": {k: np.quantile(std[m], q).tolist() for k, m in groups.items()},
+        "n_atoms": {k: int(m.sum()) for k, m in groups.items()},
+    }

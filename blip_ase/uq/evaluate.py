@@ -1,72 +1,30 @@
 """Library behind ``blip eval`` and ``blip calibrate``.
 
-Predictions go through :class:`~blip_ase.BLIPCalculator` for every kind of model, so BLIP, MC
-dropout, deep ensembles and deterministic models share one code path: MC mode (``n_samples``,
-``seed``) for the stochastic ones, MAP mode (accuracy only) for a deterministic model. Variances
-are predicted without calibration and the checkpoint's calibration is applied afterwards, so one
+Predictions go through the inference engine (:class:`~blip_ase.inference.MonteCarloEngine`, the
+calculator's) for every kind of model, many structures per batched pass, so BLIP, MC dropout,
+deep ensembles and deterministic models share one code path: Monte Carlo (``n_samples``,
+``seed``) for the stochastic ones, MAP (accuracy only) for a deterministic model. Variances are
+predicted without calibration and the checkpoint's calibration is applied afterwards, so one
 pass gives the metrics before and after calibration.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import torch
 
+from blip_ase.inference.calibration import QUANTITIES, apply_isotonic, variance_factors
 from blip_ase.strict_json import write_json
 from blip_ase.uq import metrics as m
+from blip_ase.uq.calibration import MIN_STRUCTURES, fit_isotonic, fit_variance_scale, force_reference
 from blip_ase.uq.coefficients import collect_coefficients, summarise_coefficients
-from blip_ase.uq.calibration import (
-    MIN_STRUCTURES,
-    QUANTITIES,
-    apply_isotonic,
-    fit_isotonic,
-    fit_variance_scale,
-    variance_factors,
-)
+from blip_ase.uq.predictions import Predictions
 
 Method = Literal["blip", "mc_dropout", "ensemble", "deterministic"]
 UQ_KEYS = ("forces_ece", "forces_nll", "forces_crps", "forces_sharpness", "spearman", "energy_nll", "energy_crps")
-
-
-@dataclass
-class Predictions:
-    """Predictions of one model on one labelled data set (``F`` structures, ``M`` atoms).
-
-    Attributes:
-        energy_true, energy_pred: ``(F,)`` eV. forces_true, forces_pred: ``(M, 3)`` eV/A.
-        n_atoms: ``(F,)``.
-        energy_variance: ``(F,)`` eV^2, uncalibrated; None for a deterministic model.
-        forces_variance: ``(M,)`` eV^2/A^2 per atom (trace), uncalibrated; None likewise.
-    """
-
-    energy_true: np.ndarray
-    energy_pred: np.ndarray
-    forces_true: np.ndarray
-    forces_pred: np.ndarray
-    n_atoms: np.ndarray
-    energy_variance: np.ndarray | None = None
-    forces_variance: np.ndarray | None = None
-
-    @property
-    def energy_error(self) -> np.ndarray:
-        """``(F,)`` true minus predicted, eV."""
-        return self.energy_true - self.energy_pred
-
-    @property
-    def forces_error(self) -> np.ndarray:
-        """``(M, 3)`` true minus predicted, eV/A."""
-        return self.forces_true - self.forces_pred
-
-    @property
-    def has_uncertainty(self) -> bool:
-        return self.forces_variance is not None
-
-    def component_variance(self, factor: float = 1.0) -> np.ndarray:
-        """``(M*3,)`` isotropic force component variances ``factor * v / 3``, per error component."""
-        return np.repeat(factor * self.forces_variance / 3.0, 3)
 
 
 def model_method(model: Any) -> Method:
@@ -96,6 +54,31 @@ def read_labelled(path: str | Path, *, what: str = "evaluation data") -> tuple[l
     return frames, labels
 
 
+PREDICT_BATCH_ATOMS = 4096
+"""Atoms per batched pass of :func:`predict` (samples times atoms of the structures in a batch)."""
+
+
+def structure_generator(seed: int, index: int) -> torch.Generator:
+    """The noise generator of structure ``index`` of a data set predicted with ``seed``: its
+    samples do not depend on which structures share its batch."""
+    state = np.random.SeedSequence([int(seed), int(index)]).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 31 | int(state[1]) >> 1)
+
+
+def _batches(sizes: list[int], per_structure: int, budget: int) -> list[range]:
+    """Consecutive index ranges whose ``sum(sizes) * per_structure`` stays within ``budget``
+    (a structure that alone exceeds it is a batch of its own)."""
+    batches, start, total = [], 0, 0
+    for k, n in enumerate(sizes):
+        if k > start and (total + n) * per_structure > budget:
+            batches.append(range(start, k))
+            start, total = k, 0
+        total += n
+    if sizes:
+        batches.append(range(start, len(sizes)))
+    return batches
+
+
 def predict(
     model: Any,
     frames: list,
@@ -106,44 +89,42 @@ def predict(
     device: str | None = None,
     progress: str | None = None,
 ) -> Predictions:
-    """Predict every frame with :class:`~blip_ase.BLIPCalculator` (no calibration applied).
+    """Predict every frame with the inference engine (no calibration applied).
 
-    Stochastic models run in MC mode with ``n_samples`` (an ensemble: its number of members,
-    sample = member) and the calculator seeded by ``seed``; deterministic ones in MAP mode.
-    ``progress``: label of a progress bar on stderr (None: no bar).
+    Stochastic models take ``n_samples`` Monte Carlo samples (an ensemble: its number of members,
+    sample = member), structure ``k`` seeded by :func:`structure_generator` ``(seed, k)``;
+    deterministic ones one MAP pass. Structures are batched, :data:`PREDICT_BATCH_ATOMS` atoms
+    (samples times atoms) per pass. ``progress``: label of a progress bar on stderr (None: no bar).
     """
     from ase import Atoms
     from tqdm.auto import tqdm
 
-    from blip_ase.calculator import BLIPCalculator
+    from blip_ase.inference import MonteCarloEngine
 
-    method = model_method(model)
-    mc = method != "deterministic"
-    if method == "ensemble":
-        n_samples = model.n_members
-    calc = BLIPCalculator(
-        model, mode="mc" if mc else "map", n_samples=n_samples, seed=seed, device=device, calibration={}
-    )
-    e_pred, f_pred, e_var, f_var = [], [], [], []
-    for atoms in tqdm(frames, desc=progress, unit="structure", disable=progress is None, dynamic_ncols=True):
-        bare = Atoms(atoms.numbers, atoms.positions, cell=atoms.cell, pbc=atoms.pbc)
-        if mc:
-            r = calc.monte_carlo(bare)
-            e_var.append(r["energy_variance"])
-            f_var.append(r["forces_variance"])
-        else:
-            calc.calculate(bare)
-            r = calc.results
-        e_pred.append(r["energy"])
-        f_pred.append(r["forces"])
+    mc = model_method(model) != "deterministic"
+    engine = MonteCarloEngine(model, device=device, seed=seed, calibration={})
+    engine.max_batch_atoms = max(engine.max_batch_atoms, PREDICT_BATCH_ATOMS)
+    per_structure = engine.samples_per_check(n_samples) if mc else 1
+    results: list[dict] = []
+    with tqdm(total=len(frames), desc=progress, unit="structure", disable=progress is None, dynamic_ncols=True) as bar:
+        for batch in _batches([len(a) for a in frames], per_structure, PREDICT_BATCH_ATOMS):
+            bare = [Atoms(frames[k].numbers, frames[k].positions, cell=frames[k].cell, pbc=frames[k].pbc) for k in batch]
+            prepared = engine.prepare(bare)
+            if mc:
+                generators = [structure_generator(seed, k) for k in batch]
+                results += engine.monte_carlo(prepared, n_samples, generators=generators, stress=False)
+            else:
+                results += engine.map(prepared, stress=False)
+            bar.update(len(batch))
     return Predictions(
         energy_true=np.array([lab["energy"] for lab in labels]),
-        energy_pred=np.array(e_pred),
+        energy_pred=np.array([r["energy"] for r in results]),
         forces_true=np.concatenate([lab["forces"] for lab in labels]),
-        forces_pred=np.concatenate(f_pred),
+        forces_pred=np.concatenate([r["forces"] for r in results]),
         n_atoms=np.array([len(a) for a in frames]),
-        energy_variance=np.array(e_var) if mc else None,
-        forces_variance=np.concatenate(f_var) if mc else None,
+        energy_variance=np.array([r["energy_variance"] for r in results]) if mc else None,
+        forces_variance=np.concatenate([r["forces_variance"] for r in results]) if mc else None,
+        numbers=np.concatenate([a.numbers for a in frames]),
     )
 
 
@@ -323,6 +304,27 @@ def fit_calibration(pred: Predictions, *, isotonic: bool = False) -> dict:
     return calibration
 
 
+def fit_uncertainty_screen(model: Any, frames: list, *, n_samples: int, seed: int, device: str | None) -> Any:
+    """The uncertainty screen of a BLIP model (:mod:`blip_ase.inference.screen`), fitted on
+    ``frames`` and their rattled copies: features from alpha/beta and the MAP forces, targets the Monte Carlo
+    per-atom force stds (uncalibrated; the engine applies the calibration when it screens)."""
+    from blip_ase.inference import MonteCarloEngine
+    from blip_ase.inference.screen import atom_features, fit_screen, rattled_copies
+
+    engine = MonteCarloEngine(model, device=device, seed=seed, calibration={})
+    features, stds = [], []
+    for k, atoms in enumerate(rattled_copies(frames, seed=seed)):
+        prepared = engine.prepare(atoms)
+        stats = engine.monte_carlo(prepared, n_samples, generators=[structure_generator(seed, k)], stress=False)[0]
+        forces = engine.map(prepared, stress=False)[0]["forces"]
+        with torch.no_grad():
+            inputs = model.posterior_inputs(prepared.graph)
+            coefficients = model.coefficients(prepared.graph, jacobian=False)
+        features.append(atom_features(coefficients, inputs, forces, len(model.elements)))
+        stds.append(np.sqrt(stats["forces_variance"]))
+    return fit_screen(features, stds, n_elements=len(model.elements))
+
+
 def calibrate(
     model_path: str | Path,
     data_path: str | Path,
@@ -334,15 +336,18 @@ def calibrate(
     device: str | None = None,
     overwrite: bool = False,
     progress: bool = False,
+    screen_fit: bool = True,
 ) -> dict:
     """Fit calibration on the validation set ``data_path`` and write the calibrated checkpoint.
 
     The fit starts from the uncalibrated variances (any calibration already in the checkpoint
-    is replaced). Everything else in the checkpoint is kept.
+    is replaced). For a BLIP model (``screen_fit``) the cheap uncertainty screen is fitted too
+    (:func:`fit_uncertainty_screen`). Everything else in the checkpoint is kept.
 
     Returns:
-        ``{"calibration": scales (isotonic maps summarised), "before": metrics, "after": metrics}``
-        on the calibration set.
+        ``{"calibration": scales (isotonic maps summarised), "reference": the force error and
+        calibrated std quantiles stored in the checkpoint (:func:`~blip_ase.uq.calibration.force_reference`),
+        "before": metrics, "after": metrics}`` on the calibration set.
 
     Raises:
         ValueError: fewer than 5 structures, data without forces, a deterministic model.
@@ -365,10 +370,21 @@ def calibrate(
     pred = predict(model, frames, labels, n_samples=n_samples, seed=seed, device=device,
                    progress="predict" if progress else None)
     calibration = fit_calibration(pred, isotonic=isotonic)
+    reference = {"data": str(data_path), **force_reference(pred, calibration)}
+    screen = None
+    if screen_fit and model_method(model) == "blip":
+        screen = fit_uncertainty_screen(model, frames, n_samples=n_samples, seed=seed, device=device).to_dict()
     training = dict(ckpt.get("training") or {})
     used = model.n_members if model_method(model) == "ensemble" else n_samples
     training["calibration_fit"] = {"data": str(data_path), "n_structures": len(frames), "n_samples": used,
                                    "seed": seed, "isotonic": isotonic}
-    save_checkpoint(out_path, model.cpu(), calibration=calibration, training=training)
+    save_checkpoint(out_path, model.cpu(), calibration=calibration, training=training, reference=reference,
+                    screen=screen)  # fmt: skip
     summary = {k: (v if not k.endswith("_isotonic") else f"{len(v['x'])} knots") for k, v in calibration.items()}
-    return {"calibration": summary, "before": compute_metrics(pred), "after": compute_metrics(pred, calibration)}
+    return {
+        "calibration": summary,
+        "reference": reference,
+        "screen": screen,
+        "before": compute_metrics(pred),
+        "after": compute_metrics(pred, calibration),
+    }

@@ -8,11 +8,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from blip_ase.inference.calibration import apply_isotonic, variance_factors
 from blip_ase.uq import metrics as m
-from blip_ase.uq.calibration import apply_isotonic, variance_factors
 
 if TYPE_CHECKING:
-    from blip_ase.uq.evaluate import Predictions
+    from blip_ase.uq.predictions import Predictions
 
 COLOURS = {"id": "tab:blue", "ood": "tab:red"}
 

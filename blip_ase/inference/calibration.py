@@ -1,0 +1,85 @@
+"""Applying a stored variance calibration: validation and variance multipliers (numpy/scipy only).
+
+What ``blip calibrate`` fits (:mod:`blip_ase.uq.calibration`) is stored in the checkpoint as
+plain floats and lists: a variance scale per quantity (keys ``energy``, ``forces``, ``stress``)
+and optional isotonic maps ``"<quantity>_isotonic": {"x": [...], "y": [...]}``, knots of a
+nondecreasing piecewise-linear map ``R`` of predicted CDF levels. The inference engine reports
+variances multiplied by ``scale * E_G[z^2]``, the second moment of the recalibrated standardised
+error distribution ``G(z) = R(Phi(z))`` (:func:`isotonic_variance_factor`).
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from scipy import stats
+
+from blip_ase.models.checkpoint import CALIBRATION_QUANTITIES as QUANTITIES
+from blip_ase.models.checkpoint import DEFAULT_CALIBRATION, ISOTONIC_KEYS
+
+
+def apply_isotonic(u: np.ndarray, isotonic: dict[str, list[float]]) -> np.ndarray:
+    """Recalibrated levels ``R(u)`` of CDF levels ``u`` (any shape)."""
+    return np.interp(u, isotonic["x"], isotonic["y"])
+
+
+def isotonic_variance_factor(isotonic: dict[str, list[float]]) -> float:
+    """``E_G[z^2]`` of the recalibrated standardised error distribution ``G(z) = R(Phi(z))``."""
+    z = np.linspace(-12.0, 12.0, 24001)
+    cdf = apply_isotonic(stats.norm.cdf(z), isotonic)
+    mass = np.diff(np.concatenate([[0.0], cdf, [1.0]]))  # mass beyond +-12 sits at the ends
+    grid = np.concatenate([[z[0]], 0.5 * (z[1:] + z[:-1]), [z[-1]]])
+    return float(np.sum(mass * grid**2))
+
+
+def validate_isotonic(name: str, isotonic: object) -> dict[str, list[float]]:
+    """Check an isotonic map read from a checkpoint; returns it with float lists.
+
+    Raises:
+        ValueError: not ``{"x", "y"}`` lists of equal length >= 2, ``x`` not increasing in
+            ``[0, 1]`` or ``y`` not nondecreasing in ``[0, 1]``.
+    """
+    if not isinstance(isotonic, dict) or set(isotonic) != {"x", "y"}:
+        raise ValueError(f"calibration {name!r} must be a dict with keys 'x' and 'y', got {isotonic!r:.80}")
+    x, y = np.asarray(isotonic["x"], float), np.asarray(isotonic["y"], float)
+    if x.ndim != 1 or x.shape != y.shape or x.size < 2:
+        raise ValueError(f"calibration {name!r}: x and y must be equal-length lists of at least 2 numbers")
+    ok = np.isfinite(x).all() and np.isfinite(y).all() and (np.diff(x) > 0).all() and (np.diff(y) >= 0).all()
+    if not ok or x[0] < 0 or x[-1] > 1 or y[0] < 0 or y[-1] > 1:
+        raise ValueError(f"calibration {name!r}: x must increase and y must not decrease, both within [0, 1]")
+    return {"x": x.tolist(), "y": y.tolist()}
+
+
+def validate_calibration(calibration: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Validated scales (floats; missing ones are 1.0) plus any isotonic maps.
+
+    Raises:
+        ValueError: an unknown key, a scale that is not a finite number >= 0, or a malformed
+            isotonic map.
+    """
+    merged = {**DEFAULT_CALIBRATION, **dict(calibration or {})}
+    unknown = sorted(merged.keys() - DEFAULT_CALIBRATION.keys() - set(ISOTONIC_KEYS))
+    if unknown:
+        raise ValueError(
+            f"unknown calibration keys {unknown}; known: {sorted(DEFAULT_CALIBRATION)} and {list(ISOTONIC_KEYS)}"
+        )
+    scales = {k: merged[k] for k in DEFAULT_CALIBRATION}
+    if any(not isinstance(v, numbers.Real) or not np.isfinite(v) or v < 0 for v in scales.values()):
+        raise ValueError(f"calibration scales must be finite and >= 0, got {scales}")
+    result: dict[str, Any] = {k: float(v) for k, v in scales.items()}
+    result.update({k: validate_isotonic(k, merged[k]) for k in ISOTONIC_KEYS if merged.get(k) is not None})
+    return result
+
+
+def variance_factors(calibration: Mapping[str, Any]) -> dict[str, float]:
+    """Total variance multiplier per quantity: the scale times the isotonic factor (if any)."""
+    factors = {}
+    for q in QUANTITIES:
+        factor = float(calibration.get(q, 1.0))
+        if calibration.get(f"{q}_isotonic") is not None:
+            factor *= isotonic_variance_factor(calibration[f"{q}_isotonic"])
+        factors[q] = factor
+    return factors
