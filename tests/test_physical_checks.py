@@ -148,6 +148,10 @@ def test_bad_settings_are_named():
         PhysicalChecks(min_distance_factor=2.0)
     with pytest.raises(ValueError, match=r"unknown physical check settings \['bond'\]"):
         MDConfig(physical={"bond": 1.0})
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['bond'\] in physical"):
+        MDConfig.from_dict({"physical": {"bond": 1.0}})
+    assert not MDConfig.from_dict({"physical": {"enabled": False}}).physical.enabled
+    assert not MDConfig(physical=None).physical.enabled
 
 
 def test_the_bond_graph_of_nh3_is_one_fragment():

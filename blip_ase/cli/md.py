@@ -291,7 +291,7 @@ def config_from_args(args: argparse.Namespace):
     config.update({field: not values[option] for option, field in _NEGATED.items()})
     physical = {field: values[option] for option, field in _PHYSICAL_FIELDS.items() if field != "physical"}
     physical["isolated"] = not physical["isolated"]
-    config["physical"] = None if values["no_physical_checks"] else PhysicalChecks(**physical)
+    config["physical"] = PhysicalChecks(**physical, enabled=not values["no_physical_checks"])
     return MDConfig(**config, thresholds=Thresholds(**thresholds))
 
 

@@ -37,7 +37,8 @@ class MDConfig:
         thresholds: flag/halt policy.
         physical: the physical checks (fragmentation, atoms too close, temperature runaway,
             energy jump; :class:`~blip_ase.md.physics.PhysicalChecks`); a mapping of its fields
-            is converted (JSON), None switches every check off.
+            is converted (JSON; ``{"enabled": false}`` switches every check off, as None does
+            in Python).
         device: torch device (None: CUDA if available, else CPU).
         overwrite: replace the outputs of an earlier run in ``out``.
         restart: continue the run in ``out`` from the last frame of ``md.traj`` with the stored

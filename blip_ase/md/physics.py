@@ -49,6 +49,8 @@ class PhysicalChecks:
     """Physical checks, each halting with its own reason; None (or False) switches one off.
 
     Attributes:
+        enabled: False switches every check off (``physical: {enabled: false}`` in a config
+            file, ``--no-physical-checks``).
         bond_factor: bonded when ``d_ij < bond_factor * (r_i + r_j)``; a molecule whose bond graph
             splits relative to the start has ``fragmented``. None: no bond-graph rule.
         isolated: an atom with no neighbour within the model cutoff has ``fragmented``.
@@ -63,6 +65,7 @@ class PhysicalChecks:
             ``temperature_checks``), or ``min_distance_factor >= bond_factor``.
     """
 
+    enabled: bool = True
     bond_factor: float | None = 1.5
     isolated: bool = True
     min_distance_factor: float | None = 0.5
@@ -74,8 +77,9 @@ class PhysicalChecks:
         for name in ("bond_factor", "min_distance_factor", "temperature_factor", "energy_jump_eV_per_atom"):
             _positive(name, getattr(self, name))
         _positive("temperature_checks", self.temperature_checks, integer=True)
-        if not isinstance(self.isolated, bool):
-            raise ValueError(f"physical check isolated must be True or False, got {self.isolated!r}")
+        for name in ("enabled", "isolated"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"physical check {name} must be True or False, got {getattr(self, name)!r}")
         b, m = self.bond_factor, self.min_distance_factor
         if b is not None and m is not None and m >= b:
             raise ValueError(f"min_distance_factor {m:g} must be below bond_factor {b:g}")
@@ -85,9 +89,9 @@ class PhysicalChecks:
 
     @classmethod
     def from_value(cls, value: PhysicalChecks | Mapping | None) -> PhysicalChecks:
-        """``value`` as checks: a mapping of fields (from JSON), None = all off."""
+        """``value`` as checks: a mapping of fields (from JSON), None = all off (``enabled=False``)."""
         if value is None:
-            return cls(None, False, None, None, 5, None)
+            return cls(enabled=False)
         if isinstance(value, Mapping):
             unknown = sorted(set(value) - set(cls.__dataclass_fields__))
             if unknown:

@@ -26,7 +26,7 @@ class Tracker:
 
     Args:
         thresholds: the uncertainty policy.
-        physical: the physical checks (None: none).
+        physical: the physical checks (None or ``enabled=False``: none).
         reference: the start structure (the bond graph the fragmentation check compares with).
         cutoff_A: the model's neighbour cutoff, Angstrom (None: no isolated-atom rule).
         target_K: the thermostat's temperature, K (None or 0: no temperature-runaway check).
@@ -55,7 +55,7 @@ class Tracker:
     ):
         self.thresholds = thresholds
         self.physics = None
-        if physical is not None and reference is not None:
+        if physical is not None and physical.enabled and reference is not None:
             self.physics = PhysicalState(physical, reference, cutoff_A=cutoff_A, target_K=target_K)
         self.writers = list(writers)
         self.history_file = history_file
