@@ -69,8 +69,10 @@ def load_calculator(config: MDConfig):
     calc = BLIPCalculator.from_checkpoint(
         path, mode="map", n_samples=config.n_samples, seed=config.seed, device=config.device
     )
-    if not calc.model.is_bayesian:
-        raise ValueError(f"{path} is a deterministic model: uncertainty-monitored MD needs a BLIP model")
+    if not calc.model.has_uncertainty:
+        raise ValueError(
+            f"{path} is a deterministic model: uncertainty-monitored MD needs a BLIP model (or LLPR data: blip llpr)"
+        )
     return calc, path
 
 
