@@ -164,6 +164,12 @@ def _add_monitor(group) -> None:
     group.add_argument("--n-samples", type=int, default=D.n_samples, help="Monte Carlo samples per uncertainty check")
     group.add_argument("--uq-interval", type=int, default=D.uq_interval, help="steps between uncertainty checks")
     group.add_argument(
+        "--no-screen",
+        action="store_true",
+        help="draw Monte Carlo samples at every check; otherwise the model's uncertainty screen (fitted by blip "
+        "calibrate) clears a check without samples when its bound on every atom's force std is below the flag",
+    )
+    group.add_argument(
         "--flag-force-std-eV-per-A",
         type=_optional_float,
         default=DEFAULT_FLAG,
@@ -268,7 +274,8 @@ _THRESHOLD_FIELDS = {  # blip md option (argparse dest) -> Thresholds field
     "halt_energy_std_eV_per_atom": "energy_std_halt",
     "element_threshold": "per_element",
 }
-_NEGATED = {"no_progress": "progress", "no_plot": "plot"}  # option -> MDConfig field it switches off
+# option -> MDConfig field it switches off
+_NEGATED = {"no_progress": "progress", "no_plot": "plot", "no_screen": "screen"}
 _FIELD_OF_OPTION = {
     **_NEGATED,
     **dict.fromkeys(_THRESHOLD_FIELDS, "thresholds"),

@@ -5,6 +5,7 @@ from blip_ase.md.config import MDConfig
 from blip_ase.md.dynamics import ENSEMBLES, check_ensemble, make_dynamics, thermalize
 from blip_ase.md.monitor import FrameReport, Thresholds, UncertaintyMonitor, evaluate_frame
 from blip_ase.md.physics import PhysicalChecks
+from blip_ase.md.run import run_md
 from blip_ase.md.writers import (
     ExtXYZFrameWriter,
     FlaggedFrame,
@@ -14,7 +15,6 @@ from blip_ase.md.writers import (
     read_hdf5_frames,
     read_history,
 )
-from blip_ase.md.run import run_md
 
 __all__ = [
     "ENSEMBLES",

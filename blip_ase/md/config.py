@@ -33,6 +33,12 @@ class MDConfig:
         seed: seeds the velocities, the stochastic thermostat and the Monte Carlo noise.
         n_samples: Monte Carlo samples per uncertainty check.
         uq_interval: steps between uncertainty checks.
+        screen: let the model's uncertainty screen (``blip calibrate`` fits one; see
+            :mod:`blip_ase.inference.screen`) clear a check without Monte Carlo samples when its
+            bound on every atom's force std is below the atom's flag threshold (halt where no
+            flag is set); anything else, and every frame the physical checks object to, is
+            checked with samples. Off for models without a screen and for runs with relative or
+            energy thresholds, which need samples.
         traj_interval: steps between trajectory/log frames.
         thresholds: flag/halt policy.
         physical: the physical checks (fragmentation, atoms too close, temperature runaway,
@@ -68,6 +74,7 @@ class MDConfig:
     seed: int = 0
     n_samples: int = 16
     uq_interval: int = 10
+    screen: bool = True
     traj_interval: int = 10
     thresholds: Thresholds = field(default_factory=Thresholds)
     physical: PhysicalChecks = field(default_factory=PhysicalChecks)

@@ -82,6 +82,18 @@ class Thresholds:
             halt[k] = np.inf if h is None else h
         return flag, halt
 
+    def screen_limits(self, symbols: Sequence[str]) -> np.ndarray | None:
+        """``(n,)`` per-atom force-std limits (eV/A) below which a frame can be cleared without
+        Monte Carlo samples: the flag threshold, or the halt threshold where no flag is set.
+        None when the policy needs samples anyway (relative or energy thresholds) or sets no
+        force-std threshold at all."""
+        if any(v is not None for v in (self.relative_flag, self.relative_halt, self.energy_std_flag,
+                                       self.energy_std_halt)):  # fmt: skip
+            return None
+        flag, halt = self.atom_thresholds(symbols)
+        limits = np.where(np.isfinite(flag), flag, halt)
+        return limits if np.isfinite(limits).all() else None
+
     def to_dict(self) -> dict:
         out = asdict(self)
         out["per_element"] = {k: list(v) for k, v in self.per_element.items()}

@@ -191,6 +191,7 @@ def execute(
         physical=config.physical,
         temperature_K=config.temperature_K,
         reference=reference,
+        screen=config.screen,
     )
     dyn.attach(monitor, interval=config.uq_interval)
     dyn.attach(monitor.check_finite, interval=1)  # a NaN force halts at once, not at the next check

@@ -141,6 +141,7 @@ class Walker:
             "structure": self.source,
             "n_checked": mine["n_checked"],
             "n_flagged": mine["n_flagged"],
+            "n_screened": mine["n_screened"],
             "respawns": self.respawns,
             "max_force_std_max": mine["max_force_std_max"],
         }
@@ -256,27 +257,52 @@ class WalkerRun:
         return torch.nonzero(bad).flatten().tolist()
 
     def check(self, positions: list[int], *, map_bad: bool = False) -> list[int]:
-        """Monte Carlo check of the systems at state ``positions``; returns those that halted."""
+        """Check the systems at state ``positions`` (the screen first where it applies, Monte Carlo
+        for the rest, all in one batched pass); returns those that halted."""
         if not positions:
             return []
-        state = self.state if len(positions) == self.state.n_systems else self.state[positions]
-        walkers = [self.walkers[self.active[p]] for p in positions]
         start = time.perf_counter()
-        stats = self.model.monte_carlo(state, [w.generator for w in walkers], self.config.md.n_samples)
-        self.uq_seconds += time.perf_counter() - start
-        structures = _structures(state)
+        md = self.config.md
         temperatures = self.temperatures()
-        time_fs = round(self.step * self.config.md.timestep_fs, 9)
+        time_fs = round(self.step * md.timestep_fs, 9)
+        physical: dict[int, list] = {}
+        if md.screen and not map_bad and self.model.engine.screen is not None:
+            positions, physical = self.screen(positions, temperatures, time_fs)
         halted = []
-        for p, walker, atoms, st in zip(positions, walkers, structures, stats):
-            report = walker.tracker.check(
-                atoms, st, step=self.step, time_fs=time_fs, temperature_K=float(temperatures[p]),
-                map_bad=("energy", "forces") if map_bad else (),
-            )  # fmt: skip
-            if report.level == 2:
-                walker.status = "halted"
-                halted.append(p)
+        if positions:
+            state = self.state if len(positions) == self.state.n_systems else self.state[positions]
+            walkers = [self.walkers[self.active[p]] for p in positions]
+            stats = self.model.monte_carlo(state, [w.generator for w in walkers], md.n_samples)
+            for p, walker, atoms, st in zip(positions, walkers, _structures(state), stats):
+                report = walker.tracker.check(
+                    atoms, st, step=self.step, time_fs=time_fs, temperature_K=float(temperatures[p]),
+                    map_bad=("energy", "forces") if map_bad else (), physical=physical.get(p),
+                )  # fmt: skip
+                if report.level == 2:
+                    walker.status = "halted"
+                    halted.append(p)
+        self.uq_seconds += time.perf_counter() - start
         return halted
+
+    def screen(self, positions: list[int], temperatures: np.ndarray, time_fs: float) -> tuple[list[int], dict]:
+        """Let the uncertainty screen clear what it can of ``positions`` (one inference-network
+        pass for the whole batch, on the MAP forces of this step). Returns the positions that
+        still need Monte Carlo samples and, for them, the physical checks' halts already found."""
+        prepared = self.model.prepare(self.state)
+        forces = self.state.forces.detach().to("cpu", torch.float64).numpy()
+        bounds = self.model.engine.screen_bound(prepared, forces=forces)
+        energies = self.state.energy.detach().to("cpu", torch.float64).numpy()
+        structures = _structures(self.state)
+        remaining, physical = [], {}
+        for p in positions:
+            verdict = self.walkers[self.active[p]].tracker.screen(
+                structures[p], energy_eV=float(energies[p]), bound=bounds[p], step=self.step, time_fs=time_fs,
+                temperature_K=float(temperatures[p]),
+            )  # fmt: skip
+            if isinstance(verdict, list):
+                remaining.append(p)
+                physical[p] = verdict
+        return remaining, physical
 
     def remove(self, positions: list[int], *, respawn: bool = True) -> list[int]:
         """Take the halted systems out of the batch; with ``respawn`` (and the run's ``respawn``)
@@ -332,6 +358,7 @@ class WalkerRun:
             **{f"n_{status}": sum(w.status == status for w in self.walkers) for status in WALKER_STATUSES},
             "n_checked": sum(w["n_checked"] for w in per_walker),
             "n_flagged": sum(w["n_flagged"] for w in per_walker),
+            "n_screened": sum(w["n_screened"] for w in per_walker),
             "thresholds": self.config.md.thresholds.to_dict(),
             "walkers": per_walker,
             "timings": {
