@@ -1,6 +1,6 @@
 """Detection benchmark of the monitor's check policies, from one run: what a cheaper policy misses.
 
-A suite of batched walker runs (``run_walkers``, torch-sim Langevin) is run with the reference
+A suite of batched walker runs (``run_walkers``, torch-sim NVE by default) is run with the reference
 policy (``--no-screen``: S Monte Carlo samples every ``uq_interval`` steps) and with a candidate
 policy (default: the uncertainty screen of the model, ``MDConfig.screen``), from the same seeds:
 
@@ -8,10 +8,13 @@ policy (default: the uncertainty screen of the model, ``MDConfig.screen``), from
 - ``undertrained``: a model trained for ``--undertrained-epochs`` epochs on the ammonia training
   split and calibrated on its validation split (so it has a screen), the same walkers: it must halt.
 
-Both policies follow the same trajectories as long as they halt the same walkers at the same
-steps (MAP forces move the atoms; the samples draw from per-walker generators; torch-sim's
-Langevin noise comes from one global generator, so a walker that leaves the batch in one policy
-and not in the other changes the others' noise from then on). Reported per suite:
+With NVE (the default ``--ensemble``) every walker follows the same trajectory under both
+policies whatever happens to its batch-mates (MAP forces move the atoms; the samples draw from
+per-walker generators; velocities start from the walker's temperature), so the policies are
+compared on identical frames. With ``nvt-langevin`` they agree only while they halt the same
+walkers at the same steps: torch-sim draws the thermostat noise of the whole batch from one
+global generator, so a walker that leaves the batch in one policy and not in the other changes
+the others' noise from then on. Reported per suite:
 
 - halt recall: reference halts (walker, step) that the candidate halts within ``--window`` steps;
 - flag recall: reference flagged checks (walker, step) that the candidate flags within the window;
@@ -106,6 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--undertrained-epochs", type=int, default=20)
     parser.add_argument("--suites", nargs="+", default=["shipped", "undertrained"])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--ensemble", default="nve", choices=["nve", "nvt-langevin"])
+    parser.add_argument("--anchor-steps", type=int, nargs="+", default=[0],
+                        help="candidates: the screen with each of these screen_anchor_steps (MDConfig)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="bench_detection.json")
@@ -126,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
             options = {"uq_interval": args.uq_interval, "thresholds": thresholds, **options}
             md = MDConfig(
                 model=model, out=str(tmp / name), steps=args.steps, seed=args.seed, n_samples=args.n_samples,
-                device=args.device, plot=False, **options,
+                device=args.device, plot=False, ensemble=args.ensemble, **options,
             )  # fmt: skip
             summary = run_walkers(WalkersConfig(md, n_walkers=args.walkers, temperatures_K=temperatures))
             t = summary["timings"]
@@ -136,24 +142,33 @@ def main(argv: list[str] | None = None) -> int:
         for suite in args.suites:
             model = models[suite]
             reference = run(f"{suite}_reference", model, screen=False)
-            candidate = run(f"{suite}_screen", model, screen=True)
             plain = run(f"{suite}_plain", model, uq_interval=args.steps + 1, thresholds=Thresholds(),
                         physical=PhysicalChecks(enabled=False))  # fmt: skip
             t = plain["summary"]["timings"]
             plain_rate = t["walker_steps"] / (t["wall_seconds"] - t["uq_seconds"])
-            row = compare(tmp / f"{suite}_reference", tmp / f"{suite}_screen", args.walkers, args.window)
-            row.update(
-                reference_walker_steps_per_s=reference["walker_steps_per_s"],
-                screen_walker_steps_per_s=candidate["walker_steps_per_s"],
-                plain_walker_steps_per_s=plain_rate,
-                reference_over_plain=reference["walker_steps_per_s"] / plain_rate,
-                screen_over_plain=candidate["walker_steps_per_s"] / plain_rate,
-                reference_halted_walkers=reference["summary"]["n_halted"],
-                screen_halted_walkers=candidate["summary"]["n_halted"],
-            )
+            row = {
+                "reference_walker_steps_per_s": reference["walker_steps_per_s"],
+                "plain_walker_steps_per_s": plain_rate,
+                "reference_over_plain": reference["walker_steps_per_s"] / plain_rate,
+                "reference_halted_walkers": reference["summary"]["n_halted"],
+                "candidates": {},
+            }
+            for anchor in args.anchor_steps:
+                name = f"{suite}_screen_anchor{anchor}"
+                candidate = run(name, model, screen=True, screen_anchor_steps=anchor)
+                metrics = compare(tmp / f"{suite}_reference", tmp / name, args.walkers, args.window)
+                metrics.update(
+                    walker_steps_per_s=candidate["walker_steps_per_s"],
+                    over_plain=candidate["walker_steps_per_s"] / plain_rate,
+                    halted_walkers=candidate["summary"]["n_halted"],
+                )
+                row["candidates"][f"screen, anchor {anchor}"] = metrics
             results[suite] = row
-            print(f"{suite}: " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
-                                           for k, v in row.items()), flush=True)  # fmt: skip
+            print(f"{suite}: reference {row['reference_walker_steps_per_s']:.0f} walker-steps/s "
+                  f"({row['reference_over_plain']:.2f} x plain {plain_rate:.0f})", flush=True)  # fmt: skip
+            for name, m in row["candidates"].items():
+                print(f"  {name}: " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
+                                                for k, v in m.items()), flush=True)  # fmt: skip
     out = {
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
         "settings": {k: v for k, v in vars(args).items() if k != "out"},

@@ -170,6 +170,13 @@ def _add_monitor(group) -> None:
         "calibrate) clears a check without samples when its bound on every atom's force std is below the flag",
     )
     group.add_argument(
+        "--screen-anchor-steps",
+        type=int,
+        default=D.screen_anchor_steps,
+        help="steps after a check with samples during which the screen may also clear a check when 1.5 x that "
+        "check's measured std, scaled by the change of the screen's bound since, stays below the flag (0: off)",
+    )
+    group.add_argument(
         "--flag-force-std-eV-per-A",
         type=_optional_float,
         default=DEFAULT_FLAG,

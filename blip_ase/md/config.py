@@ -39,6 +39,9 @@ class MDConfig:
             flag is set); anything else, and every frame the physical checks object to, is
             checked with samples. Off for models without a screen and for runs with relative or
             energy thresholds, which need samples.
+        screen_anchor_steps: for this many steps after a check with samples, the screen's
+            estimate of an atom is also ``1.5 x`` that check's measured std times the change of
+            the screen's bound since (:meth:`~blip_ase.md.tracker.Tracker.screen`); 0: the bound alone.
         traj_interval: steps between trajectory/log frames.
         thresholds: flag/halt policy.
         physical: the physical checks (fragmentation, atoms too close, temperature runaway,
@@ -75,6 +78,7 @@ class MDConfig:
     n_samples: int = 16
     uq_interval: int = 10
     screen: bool = True
+    screen_anchor_steps: int = 0
     traj_interval: int = 10
     thresholds: Thresholds = field(default_factory=Thresholds)
     physical: PhysicalChecks = field(default_factory=PhysicalChecks)
@@ -89,7 +93,8 @@ class MDConfig:
         object.__setattr__(self, "physical", PhysicalChecks.from_value(self.physical))
         if self.ensemble not in d.ENSEMBLES:
             raise ValueError(f"unknown ensemble {self.ensemble!r}; choose one of {', '.join(d.ENSEMBLES)}")
-        for name, least in (("steps", 0), ("n_samples", 2), ("uq_interval", 1), ("traj_interval", 1)):
+        for name, least in (("steps", 0), ("n_samples", 2), ("uq_interval", 1), ("traj_interval", 1),
+                            ("screen_anchor_steps", 0)):
             checked_int(getattr(self, name), least=least, name=name)  # n_samples: a variance needs two
         if self.overwrite and self.restart:
             raise ValueError("overwrite and restart exclude each other")

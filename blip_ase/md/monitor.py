@@ -76,6 +76,7 @@ class UncertaintyMonitor:
             ``blip calibrate``) clear a check without samples when its bound on every atom's
             force std is below the atom's flag threshold (:meth:`Tracker.screen
             <blip_ase.md.tracker.Tracker.screen>`); no effect for a model without a screen.
+        screen_anchor_steps: see :class:`~blip_ase.md.MDConfig`.
 
     Attributes:
         tracker: the trajectory's :class:`~blip_ase.md.tracker.Tracker`; ``history``,
@@ -98,6 +99,7 @@ class UncertaintyMonitor:
         temperature_K: float | None = None,
         reference: Atoms | None = None,
         screen: bool = True,
+        screen_anchor_steps: int = 0,
     ):
         self.dyn = dyn
         self.screen = screen
@@ -116,6 +118,7 @@ class UncertaintyMonitor:
             target_K=temperature_K,
             writers=writers,
             history_file=history_file,
+            anchor_steps=screen_anchor_steps,
         )
         self.uq_seconds = 0.0
 

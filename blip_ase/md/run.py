@@ -192,6 +192,7 @@ def execute(
         temperature_K=config.temperature_K,
         reference=reference,
         screen=config.screen,
+        screen_anchor_steps=config.screen_anchor_steps,
     )
     dyn.attach(monitor, interval=config.uq_interval)
     dyn.attach(monitor.check_finite, interval=1)  # a NaN force halts at once, not at the next check

@@ -21,6 +21,10 @@ from blip_ase.md.policy import FrameReport, Thresholds, evaluate_frame, with_hal
 from blip_ase.md.writers import FlaggedFrame, FrameWriter, HistoryCSV
 
 
+ANCHOR_MARGIN = 1.5
+"""Safety factor on the anchored screen estimate ``std_0 * bound / bound_0`` (:meth:`Tracker.screen`)."""
+
+
 class Tracker:
     """Checks, records, exports, halts and summarises one trajectory.
 
@@ -33,6 +37,8 @@ class Tracker:
         writers: flagged-frame writers.
         history_file: receives one line per check.
         extra: constant columns of this trajectory's history lines and exports (``{"walker": k}``).
+        anchor_steps: how long a check with samples anchors the screen's estimate (:meth:`screen`);
+            0: never.
 
     Attributes:
         history: one dict per check (keys of the history file).
@@ -53,8 +59,12 @@ class Tracker:
         writers: Sequence[FrameWriter] = (),
         history_file: HistoryCSV | None = None,
         extra: Mapping[str, object] | None = None,
+        anchor_steps: int = 0,
     ):
         self.thresholds = thresholds
+        self.anchor_steps = int(anchor_steps)
+        self.anchor: tuple[int, np.ndarray, np.ndarray] | None = None  # last sampled check: step, std, bound
+        self.pending: tuple[int, np.ndarray] | None = None  # the bound of a check the screen passed on
         self.physics = None
         if physical is not None and physical.enabled and reference is not None:
             self.physics = PhysicalState(physical, reference, cutoff_A=cutoff_A, target_K=target_K)
@@ -107,6 +117,9 @@ class Tracker:
         if physical is None and self.physics is not None:
             physical = self.physical_halts(atoms, float(stats["energy"]), temperature_K)
         report = with_halt(report, physical or [])
+        if self.pending is not None and self.pending[0] == int(step) and np.isfinite(report.force_std).all():
+            self.anchor = (int(step), np.asarray(report.force_std, dtype=float), self.pending[1])
+        self.pending = None
         return self.record(atoms, stats, report, step=step, time_fs=time_fs, temperature_K=temperature_K)
 
     def physical_halts(self, atoms: Atoms, energy_eV: float, temperature_K: float) -> list[tuple[str, str]]:
@@ -121,16 +134,27 @@ class Tracker:
     ) -> FrameReport | list[tuple[str, str]]:
         """A check that the uncertainty screen may clear without Monte Carlo samples.
 
-        The physical checks run first (on the MAP energy ``energy_eV``). When none objects and
-        ``bound`` (``(n,)`` eV/A, the screen's bound on each atom's calibrated force std) is
-        below every atom's limit (:meth:`~blip_ase.md.policy.Thresholds.screen_limits`), the check
-        is recorded as screened (level 0; the measured metrics ``nan``, ``screen_bound`` the
-        largest bound) and its report returned. Otherwise nothing is recorded and the physical
-        halts are returned, to pass to :meth:`check` after the Monte Carlo samples.
+        The physical checks run first (on the MAP energy ``energy_eV``). When none objects and the
+        screen's estimate is below every atom's limit (:meth:`~blip_ase.md.policy.Thresholds.screen_limits`),
+        the check is recorded as screened (level 0; the measured metrics ``nan``, ``screen_bound``
+        the largest estimate) and its report returned. Otherwise nothing is recorded and the
+        physical halts are returned, to pass to :meth:`check` after the Monte Carlo samples.
+
+        The estimate is ``bound`` (``(n,)`` eV/A, the screen's conservative bound on each atom's
+        calibrated force std) or, within ``anchor_steps`` of the last check with samples, the
+        smaller of it and :data:`ANCHOR_MARGIN` times that check's measured std scaled by how much
+        the bound changed since (``std_0 * bound / bound_0``): the screen's error for this
+        trajectory cancels in the ratio.
         """
         halts = self.physical_halts(atoms, energy_eV, temperature_K)
         limits = self.thresholds.screen_limits(atoms.get_chemical_symbols())
-        if halts or limits is None or not bool((np.asarray(bound) < limits).all()):
+        bound = np.asarray(bound, dtype=float)
+        estimate = bound
+        if self.anchor is not None and step - self.anchor[0] <= self.anchor_steps:
+            _, std_0, bound_0 = self.anchor
+            estimate = np.minimum(bound, ANCHOR_MARGIN * std_0 * bound / np.maximum(bound_0, 1e-12))
+        if halts or limits is None or not bool((estimate < limits).all()):
+            self.pending = (int(step), bound)
             return halts
         n, nan = len(atoms), float("nan")
         report = FrameReport(
@@ -140,7 +164,7 @@ class Tracker:
         )  # fmt: skip
         self.n_screened += 1
         return self.record(atoms, None, report, step=step, time_fs=time_fs, temperature_K=temperature_K,
-                           screen_bound=float(np.max(bound)))  # fmt: skip
+                           screen_bound=float(np.max(estimate)))  # fmt: skip
 
     def record(
         self, atoms: Atoms, stats: Mapping | None, report: FrameReport, *, step: int, time_fs: float,
@@ -196,6 +220,7 @@ class Tracker:
     def rearm(self) -> None:
         """Start the physical checks afresh (a respawned walker); the last halt stays recorded."""
         self.halted = False
+        self.anchor = self.pending = None
         if self.physics is not None:
             self.physics.reset()
 

@@ -199,6 +199,7 @@ class WalkerRun:
             w.tracker = Tracker(
                 md.thresholds, physical=md.physical, reference=w.start, cutoff_A=cutoff_A,
                 target_K=w.temperature_K, writers=self.writers, history_file=self.history, extra={"walker": w.index},
+                anchor_steps=md.screen_anchor_steps,
             )  # fmt: skip
         self.trajectories: dict[int, object] = {}
         self.written: dict[int, int] = {}  # walker -> step of its last trajectory frame
