@@ -91,3 +91,29 @@ def test_the_screen_never_clears_a_check_the_samples_would_flag_or_halt(tmp_path
     assert screened["status"] == reference["status"] and screened["halt_step"] == reference["halt_step"]
     if temperature_K == 300:
         assert len(cleared) > 0.5 * len(rows)
+
+
+def test_an_anchored_screen_clears_only_within_its_steps_and_scales_with_the_bound():
+    """After a check with samples (std 0.05 where the bound said 0.5) the screen's estimate is
+    1.5 x 0.05 x bound / 0.5 for ``anchor_steps`` steps: a bound of 0.6 then means 0.09 < 0.25;
+    a bound that grew 4x means 0.3, checked with samples; past the steps the bound alone counts."""
+    from ase.build import molecule
+
+    from blip_ase.md.policy import Thresholds
+    from blip_ase.md.tracker import Tracker
+
+    atoms = molecule("NH3")
+    n = len(atoms)
+    stats = {"energy": 0.0, "forces": np.zeros((n, 3)), "energy_variance": 1e-6, "forces_variance": np.full(n, 0.05**2)}
+    where = {"energy_eV": 0.0, "time_fs": 0.0, "temperature_K": 300.0}
+    for anchor_steps, cleared in ((50, [True, False, False]), (0, [False, False, False])):
+        tracker = Tracker(Thresholds(force_std_flag=0.25, force_std_halt=1.0), anchor_steps=anchor_steps)
+        assert tracker.screen(atoms, bound=np.full(n, 0.5), step=0, **where) == []  # above the flag: samples
+        tracker.check(atoms, stats, step=0, time_fs=0.0, temperature_K=300.0)
+        verdicts = [
+            tracker.screen(atoms, bound=np.full(n, 0.6), step=10, **where),
+            tracker.screen(atoms, bound=np.full(n, 2.0), step=20, **where),
+            tracker.screen(atoms, bound=np.full(n, 0.6), step=100, **where),
+        ]
+        assert [not isinstance(v, list) for v in verdicts] == cleared
+    assert tracker.n_screened == 0 and tracker.n_checked == 1
