@@ -465,7 +465,7 @@ def test_a_config_built_in_python_is_checked_like_one_read_from_yaml():
     with pytest.raises(ValueError, match="explore.structures must list at least one entry"):
         ExploreConfig(md=md)
     with pytest.raises(ValueError, match="explore.md.thresholds needs a flag threshold"):
-        ExploreConfig(structures=("a.xyz",), md={})
+        ExploreConfig(structures=("a.xyz",), md={"thresholds": {"force_std_halt": 1.0}})
     with pytest.raises(ValueError, match=r"train.val_fraction must be a number in \[0, 1\), got 'a'"):
         FineTuneConfig(val_fraction="a")
     with pytest.raises(ValueError, match="stop.max_labels must be an integer >= 1, got True"):

@@ -161,7 +161,7 @@ def test_blip_md_runs_on_calibrated_thresholds_by_default_and_an_absolute_option
 
 
 def test_a_model_without_reference_is_refused_before_anything_is_written(tmp_path, capsys):
-    model = save_tiny_checkpoint(tmp_path / "tiny.pt")
+    model = save_tiny_checkpoint(tmp_path / "tiny.pt", reference=None)
     out = tmp_path / "o"
     code, text = run_cli(capsys, "--model", str(model), "--structure", str(NH3), "--out", str(out))
     assert code == 2 and f"{model} has no calibration reference" in text and "blip calibrate" in text
@@ -183,7 +183,7 @@ def test_the_monitor_resolves_calibrated_thresholds_against_its_calculator(tmp_p
     monitor = UncertaintyMonitor(dyn, thresholds=DEFAULT_THRESHOLDS)
     assert monitor.thresholds == DEFAULT_THRESHOLDS.resolve(shipped_reference(), ["H", "N"])
     assert monitor.tracker.thresholds is monitor.thresholds
-    atoms.calc = BLIPCalculator.from_checkpoint(save_tiny_checkpoint(tmp_path / "t.pt"), mode="map", device="cpu")
+    atoms.calc = BLIPCalculator.from_checkpoint(save_tiny_checkpoint(tmp_path / "t.pt", reference=None), mode="map", device="cpu")
     with pytest.raises(ValueError, match="has no calibration reference"):
         UncertaintyMonitor(dyn, thresholds=DEFAULT_THRESHOLDS)
 
@@ -226,7 +226,7 @@ def _halt(reason: str) -> tuple[float, float, str]:
 
 
 def test_run_md_in_python_refuses_calibrated_thresholds_on_a_model_without_reference(tmp_path):
-    model = save_tiny_checkpoint(tmp_path / "tiny.pt")
+    model = save_tiny_checkpoint(tmp_path / "tiny.pt", reference=None)
     config = MDConfig(model=str(model), structure=str(NH3), out=str(tmp_path / "o"), thresholds=DEFAULT_THRESHOLDS)
     with pytest.raises(ValueError, match="has no calibration reference"):
         run_md(config)
