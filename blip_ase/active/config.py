@@ -11,7 +11,7 @@ Relative paths in the file are relative to the file's directory. Example::
       temperatures_K: [1000]
       steps: 2000
       md: {timestep_fs: 0.5, uq_interval: 10, n_samples: 16,
-           thresholds: {calibrated_flag: 1.2, calibrated_halt: 4.5}}   # the default; eV/A: force_std_flag
+           thresholds: {calibrated_flag: 1.4, calibrated_halt: 5.6}}   # the default; eV/A: force_std_flag
     select: {strategy: fps, budget: 16, min_distance: 0.01}
     oracle: {kind: pyscf, method: b3lyp, basis: 6-31g*, executor: processes}
     train: {val_fraction: 0.2, config: {epochs: 100}}
@@ -119,7 +119,7 @@ class ExploreConfig:
         flags = (th.force_std_flag, th.calibrated_flag, th.relative_flag, th.energy_std_flag)
         if all(flag is None for flag in flags) and not th.per_element:
             raise ValueError(
-                "explore.md.thresholds needs a flag threshold (e.g. calibrated_flag: 1.2, or force_std_flag: 0.25 eV/A)"
+                "explore.md.thresholds needs a flag threshold (e.g. calibrated_flag: 1.4, or force_std_flag: 0.25 eV/A)"
             )
 
     @property
