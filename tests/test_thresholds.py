@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import save_tiny_checkpoint
 
 from blip_ase.cli.main import main as blip
 from blip_ase.md import DEFAULT_THRESHOLDS, MDConfig, Thresholds, run_md
-from conftest import save_tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED_MODEL = ROOT / "blip_ase" / "assets" / "ammonia_model.pt"
@@ -73,11 +73,14 @@ def test_absolute_thresholds_resolve_to_themselves_without_a_reference():
 @pytest.mark.parametrize(
     "spec, match",
     [
-        (dict(force_std_flag=0.2, calibrated_flag=1.0), r"flag force-std threshold is given twice.*give one of them"),
-        (dict(force_std_halt=1.0, calibrated_halt=4.0), r"halt force-std threshold is given twice"),
-        (dict(calibrated_flag=5.0, calibrated_halt=4.0), "calibrated force std: flag threshold 5 is above the halt"),
-        (dict(calibrated_flag=-1.0), "calibrated force std flag threshold must be a finite number >= 0"),
-        (dict(calibrated_flag=1.0, calibrated_quantile=1.5), r"calibrated_quantile must be a quantile level in \(0, 1\]"),
+        ({"force_std_flag": 0.2, "calibrated_flag": 1.0}, r"flag force-std threshold is given twice.*give one of them"),
+        ({"force_std_halt": 1.0, "calibrated_halt": 4.0}, r"halt force-std threshold is given twice"),
+        ({"calibrated_flag": 5.0, "calibrated_halt": 4.0}, "calibrated force std: flag threshold 5 is above the halt"),
+        ({"calibrated_flag": -1.0}, "calibrated force std flag threshold must be a finite number >= 0"),
+        (
+            {"calibrated_flag": 1.0, "calibrated_quantile": 1.5},
+            r"calibrated_quantile must be a quantile level in \(0, 1\]",
+        ),
     ],
 )
 def test_contradicting_or_bad_calibrated_thresholds_are_refused_with_a_message(spec, match):
@@ -183,7 +186,9 @@ def test_the_monitor_resolves_calibrated_thresholds_against_its_calculator(tmp_p
     monitor = UncertaintyMonitor(dyn, thresholds=DEFAULT_THRESHOLDS)
     assert monitor.thresholds == DEFAULT_THRESHOLDS.resolve(shipped_reference(), ["H", "N"])
     assert monitor.tracker.thresholds is monitor.thresholds
-    atoms.calc = BLIPCalculator.from_checkpoint(save_tiny_checkpoint(tmp_path / "t.pt", reference=None), mode="map", device="cpu")
+    atoms.calc = BLIPCalculator.from_checkpoint(
+        save_tiny_checkpoint(tmp_path / "t.pt", reference=None), mode="map", device="cpu"
+    )
     with pytest.raises(ValueError, match="has no calibration reference"):
         UncertaintyMonitor(dyn, thresholds=DEFAULT_THRESHOLDS)
 
