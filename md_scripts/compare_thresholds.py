@@ -43,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     specs = {f"{flag:g} / {halt:g} eV/A": Thresholds(force_std_flag=flag, force_std_halt=halt)}
     specs.update({f"{f:g} / {h:g} x q99": Thresholds(calibrated_flag=f, calibrated_halt=h) for f, h in pairs})
     names = list(specs)
-    print("| T (K) | " + " | ".join(names) + " |\n|---" * (len(names) + 1) + "|")
+    print("| T (K) | " + " | ".join(names) + " |")
+    print("|" + "---|" * (len(names) + 1))
     for temperature in args.temperatures:
         counts, halts = dict.fromkeys(names, 0), {name: [] for name in names}
         for seed in args.seeds:
