@@ -34,7 +34,8 @@ class MDConfig:
         n_samples: Monte Carlo samples per uncertainty check.
         uq_interval: steps between uncertainty checks.
         traj_interval: steps between trajectory/log frames.
-        thresholds: flag/halt policy.
+        thresholds: flag/halt policy (default: none; ``blip md``'s are :data:`~blip_ase.md.DEFAULT_THRESHOLDS`,
+            in calibrated units, resolved to eV/A when the run loads its model).
         physical: the physical checks (fragmentation, atoms too close, temperature runaway,
             energy jump; :class:`~blip_ase.md.physics.PhysicalChecks`); a mapping of its fields
             is converted (JSON; ``{"enabled": false}`` switches every check off, as None does
