@@ -10,6 +10,7 @@ import sys
 
 from blip_ase.cli.compute import add_compute_options
 from blip_ase.md.config import MDConfig
+from blip_ase.md.policy import DEFAULT_THRESHOLDS
 
 HELP = "run uncertainty-monitored molecular dynamics (MAP forces, Monte Carlo uncertainty every k steps)"
 
@@ -173,8 +174,7 @@ def _temperatures(text: str) -> float | tuple[float, ...]:
 def _add_monitor(group) -> None:
     group.add_argument("--n-samples", type=int, default=D.n_samples, help="Monte Carlo samples per uncertainty check")
     group.add_argument("--uq-interval", type=int, default=D.uq_interval, help="steps between uncertainty checks")
-    from blip_ase.md.policy import DEFAULT_THRESHOLDS as T
-
+    T = DEFAULT_THRESHOLDS
     group.add_argument(
         "--flag-calibrated",
         type=_optional_float,
