@@ -43,7 +43,8 @@ class MDConfig:
             estimate of an atom is also ``1.5 x`` that check's measured std times the change of
             the screen's bound since (:meth:`~blip_ase.md.tracker.Tracker.screen`); 0: the bound alone.
         traj_interval: steps between trajectory/log frames.
-        thresholds: flag/halt policy.
+        thresholds: flag/halt policy (default: none; ``blip md``'s are :data:`~blip_ase.md.DEFAULT_THRESHOLDS`,
+            in calibrated units, resolved to eV/A when the run loads its model).
         physical: the physical checks (fragmentation, atoms too close, temperature runaway,
             energy jump; :class:`~blip_ase.md.physics.PhysicalChecks`); a mapping of its fields
             is converted (JSON; ``{"enabled": false}`` switches every check off, as None does

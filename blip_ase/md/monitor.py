@@ -30,6 +30,7 @@ from blip_ase.md.policy import (  # re-exported: the public names of the policy 
     Thresholds,
     evaluate_frame,
     non_finite_keys,
+    resolve_for_calculator,
 )
 from blip_ase.md.tracker import Tracker
 from blip_ase.md.writers import FrameWriter, HistoryCSV
@@ -59,7 +60,8 @@ class UncertaintyMonitor:
 
     Args:
         dyn: the ASE dynamics (for ``nsteps``, ``get_time()``, ``atoms`` and stopping).
-        thresholds: the policy.
+        thresholds: the policy; calibrated force-std thresholds are resolved to eV/A here against
+            the calculator's ``reference`` (:meth:`~blip_ase.md.policy.Thresholds.resolve`).
         writers: flagged-frame writers (:class:`~blip_ase.md.writers.ExtXYZFrameWriter`, ...).
         history_file: optional CSV receiving one line per checked frame.
         n_samples: Monte Carlo samples per check (None = the calculator's ``n_samples``).
@@ -103,9 +105,9 @@ class UncertaintyMonitor:
     ):
         self.dyn = dyn
         self.screen = screen
-        self.thresholds = thresholds
         self.n_samples = n_samples
         self.atoms = atoms if atoms is not None else getattr(dyn.atoms, "atoms", dyn.atoms)
+        self.thresholds = thresholds = resolve_for_calculator(thresholds, self.atoms.calc)  # calibrated -> eV/A
         self.on_check = on_check
         if temperature_K is None and getattr(dyn, "temp", None) is not None:
             temperature_K = float(dyn.temp) / units.kB

@@ -20,7 +20,6 @@ from blip_ase.md.physics import PhysicalChecks, PhysicalState
 from blip_ase.md.policy import FrameReport, Thresholds, evaluate_frame, with_halt
 from blip_ase.md.writers import FlaggedFrame, FrameWriter, HistoryCSV
 
-
 ANCHOR_MARGIN = 1.5
 """Safety factor on the anchored screen estimate ``std_0 * bound / bound_0`` (:meth:`Tracker.screen`)."""
 

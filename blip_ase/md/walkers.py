@@ -19,9 +19,12 @@ draws its thermostat noise from torch's global generator for the whole batch (it
 generator), so a Langevin run is reproducible for the same seed and walkers, but a walker's path
 depends on the batch it runs in. Other ensembles are refused (see :data:`REFUSED`).
 
-Every walker has its own :class:`~blip_ase.md.tracker.Tracker` (the one ``run_md`` uses: same
-policy, physical checks, records, exports and stop reasons); the summary counts the walkers per
-status (``n_running``, ``n_completed``, ``n_halted``, ``n_interrupted``).
+Thresholds in calibrated units are resolved to eV/A per element once, against the model's
+calibration reference, before the run starts (``summary.json``: ``thresholds`` resolved,
+``config.thresholds`` as given). Every walker has its own :class:`~blip_ase.md.tracker.Tracker`
+(the one ``run_md`` uses: same policy, physical checks, records, exports and stop reasons); the
+summary counts the walkers per status (``n_running``, ``n_completed``, ``n_halted``,
+``n_interrupted``).
 
 Outputs in ``out``: ``flagged.extxyz`` and ``flagged.h5`` (as ``blip md``, plus ``walker``),
 ``uncertainty.csv`` (``walker`` first), ``uncertainty.png`` (one labelled line per walker, the
@@ -33,7 +36,7 @@ entry per walker with its status and stop reason).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +47,7 @@ from blip_ase.md.config import MDConfig
 from blip_ase.md.dynamics import thermalize
 from blip_ase.md.inputs import check_inputs, load_calculator, read_structures, structure_path
 from blip_ase.md.lifecycle import RunLifecycle, check_output, prepare_output
+from blip_ase.md.policy import resolve_for_calculator
 from blip_ase.md.tracker import Tracker
 from blip_ase.md.writers import ExtXYZFrameWriter, HDF5FrameWriter, WalkerHistoryCSV, plot_history, read_history
 
@@ -403,10 +407,11 @@ def run_walkers(config: WalkersConfig) -> dict:
     if calc.model.device.type == "cpu":  # many small systems: one pass for all samples is faster
         calc.max_batch_atoms = max(calc.max_batch_atoms, CPU_MAX_BATCH_ATOMS)
     walkers = _walkers(config, calc.model)
+    resolved = replace(md, thresholds=resolve_for_calculator(md.thresholds, calc, source=str(path)))  # in eV/A
     check_output(md, restartable=False)
     model = BLIPModel(calc)
     out = prepare_output(md, OUTPUT_FILES, restartable=False)
-    run = WalkerRun(config, model, walkers, out, cutoff_A=calc.model.cutoff)
+    run = WalkerRun(replace(config, md=resolved), model, walkers, out, cutoff_A=calc.model.cutoff)
     life = RunLifecycle(
         out, _run_info(config, path, walkers), state=run.summary_state, step=lambda: run.step,
         summary_every_s=md.summary_every_s,
@@ -432,7 +437,7 @@ def run_walkers(config: WalkersConfig) -> dict:
 
     def plot(png: Path, summary: dict) -> None:
         title = f"{config.n_walkers} walkers {md.ensemble} ({summary['status']})"
-        t = md.thresholds
+        t = resolved.thresholds
         labels = {w.index: f"walker {w.index}, {w.temperature_K:g} K ({w.status})" for w in walkers}
         plot_history(png, read_history(out / "uncertainty.csv"), flag=t.force_std_flag, halt=t.force_std_halt,
                      title=title, labels=labels)  # fmt: skip
