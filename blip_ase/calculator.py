@@ -11,6 +11,10 @@ Results (units eV, Angstrom; ASE Voigt order xx yy zz yz xz xy for stress, eV/A^
 - ``stress_variance``: ``(6,)`` (eV/A^3)^2, periodic cells only.
 - ``energy_samples``, ``forces_samples``: ``(S,)``, ``(S, n, 3)``, with ``keep_samples=True``.
 
+A deterministic model with LLPR data (``blip llpr``) gives in ``mode="mc"`` its MAP results and
+closed-form variances (:mod:`blip_ase.inference.llpr`): no samples, so ``n_samples`` and ``seed``
+change nothing and no sample keys are returned.
+
 Variance and sample keys exist in MC mode only: in MAP mode (and ``stress`` for a cell that is
 not periodic in all three directions) the key is absent and ``get_property`` raises ASE's
 ``PropertyNotImplementedError``. :meth:`BLIPCalculator.monte_carlo` returns the MC keys for the
@@ -101,8 +105,10 @@ class BLIPCalculator(Calculator):
         super().__init__()
         if mode not in ("mc", "map"):
             raise ValueError(f"mode must be 'mc' or 'map', got {mode!r}")
-        if mode == "mc" and not model.is_bayesian:
-            raise ValueError("mode='mc' needs a Bayesian model; this model is deterministic: use mode='map'")
+        if mode == "mc" and not model.has_uncertainty:
+            raise ValueError(
+                "mode='mc' needs a Bayesian model or LLPR data (blip llpr); this model is deterministic: use mode='map'"
+            )
         self.n_samples = checked_samples(n_samples)
         self.mode: Mode = mode
         self.keep_samples = bool(keep_samples)
@@ -205,8 +211,8 @@ class BLIPCalculator(Calculator):
             ValueError: the model is deterministic, or bad input (see :meth:`calculate`).
             RuntimeError: no ``atoms`` given and nothing calculated yet.
         """
-        if not self.model.is_bayesian:
-            raise ValueError("monte_carlo needs a Bayesian model; this model is deterministic")
+        if not self.model.has_uncertainty:
+            raise ValueError("monte_carlo needs a Bayesian model or LLPR data (blip llpr); this model is deterministic")
         if atoms is None:
             if self.atoms is None:
                 raise RuntimeError("monte_carlo() has no configuration: pass atoms or run a calculation first")

@@ -1,4 +1,4 @@
-"""Compare uncertainty methods on ammonia and acetylacetone: deterministic PaiNN, MC dropout,
+"""Compare uncertainty methods on ammonia and acetylacetone: deterministic PaiNN, LLPR, MC dropout,
 deep ensemble, BLIP with the shipped defaults and BLIP with the paper's settings.
 
     python md_scripts/compare_uq.py --out runs/compare_uq
@@ -25,11 +25,14 @@ never used for either):
 ``--dev`` replaces the test sets by a development split of the training pool (see
 :func:`split_data`): defaults are chosen on it, never on the test sets.
 
-Methods: ``blip`` = the example config as shipped; ``blip_paper`` = the paper's settings
+Methods: ``llpr`` = last-layer prediction rigidity fitted post hoc (``blip llpr``) on the
+deterministic baseline of the same seed: covariance on its training split, scale alpha^2 on its
+validation split (then calibrated like the others); ``blip`` = the example config as shipped; ``blip_paper`` = the paper's settings
 (:data:`PAPER`); ``--variant NAME=JSON`` adds a BLIP run with nested config overrides (ablations).
 Seeds: BLIP, its variants and MC dropout use seed ``s``; the deep ensemble of seed ``s`` has
 members with seeds ``N*s ... N*s + N - 1`` and the deterministic baseline of seed ``s`` is its
-first member. Runs use one torch thread each, ``--jobs`` at a time.
+first member (trained alone, with the same seed, when the ensemble is not asked for). Runs use one
+torch thread each, ``--jobs`` at a time.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
-METHODS = ["deterministic", "mc_dropout", "ensemble", "blip", "blip_paper"]
+METHODS = ["deterministic", "llpr", "mc_dropout", "ensemble", "blip", "blip_paper"]
 PAPER = {  # BLIP as in the paper (appendix C.2): lambda 10, p0 0.5, element-only beta, MAP selection
     "bayes": {"p0": 0.5, "kl_weight": 10.0, "p_max": 0.8, "n_rbf": 20, "neighbourhood": False},
     "optim": {"posterior_lr": None},
@@ -122,9 +125,13 @@ def make_jobs(benchmarks: list[str], methods: list[str], seeds: list[int], membe
     for b in benchmarks:
         extra = variants if b in variant_benchmarks else {}
         for s in seeds:
-            if "ensemble" in methods or "deterministic" in methods:
+            llpr = "llpr" in methods
+            if "ensemble" in methods:
                 jobs.append({"benchmark": b, "method": "ensemble", "seed": s, "train_seed": members * s,
-                             "overrides": {"deterministic": True, "ensemble": members}})
+                             "overrides": {"deterministic": True, "ensemble": members}, "llpr": llpr})
+            elif "deterministic" in methods or llpr:  # member 0 of the ensemble of seed s, alone
+                jobs.append({"benchmark": b, "method": "deterministic", "seed": s, "train_seed": members * s,
+                             "overrides": {"deterministic": True}, "llpr": llpr})
             if "blip" in methods:
                 jobs.append({"benchmark": b, "method": "blip", "seed": s, "train_seed": s, "overrides": {}})
             if "blip_paper" in methods:
@@ -146,6 +153,7 @@ def run_job(job: dict, data: dict[str, Path], out: Path, epochs: dict[str, int |
     torch.set_num_threads(1)
     from blip_ase.training import load_config, train, with_overrides
     from blip_ase.uq.evaluate import calibrate, evaluate
+    from blip_ase.uq.llpr import llpr_checkpoint
 
     b = job["benchmark"]
     cfg = load_config(EXAMPLES / b / "config.yaml", progress=False, seed=job["train_seed"], epochs=epochs[b])
@@ -157,14 +165,22 @@ def run_job(job: dict, data: dict[str, Path], out: Path, epochs: dict[str, int |
     models = [(job["method"], run_dir / "model.pt")]
     if job["method"] == "ensemble":
         models = [("ensemble", run_dir / "model.pt"), ("deterministic", run_dir / "member_0" / "model.pt")]
+    if job.get("llpr"):  # post hoc on the deterministic baseline: covariance on train, alpha^2 on val
+        det = models[-1][1]
+        start = time.perf_counter()
+        fit = llpr_checkpoint(det, data["train"], data["val"], det.with_name("llpr.pt"), overwrite=True)
+        models.append(("llpr", det.with_name("llpr.pt")))
+        llpr_fit = fit | {"seconds": time.perf_counter() - start}
     results = []
     for method, path in models:
         row = {"benchmark": b, "method": method, "seed": job["seed"], "checkpoint": str(path),
                "train_seconds": train_seconds, "best_epoch": summary.get("best_epoch"), "overrides": job["overrides"]}
+        if method == "llpr":
+            row["llpr_fit"] = llpr_fit
         if method == "deterministic":
             row["metrics"] = evaluate(path, data["test"], ood_path=data["ood"], n_samples=n_samples, seed=0)
         else:
-            calibrated = path.with_name("model_calibrated.pt")
+            calibrated = path.with_name(f"{path.stem}_calibrated.pt")
             fit = calibrate(path, data["val"], calibrated, n_samples=n_samples, seed=1, overwrite=True)
             row["calibration"], row["val"] = fit["calibration"], fit["after"]  # val: what selects defaults
             row["metrics"] = evaluate(calibrated, data["test"], ood_path=data["ood"], n_samples=n_samples, seed=0)
@@ -180,7 +196,7 @@ def _cell(values: list[float | None], factor: float, fmt: str) -> str:
     return f"{vals.mean():{fmt}} ± {vals.std(ddof=1) if vals.size > 1 else 0.0:{fmt}}"
 
 
-ORDER = ["deterministic", "mc_dropout", "ensemble", "blip_paper", "blip"]
+ORDER = ["deterministic", "llpr", "mc_dropout", "ensemble", "blip_paper", "blip"]
 
 
 def _sort_key(name: str) -> tuple:
@@ -191,7 +207,8 @@ def _sort_key(name: str) -> tuple:
 def _label(method: str, members: int) -> str:
     if method.startswith("mc_dropout_p"):
         return f"MC dropout (p = {method.removeprefix('mc_dropout_p')})"
-    fixed = {"deterministic": "Deterministic PaiNN", "ensemble": f"Deep ensemble ({members})",
+    fixed = {"deterministic": "Deterministic PaiNN", "llpr": "LLPR (post hoc on the deterministic PaiNN)",
+             "ensemble": f"Deep ensemble ({members})",
              "blip": "**BLIP (shipped defaults)**", "blip_paper": "BLIP (paper settings)"}
     return fixed.get(method, f"BLIP, {method.removeprefix('blip_')}")
 
@@ -295,10 +312,11 @@ def main(argv: list[str] | None = None) -> int:
 
     write_json(out / "results.json", {"args": vars(args), "wall_seconds": wall, "runs": rows})
     command = " ".join(["python", "md_scripts/" + Path(__file__).name, *argv])
-    tables = [f"Produced by `{command}` in {wall / 60:.0f} min on 2 CPU cores ({args.jobs} runs at a time, "
+    tables = [(f"Produced by `{command}` in {wall / 60:.0f} min on 2 CPU cores ({args.jobs} runs at a time, "
               f"one torch thread each); mean ± std over seeds {args.seeds}; {args.n_samples} Monte Carlo samples "
               f"(ensemble: its {args.members} members). Forces per component; ECE, NLL (nats, eV/Å) and Spearman "
-              f"as in DESIGN.md; AUROC separates ID test from OOD structures by the mean per-atom force std.\n"]
+              f"as in DESIGN.md; AUROC separates ID test from OOD structures by the mean per-atom force std. "
+              f"LLPR's \"uncalibrated\" rows include its own scale alpha^2, fitted on the validation split.\n")]
     if args.dev:
         tables.append("Development split (`--dev`): no test set was read. The ammonia OOD set is "
                       "`examples/ammonia/dev_ood.extxyz` (PySCF labels: its energies are on another reference, so "

@@ -61,12 +61,13 @@ def test_a_batch_of_walkers_equals_separate_single_walker_runs(model_path, start
     """NVE: trajectories and Monte Carlo uncertainties of each walker are those of its own run."""
     temperatures = (300.0, 800.0, 1500.0)
     thresholds = Thresholds(force_std_flag=0.0, force_std_halt=None)  # every check is flagged and exported
-    md = config(model_path, tmp_path / "batch", ensemble="nve", thresholds=thresholds)
+    # the tiny random model's 1500 K NVE flies apart; this test is about batching, not physics
+    md = config(model_path, tmp_path / "batch", ensemble="nve", thresholds=thresholds, physical=None)
     summary = run_walkers(WalkersConfig(md, n_walkers=3, temperatures_K=temperatures, structures=(str(starts),)))
     assert summary["status"] == "completed" and [w["status"] for w in summary["walkers"]] == ["completed"] * 3
     flagged = read(tmp_path / "batch" / "flagged.extxyz", ":")
     for k in range(3):
-        alone = config(model_path, tmp_path / f"alone{k}", ensemble="nve", seed=k, thresholds=thresholds)
+        alone = config(model_path, tmp_path / f"alone{k}", ensemble="nve", seed=k, thresholds=thresholds, physical=None)
         run_walkers(WalkersConfig(alone, temperatures_K=(temperatures[k],), structures=(f"{starts}@{k}",)))
         batch_traj, alone_traj = trajectory(tmp_path / "batch", k), trajectory(tmp_path / f"alone{k}", 0)
         assert batch_traj.shape == (7, 4, 3) and np.ptp(batch_traj[:, :, 0], axis=0).max() > 1e-3  # the atoms moved
@@ -130,7 +131,7 @@ def test_langevin_walkers_repeat_with_the_same_seed_and_follow_their_own_tempera
     runs = []
     for name, seed in (("a", 3), ("b", 3), ("c", 4)):
         md = config(model_path, tmp_path / name, steps=200, uq_interval=10, seed=seed, friction_per_fs=0.05,
-                    thresholds=Thresholds(force_std_flag=None, force_std_halt=None))  # fmt: skip
+                    thresholds=Thresholds(force_std_flag=None, force_std_halt=None), physical=None)  # fmt: skip
         run_walkers(WalkersConfig(md, n_walkers=2, temperatures_K=(100.0, 2000.0), structures=(f"{starts}@0",)))
         runs.append([trajectory(tmp_path / name, k) for k in range(2)])
     np.testing.assert_array_equal(runs[0][0], runs[1][0])

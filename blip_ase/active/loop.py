@@ -31,7 +31,7 @@ from ase.data import chemical_symbols
 
 from blip_ase.active.config import LearnConfig
 from blip_ase.active.oracle import check_oracle
-from blip_ase.active.stages import STAGE_FUNCTIONS, Run, final_reason
+from blip_ase.active.stages import STAGE_FUNCTIONS, Run, final_reason, train_config
 from blip_ase.active.state import LoopState, read_state
 from blip_ase.data.readers import frame_labels, read_frames
 from blip_ase.training.config import with_overrides
@@ -199,16 +199,3 @@ def run_learn(
         run.save(read_state(out).replace(status="interrupted", signal=signal.Signals(signum).name))
         raise
     return state
-
-
-def train_config(config: LearnConfig, checkpoint: str, k: int, device: str | None):
-    """The fine-tune of round ``k``: the checkpoint's own training configuration with ``train.config``
-    applied (ValueError for an unknown key or choice)."""
-    from blip_ase.models.checkpoint import read_checkpoint
-    from blip_ase.training.config import TrainConfig, from_dict
-
-    stored = (read_checkpoint(checkpoint).get("training") or {}).get("config")
-    base = from_dict(TrainConfig, stored, "the checkpoint's training config") if stored else TrainConfig()
-    overrides = {"seed": config.seed + k, "progress": False, "ensemble": 1, **config.train.config}
-    overrides |= {} if device is None else {"device": device}
-    return with_overrides(base, overrides, "train.config")

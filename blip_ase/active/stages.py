@@ -28,6 +28,7 @@ from blip_ase.active.state import LoopState
 from blip_ase.data.readers import read_frames
 from blip_ase.md.writers import write_extxyz_atomically
 from blip_ase.strict_json import write_json
+from blip_ase.training.config import with_overrides
 
 PROVENANCE_KEYS = ("frame_id", "round", "walker", "step", "temperature_K", "uncertainty")
 
@@ -257,7 +258,6 @@ def merge(run: Run, state: LoopState, selected: list[Atoms]) -> tuple[int, list[
 
 def train(run: Run, state: LoopState) -> LoopState:
     """Fine-tune from the current model on all data so far, calibrate, and go to the next round."""
-    from blip_ase.active.loop import train_config
     from blip_ase.training import train as fit
     from blip_ase.uq.evaluate import calibrate
 
@@ -287,3 +287,16 @@ def train(run: Run, state: LoopState) -> LoopState:
 STAGE_FUNCTIONS: dict[str, Callable[[Run, LoopState], LoopState]] = {
     "explore": explore, "select": select, "label": label, "train": train,
 }  # fmt: skip
+
+
+def train_config(config: LearnConfig, checkpoint: str, k: int, device: str | None):
+    """The fine-tune of round ``k``: the checkpoint's own training configuration with ``train.config``
+    applied (ValueError for an unknown key or choice)."""
+    from blip_ase.models.checkpoint import read_checkpoint
+    from blip_ase.training.config import TrainConfig, from_dict
+
+    stored = (read_checkpoint(checkpoint).get("training") or {}).get("config")
+    base = from_dict(TrainConfig, stored, "the checkpoint's training config") if stored else TrainConfig()
+    overrides = {"seed": config.seed + k, "progress": False, "ensemble": 1, **config.train.config}
+    overrides |= {} if device is None else {"device": device}
+    return with_overrides(base, overrides, "train.config")

@@ -1,7 +1,8 @@
 """Files shipped inside the package (found with ``importlib.resources``, so installed wheels work).
 
-- ``ammonia_model.pt``: the shipped BLIP PaiNN model of NH3 (the default of ``blip md``); how it
-  was trained is in README.md, section "Training". This is its only copy: retrain into this path.
+- ``ammonia_model.pt``: the shipped BLIP PaiNN model of NH3 (the default of ``blip md``),
+  calibrated; how it was trained and calibrated is in ``docs/guide/train.md`` ("The shipped
+  model"). This is its only copy: retrain and recalibrate into this path.
 - ``ammonia_nh3.xyz``: the NH3 equilibrium geometry, the default starting structure. Data licence
   (MIT, Schwalbe-Koda et al. 2021): ``examples/ammonia/DATA_LICENSE.md``.
 """

@@ -3,11 +3,8 @@
 ``blip_ase.cli.main`` applies them before a subcommand runs, so an unavailable device is one
 line (``blip md: error: device 'cuda' is not available: ...``) before anything is read or written.
 
-Default threads, measured on the 2-core machine of the README's numbers (torch 2.13, CPU):
-``blip eval`` of the 17 ammonia validation structures with 100 samples took 7.7 s with one thread
-and 30 s with two (the machine also ran another job); issue 12 reported 2x to 13x for train, eval
-and calibrate (``calibrate --isotonic``: 9 s against 120 s). The models are small, so several
-threads mostly synchronise. Give a larger value on a big idle machine.
+The default of one torch thread and the measurements behind it are in the documentation
+(``docs/performance.md``, "Threads").
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ SUBCOMMANDS = {
     "md": "blip_ase.cli.md",
     "eval": "blip_ase.cli.eval",
     "calibrate": "blip_ase.cli.calibrate",
+    "llpr": "blip_ase.cli.llpr",
     "learn": "blip_ase.cli.learn",
 }
 HELP = {
@@ -25,6 +26,7 @@ HELP = {
     "md": "run uncertainty-monitored molecular dynamics",
     "eval": "evaluate accuracy and uncertainty (ECE, NLL, CRPS, Spearman, AUROC) of a checkpoint",
     "calibrate": "fit variance scale factors (optionally isotonic) on validation data",
+    "llpr": "fit LLPR (last-layer prediction rigidity) variances post hoc on a deterministic model",
     "learn": "active learning: monitored MD, selection, DFT/ASE/external labels, fine-tuning, round after round",
 }
 

@@ -19,7 +19,11 @@ Outputs in --out: md.traj (ASE trajectory, restart point), md.log, flagged.extxy
 blip_energy_variance, step, time, reason, flagged_atoms), uncertainty.csv and uncertainty.png
 (history and plot), summary.json (counts, thresholds, stop reason, timings). A frame above a halt
 threshold is exported and stops the run at that step (summary status "halted"); so does a frame
-whose prediction or uncertainty is not finite (NaN or inf: reason "non-finite prediction").
+whose prediction or uncertainty is not finite (NaN or inf: reason "non-finite prediction"), and
+one that fails a physical check, which the model's uncertainty cannot see (an isolated atom has
+zero force std): "fragmented" (a molecule's bond graph split, or an atom with no neighbour within
+the model cutoff), "too_close", "temperature_runaway", "energy_jump". summary.json "stop_check"
+and the "check" column of uncertainty.csv name the check that stopped the run.
 
 Exit codes: 0 completed or halted (summary.json "status" tells which), 1 failed during the run
 (status "failed", the error in summary.json), 2 bad input (nothing is created), 130 interrupted by
@@ -60,6 +64,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _add_io(parser.add_argument_group("input and output"))
     _add_dynamics(parser.add_argument_group("dynamics"))
     _add_monitor(parser.add_argument_group("uncertainty monitor (a threshold given as 'none' is off)"))
+    _add_physical(parser.add_argument_group("physical checks, each halting with its own reason ('none' is off)"))
     _add_walkers(parser.add_argument_group("many walkers in one batched pass (torch-sim)"))
     add_compute_options(parser)
 
@@ -204,6 +209,55 @@ def _add_monitor(group) -> None:
     )
 
 
+def _add_physical(group) -> None:
+    p = D.physical
+    group.add_argument(
+        "--bond-factor",
+        type=_optional_float,
+        default=p.bond_factor,
+        help="fragmented: atoms are bonded below this times the sum of their covalent radii; halt when a "
+        "molecule's bond graph splits relative to the start structure",
+    )
+    group.add_argument(
+        "--no-isolated-check",
+        action="store_true",
+        help="do not halt (fragmented) when an atom has no neighbour within the model cutoff",
+    )
+    group.add_argument(
+        "--min-distance-factor",
+        type=_optional_float,
+        default=p.min_distance_factor,
+        help="too_close: halt when two atoms are closer than this times the sum of their covalent radii",
+    )
+    group.add_argument(
+        "--runaway-temperature-factor",
+        type=_optional_float,
+        default=p.temperature_factor,
+        help="temperature_runaway: halt when T is above this times --temperature-K ...",
+    )
+    group.add_argument(
+        "--runaway-checks", type=int, default=p.temperature_checks, help="... at this many consecutive checks"
+    )
+    group.add_argument(
+        "--energy-jump-eV-per-atom",
+        type=_optional_float,
+        default=p.energy_jump_eV_per_atom,
+        help="energy_jump: halt when the total energy per atom changes by more than this between two checks",
+    )
+    group.add_argument("--no-physical-checks", action="store_true", help="switch every physical check off")
+
+
+_PHYSICAL_FIELDS = {  # blip md option (argparse dest) -> PhysicalChecks field
+    "bond_factor": "bond_factor",
+    "no_isolated_check": "isolated",
+    "min_distance_factor": "min_distance_factor",
+    "runaway_temperature_factor": "temperature_factor",
+    "runaway_checks": "temperature_checks",
+    "energy_jump_eV_per_atom": "energy_jump_eV_per_atom",
+    "no_physical_checks": "physical",
+}
+
+
 _THRESHOLD_FIELDS = {  # blip md option (argparse dest) -> Thresholds field
     "flag_force_std_eV_per_A": "force_std_flag",
     "halt_force_std_eV_per_A": "force_std_halt",
@@ -215,7 +269,11 @@ _THRESHOLD_FIELDS = {  # blip md option (argparse dest) -> Thresholds field
     "element_threshold": "per_element",
 }
 _NEGATED = {"no_progress": "progress", "no_plot": "plot"}  # option -> MDConfig field it switches off
-_FIELD_OF_OPTION = {**_NEGATED, **dict.fromkeys(_THRESHOLD_FIELDS, "thresholds")}
+_FIELD_OF_OPTION = {
+    **_NEGATED,
+    **dict.fromkeys(_THRESHOLD_FIELDS, "thresholds"),
+    **dict.fromkeys(_PHYSICAL_FIELDS, "physical"),
+}
 
 
 def config_from_args(args: argparse.Namespace):
@@ -223,7 +281,7 @@ def config_from_args(args: argparse.Namespace):
     whose name is a field of MDConfig maps onto it; see ``_THRESHOLD_FIELDS`` and ``_NEGATED``)."""
     from dataclasses import fields
 
-    from blip_ase.md import MDConfig, Thresholds
+    from blip_ase.md import MDConfig, PhysicalChecks, Thresholds
 
     values = dict(vars(args))
     _walker_settings(values)  # a list of temperatures or structures is for --walkers only
@@ -231,6 +289,9 @@ def config_from_args(args: argparse.Namespace):
     thresholds["per_element"] = dict(thresholds["per_element"] or [])
     config = {f.name: values[f.name] for f in fields(MDConfig) if f.name in values}
     config.update({field: not values[option] for option, field in _NEGATED.items()})
+    physical = {field: values[option] for option, field in _PHYSICAL_FIELDS.items() if field != "physical"}
+    physical["isolated"] = not physical["isolated"]
+    config["physical"] = PhysicalChecks(**physical, enabled=not values["no_physical_checks"])
     return MDConfig(**config, thresholds=Thresholds(**thresholds))
 
 
@@ -270,7 +331,7 @@ def _given_fields(options: set[str] | None) -> set[str] | None:
 
 
 def _interrupt(signum, frame):
-    from blip_ase.md.run import Interrupted
+    from blip_ase.md.lifecycle import Interrupted
 
     raise Interrupted(signum)
 
@@ -285,7 +346,7 @@ def run(args: argparse.Namespace) -> int:
     import threading
 
     from blip_ase.md import run_md
-    from blip_ase.md.run import MDRunFailed
+    from blip_ase.md.lifecycle import MDRunFailed
 
     if args.respawn and args.walkers is None:
         raise ValueError("--respawn needs --walkers N")
@@ -318,7 +379,7 @@ def _run_walkers(args: argparse.Namespace) -> int:
     import signal
     import threading
 
-    from blip_ase.md.run import MDRunFailed
+    from blip_ase.md.lifecycle import MDRunFailed
     from blip_ase.md.walkers import run_walkers
 
     config = walkers_config_from_args(args)
@@ -334,10 +395,12 @@ def _run_walkers(args: argparse.Namespace) -> int:
         for sig, previous in handlers.items():
             signal.signal(sig, previous)
     t = summary["timings"]
+    counts = [f"{summary['n_completed']} completed", f"{summary['n_halted']} halted"]
+    counts += [f"{summary[f'n_{k}']} {k}" for k in ("interrupted", "running") if summary[f"n_{k}"]]
     print(
         f"{summary['status']}: {summary['n_walkers']} walkers to step {summary['final_step']} "
-        f"({t['walker_steps_per_second']:.0f} walker-steps/s), {summary['n_running']} running at the end, "
-        f"{summary['n_halted']} halted, {summary['n_checked']} checks, {summary['n_flagged']} flagged"
+        f"({t['walker_steps_per_second']:.0f} walker-steps/s): {', '.join(counts)}; "
+        f"{summary['n_checked']} checks, {summary['n_flagged']} flagged"
     )
     for w in summary["walkers"]:
         if w["stop_reason"]:
@@ -357,5 +420,5 @@ def _print_summary(summary: dict, out: str) -> None:
         f"{summary['n_flagged']} flagged, max force std {summary['max_force_std_max'] or 0:.3f} eV/A"
     )
     if summary["stop_reason"]:
-        print(f"stopped at {summary['stop_reason']}")
+        print(f"stopped ({summary.get('stop_check') or summary['status']}) at {summary['stop_reason']}")
     print(f"outputs in {out}/: flagged.extxyz flagged.h5 summary.json uncertainty.csv md.traj md.log")

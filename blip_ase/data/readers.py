@@ -24,39 +24,77 @@ HDF5_SUFFIXES = {".h5", ".hdf5"}
 DB_SUFFIXES = {".db", ".json"}
 
 
-def read_frames(path: str | Path, index: str = ":") -> list[Atoms]:
-    """Read all frames of ``path``; the format is chosen by suffix.
+def split_spec(spec: str | Path, default_index: str = ":") -> tuple[Path, str]:
+    """``FILE@INDEX`` -> ``(FILE, INDEX)``; a plain ``FILE`` (also one whose name holds an ``@``
+    and exists) -> ``(FILE, default_index)``. ``INDEX`` as ``ase.io.read`` takes it (``-1``,
+    ``0:4``, ``:``)."""
+    path = Path(spec)
+    name, _, tail = str(spec).rpartition("@")
+    if name and not path.exists():
+        return Path(name), tail
+    return path, default_index
+
+
+def read_frames(
+    spec: str | Path, index: str | None = None, *, any_format: bool = False, what: str = "data file"
+) -> list[Atoms]:
+    """The frames of ``spec``: ``FILE`` or ``FILE@INDEX`` (``index`` overrides; default ``":"``,
+    every frame). The one reader of the package: data sets, start structures, exports.
+
+    Args:
+        spec: the file, optionally with ``@INDEX`` (e.g. ``md_out/md.traj@-1``, ``data.extxyz@0:10``).
+        index: frames to read, as ``ase.io.read`` takes them (None: the spec's, else ``":"``).
+        any_format: read any format ``ase.io.read`` detects (structures: ``.traj``, ``.cif``,
+            ...); otherwise only extxyz, ASE db and HDF5 (labelled data), chosen by suffix.
+        what: how the file is named in messages (``"data file"``, ``"structure file"``).
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: unknown suffix, unreadable content or an empty file (message names the file).
+        ValueError: unknown suffix, unreadable content or no atoms (the message names the file).
     """
-    path = Path(path)
+    path, spec_index = split_spec(spec)
+    index = spec_index if index is None else index
     if not path.is_file():
-        raise FileNotFoundError(f"data file {path} does not exist")
+        raise FileNotFoundError(f"{what} {path} does not exist")
     suffix = path.suffix.lower()
+    known = EXTXYZ_SUFFIXES | DB_SUFFIXES | HDF5_SUFFIXES
+    if suffix not in known and not any_format:
+        raise ValueError(
+            f"{path}: unknown data format {suffix!r}; use extxyz ({', '.join(sorted(EXTXYZ_SUFFIXES))}), "
+            f"ASE db ({', '.join(sorted(DB_SUFFIXES))}) or HDF5 ({', '.join(sorted(HDF5_SUFFIXES))})"
+        )
     try:
-        if suffix in EXTXYZ_SUFFIXES:
-            from ase.io import read
-
-            frames = read(path, index=index, format="extxyz")
-        elif suffix in DB_SUFFIXES:
-            from ase.db import connect
-
-            frames = [row.toatoms(add_additional_information=True) for row in connect(path).select()]
-        elif suffix in HDF5_SUFFIXES:
-            frames = read_hdf5(path)
-        else:
-            raise ValueError(
-                f"{path}: unknown data format {suffix!r}; use extxyz ({', '.join(sorted(EXTXYZ_SUFFIXES))}), "
-                f"ASE db ({', '.join(sorted(DB_SUFFIXES))}) or HDF5 ({', '.join(sorted(HDF5_SUFFIXES))})"
-            )
-    except (OSError, KeyError, IndexError, StopIteration) as exc:
-        raise ValueError(f"cannot read {path} as {suffix.lstrip('.')}: {exc}") from exc
-    frames = frames if isinstance(frames, list) else [frames]
-    if not frames:
-        raise ValueError(f"{path} holds no structures")
+        frames = _read(path, suffix, index)
+    except Exception as exc:  # ase.io, h5py and ase.db raise many types for unreadable files
+        kind = suffix.lstrip(".") if suffix in known else "any ase.io format"
+        named = f"{path}" if what == "data file" else f"{what} {path}"
+        raise ValueError(f"cannot read {named} as {kind} (frames {index!r}): {type(exc).__name__}: {exc}") from exc
+    frames = [frames] if isinstance(frames, Atoms) else list(frames)
+    if not frames or any(not isinstance(a, Atoms) or len(a) == 0 for a in frames):
+        raise ValueError(f"{what} {path} holds no structures (frames {index!r})")
     return frames
+
+
+def _read(path: Path, suffix: str, index: str):
+    from ase.io import read
+
+    if suffix in EXTXYZ_SUFFIXES:
+        return read(path, index=index, format="extxyz")
+    if suffix in DB_SUFFIXES:
+        from ase.db import connect
+
+        return _pick([row.toatoms(add_additional_information=True) for row in connect(path).select()], index)
+    if suffix in HDF5_SUFFIXES:
+        return _pick(read_hdf5(path), index)
+    return read(path, index=index)
+
+
+def _pick(frames: list[Atoms], index: str) -> list[Atoms]:
+    """``frames[index]`` for an ``ase.io.read`` index string."""
+    from ase.io.formats import string2index
+
+    picked = frames[string2index(index)]
+    return picked if isinstance(picked, list) else [picked]
 
 
 def frame_labels(atoms: Atoms, *, need_stress: bool = False, where: str = "") -> dict[str, np.ndarray | float]:

@@ -35,6 +35,7 @@ from blip_ase.configuration import checked_int
 from blip_ase.data.graph import species_index, validate_atoms
 from blip_ase.devices import resolve_device
 from blip_ase.inference.calibration import validate_calibration, variance_factors
+from blip_ase.inference.llpr import llpr_statistics
 from blip_ase.inference.screen import Screen, atom_features
 from blip_ase.inference.statistics import map_results, monte_carlo_statistics
 from blip_ase.models.potential import Potential
@@ -345,9 +346,15 @@ class MonteCarloEngine:
             Per structure, :func:`~blip_ase.inference.statistics.monte_carlo_statistics` with the
             engine's calibration.
 
+        A deterministic model carrying LLPR data (``model.llpr``) gives its MAP results with
+        closed-form variances instead (:func:`~blip_ase.inference.llpr.llpr_statistics`; no
+        samples: ``n_samples``, ``generators`` and ``keep_samples`` are irrelevant).
+
         Raises:
-            ValueError: a deterministic model, or a generator count that does not match.
+            ValueError: a deterministic model without LLPR, or a generator count that does not match.
         """
+        if self.model.llpr is not None:
+            return llpr_statistics(self.model, prepared, self.map(prepared, stress=stress), self._factors)
         if not self.model.is_bayesian:
             raise ValueError("Monte Carlo needs a Bayesian model; this model is deterministic")
         n = self.samples_per_check(n_samples)

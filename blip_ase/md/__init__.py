@@ -1,8 +1,10 @@
-"""Uncertainty-monitored molecular dynamics: monitor, dynamics factory, flagged-frame writers."""
+"""Uncertainty-monitored molecular dynamics: policy and physical checks, monitor, dynamics factory,
+flagged-frame writers, the monitored run (:func:`run_md`) and batched walkers (:mod:`blip_ase.md.walkers`)."""
 
 from blip_ase.md.config import MDConfig
 from blip_ase.md.dynamics import ENSEMBLES, check_ensemble, make_dynamics, thermalize
 from blip_ase.md.monitor import FrameReport, Thresholds, UncertaintyMonitor, evaluate_frame
+from blip_ase.md.physics import PhysicalChecks
 from blip_ase.md.writers import (
     ExtXYZFrameWriter,
     FlaggedFrame,
@@ -22,6 +24,7 @@ __all__ = [
     "HDF5FrameWriter",
     "HistoryCSV",
     "MDConfig",
+    "PhysicalChecks",
     "Thresholds",
     "UncertaintyMonitor",
     "check_ensemble",

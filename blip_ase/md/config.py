@@ -10,7 +10,8 @@ from dataclasses import asdict, dataclass, field
 
 from blip_ase.configuration import checked_int, from_dict
 from blip_ase.md import dynamics as d
-from blip_ase.md.monitor import Thresholds
+from blip_ase.md.physics import PhysicalChecks
+from blip_ase.md.policy import Thresholds
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,10 @@ class MDConfig:
         uq_interval: steps between uncertainty checks.
         traj_interval: steps between trajectory/log frames.
         thresholds: flag/halt policy.
+        physical: the physical checks (fragmentation, atoms too close, temperature runaway,
+            energy jump; :class:`~blip_ase.md.physics.PhysicalChecks`); a mapping of its fields
+            is converted (JSON; ``{"enabled": false}`` switches every check off, as None does
+            in Python).
         device: torch device (None: CUDA if available, else CPU).
         overwrite: replace the outputs of an earlier run in ``out``.
         restart: continue the run in ``out`` from the last frame of ``md.traj`` with the stored
@@ -65,6 +70,7 @@ class MDConfig:
     uq_interval: int = 10
     traj_interval: int = 10
     thresholds: Thresholds = field(default_factory=Thresholds)
+    physical: PhysicalChecks = field(default_factory=PhysicalChecks)
     device: str | None = None
     overwrite: bool = False
     restart: bool = False
@@ -73,6 +79,7 @@ class MDConfig:
     summary_every_s: float = 2.0
 
     def __post_init__(self):
+        object.__setattr__(self, "physical", PhysicalChecks.from_value(self.physical))
         if self.ensemble not in d.ENSEMBLES:
             raise ValueError(f"unknown ensemble {self.ensemble!r}; choose one of {', '.join(d.ENSEMBLES)}")
         for name, least in (("steps", 0), ("n_samples", 2), ("uq_interval", 1), ("traj_interval", 1)):

@@ -45,9 +45,18 @@ def read_stored_config(out: Path) -> MDConfig:
         raise ValueError(f"cannot restart: {path} holds no readable run configuration ({exc})") from exc
 
 
-def option_name(field_name: str) -> str:
-    """The ``blip md`` option of an :class:`MDConfig` field, for messages."""
-    return {"thresholds": "the threshold options"}.get(field_name, "--" + field_name.replace("_", "-"))
+OPTION_NAMES = {  # MDConfig field -> how blip md sets it (None: no option; Python only)
+    "thresholds": "the threshold options",
+    "physical": "the physical-check options",
+    "progress": "--no-progress",
+    "plot": "--no-plot",
+    "summary_every_s": None,
+}
+
+
+def option_name(field_name: str) -> str | None:
+    """The ``blip md`` option of an :class:`MDConfig` field, for messages (None: it has none)."""
+    return OPTION_NAMES.get(field_name, "--" + field_name.replace("_", "-"))
 
 
 def _same(name: str, a, b) -> bool:
@@ -81,12 +90,12 @@ def restart_config(requested: MDConfig, stored: MDConfig, given: Collection[str]
     if given is None:
         given = [n for n in names if getattr(requested, n) != getattr(defaults, n)]
     conflicts = [
-        f"{option_name(n)} {getattr(requested, n)!r} (the run has {getattr(stored, n)!r})"
+        f"{option_name(n) or n} {getattr(requested, n)!r} (the run has {getattr(stored, n)!r})"
         for n in names
         if n in given and n not in CHANGEABLE_ON_RESTART and not _same(n, getattr(requested, n), getattr(stored, n))
     ]
     if conflicts:
-        allowed = ", ".join(option_name(n) for n in CHANGEABLE_ON_RESTART)
+        allowed = ", ".join(option_name(n) for n in CHANGEABLE_ON_RESTART if option_name(n))
         raise ValueError(
             "--restart continues the stored run with its own settings; these contradict it: "
             + "; ".join(conflicts)

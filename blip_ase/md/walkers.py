@@ -4,11 +4,12 @@
 as one torch-sim ``SimState`` by torch-sim's own integrators (``nve``, ``nvt_langevin``), driven
 by the MAP forces of :class:`~blip_ase.md.torchsim.BLIPModel`. Every ``uq_interval`` steps the
 Monte Carlo uncertainty of all running walkers is computed in one batched pass and the run's
-:class:`~blip_ase.md.monitor.Thresholds` are applied to each walker on its own
-(:func:`~blip_ase.md.monitor.evaluate_frame`, the policy of ``blip md``): a flagged walker's frame is
-exported with its walker id and it goes on; a halted walker (above a halt threshold, or a
-non-finite MAP prediction at any step) is exported, removed from the batch while the others run
-on, and with ``respawn`` started again from its start structure with a new seed.
+:class:`~blip_ase.md.policy.Thresholds` and physical checks are applied to each walker on its own
+(:func:`~blip_ase.md.policy.evaluate_frame`, the policy of ``blip md``): a flagged walker's frame is
+exported with its walker id and it goes on; a halted walker (above a halt threshold, failing a
+physical check, or a non-finite MAP prediction at any step) is exported, removed from the batch
+while the others run on, and with ``respawn`` started again from its start structure with a new
+seed.
 
 Reproducibility: walker ``k`` uses seed ``seed + k`` for its initial velocities (as
 ``blip md --seed``) and its Monte Carlo noise, which is drawn from generators of its own, so its
@@ -18,15 +19,19 @@ draws its thermostat noise from torch's global generator for the whole batch (it
 generator), so a Langevin run is reproducible for the same seed and walkers, but a walker's path
 depends on the batch it runs in. Other ensembles are refused (see :data:`REFUSED`).
 
+Every walker has its own :class:`~blip_ase.md.tracker.Tracker` (the one ``run_md`` uses: same
+policy, physical checks, records, exports and stop reasons); the summary counts the walkers per
+status (``n_running``, ``n_completed``, ``n_halted``, ``n_interrupted``).
+
 Outputs in ``out``: ``flagged.extxyz`` and ``flagged.h5`` (as ``blip md``, plus ``walker``),
-``uncertainty.csv`` (``walker`` first), ``uncertainty.png`` (one line per walker),
+``uncertainty.csv`` (``walker`` first), ``uncertainty.png`` (one labelled line per walker, the
+legend outside the axes),
 ``walker_<k>.traj`` (every ``traj_interval`` steps and the last frame) and ``summary.json`` (one
 entry per walker with its status and stop reason).
 """
 
 from __future__ import annotations
 
-import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,17 +42,10 @@ from ase import Atoms, units
 
 from blip_ase.md.config import MDConfig
 from blip_ase.md.dynamics import thermalize
-from blip_ase.md.monitor import FrameReport, evaluate_frame
-from blip_ase.md.run import check_inputs, check_output, prepare_output, read_frames, structure_path
-from blip_ase.md.writers import (
-    ExtXYZFrameWriter,
-    FlaggedFrame,
-    HDF5FrameWriter,
-    WalkerHistoryCSV,
-    plot_history,
-    read_history,
-)
-from blip_ase.strict_json import write_json
+from blip_ase.md.inputs import check_inputs, load_calculator, read_structures, structure_path
+from blip_ase.md.lifecycle import RunLifecycle, check_output, prepare_output
+from blip_ase.md.tracker import Tracker
+from blip_ase.md.writers import ExtXYZFrameWriter, HDF5FrameWriter, WalkerHistoryCSV, plot_history, read_history
 
 ENGINE_ENSEMBLES = {"nve": "nve", "nvt-langevin": "nvt_langevin"}
 """``blip md`` ensemble -> the torch-sim 0.3.0 integrator that runs it for batched walkers."""
@@ -116,20 +114,6 @@ class WalkersConfig:
         return self.temperatures_K[k if len(self.temperatures_K) > 1 else 0]
 
 
-def read_structures(spec: str) -> list[tuple[str, Atoms]]:
-    """Every frame of ``FILE`` (or the frames ``FILE@INDEX`` / ``FILE@A:B`` picks), each with a label.
-
-    Raises:
-        FileNotFoundError: no such file. ValueError: unreadable, or no atoms; the file is named.
-    """
-    path, index, frames = read_frames(spec)
-    if len(frames) == 1 and index == ":":
-        return [(str(path), frames[0])]
-    if index == ":":
-        return [(f"{path}@{k}", a) for k, a in enumerate(frames)]
-    return [(f"{path}@{index}" + (f"[{k}]" if len(frames) > 1 else ""), a) for k, a in enumerate(frames)]
-
-
 @dataclass
 class Walker:
     """One walker's settings and bookkeeping."""
@@ -141,27 +125,24 @@ class Walker:
     start: Atoms
     generator: torch.Generator = field(default_factory=torch.Generator)
     status: str = "running"
-    stop_reason: str | None = None
-    halt_step: int | None = None
-    n_checked: int = 0
-    n_flagged: int = 0
     respawns: int = 0
-    stds: list[float] = field(default_factory=list)
+    tracker: Tracker | None = None
 
     def summary(self) -> dict:
-        finite = [s for s in self.stds if np.isfinite(s)]
+        mine = self.tracker.summary()
         return {
             "walker": self.index,
             "status": self.status,
-            "stop_reason": self.stop_reason,
-            "halt_step": self.halt_step,
+            "stop_reason": mine["stop_reason"],
+            "stop_check": mine["stop_check"],
+            "halt_step": mine["halt_step"],
             "seed": self.seed,
             "temperature_K": self.temperature_K,
             "structure": self.source,
-            "n_checked": self.n_checked,
-            "n_flagged": self.n_flagged,
+            "n_checked": mine["n_checked"],
+            "n_flagged": mine["n_flagged"],
             "respawns": self.respawns,
-            "max_force_std_max": max(finite) if finite else None,
+            "max_force_std_max": mine["max_force_std_max"],
         }
 
 
@@ -195,9 +176,10 @@ class WalkerRun:
     Args:
         config: the run. model: the :class:`~blip_ase.md.torchsim.BLIPModel`.
         walkers: from :func:`_walkers`. out: the (created) output directory.
+        cutoff_A: the model's cutoff (the physical checks' isolated-atom distance), Angstrom.
     """
 
-    def __init__(self, config: WalkersConfig, model, walkers: list[Walker], out: Path):
+    def __init__(self, config: WalkersConfig, model, walkers: list[Walker], out: Path, *, cutoff_A: float):
         import torch_sim as ts
 
         self.config, self.model, self.walkers, self.out = config, model, walkers, out
@@ -212,6 +194,11 @@ class WalkerRun:
         self.tensor = tensor
         self.writers = [ExtXYZFrameWriter(out / "flagged.extxyz"), HDF5FrameWriter(out / "flagged.h5")]
         self.history = WalkerHistoryCSV(out / "uncertainty.csv")
+        for w in walkers:
+            w.tracker = Tracker(
+                md.thresholds, physical=md.physical, reference=w.start, cutoff_A=cutoff_A,
+                target_K=w.temperature_K, writers=self.writers, history_file=self.history, extra={"walker": w.index},
+            )  # fmt: skip
         self.trajectories: dict[int, object] = {}
         self.written: dict[int, int] = {}  # walker -> step of its last trajectory frame
         self.uq_seconds = 0.0
@@ -279,38 +266,17 @@ class WalkerRun:
         self.uq_seconds += time.perf_counter() - start
         structures = _structures(state)
         temperatures = self.temperatures()
+        time_fs = round(self.step * self.config.md.timestep_fs, 9)
         halted = []
         for p, walker, atoms, st in zip(positions, walkers, structures, stats):
-            report = evaluate_frame(st, atoms, self.config.md.thresholds)
-            if map_bad and report.level < 2:
-                report = _map_halt(report, "energy, forces")
-            self.record(walker, atoms, st, report, float(temperatures[p]))
+            report = walker.tracker.check(
+                atoms, st, step=self.step, time_fs=time_fs, temperature_K=float(temperatures[p]),
+                map_bad=("energy", "forces") if map_bad else (),
+            )  # fmt: skip
             if report.level == 2:
+                walker.status = "halted"
                 halted.append(p)
         return halted
-
-    def record(self, walker: Walker, atoms: Atoms, stats: dict, report: FrameReport, temperature: float) -> None:
-        time_fs = round(self.step * self.config.md.timestep_fs, 9)
-        self.history.write({
-            "walker": walker.index, "step": self.step, "time_fs": time_fs, "temperature_K": temperature,
-            "max_force_std": report.max_force_std, "max_relative_force_std": report.max_relative_force_std,
-            "energy_std": report.energy_std, "energy_std_per_atom": report.energy_std_per_atom, "level": report.level,
-        })  # fmt: skip
-        walker.n_checked += 1
-        walker.stds.append(report.max_force_std)
-        if report.level >= 1:
-            frame = FlaggedFrame(
-                atoms=atoms, step=self.step, time_fs=time_fs, reason=report.reason,
-                flagged_atoms=report.flagged_atoms, energy=float(stats["energy"]),
-                energy_variance=float(stats["energy_variance"]), forces=np.asarray(stats["forces"]),
-                forces_variance=np.asarray(stats["forces_variance"]), extra={"walker": walker.index},
-            )  # fmt: skip
-            for writer in self.writers:
-                writer.write(frame)
-            walker.n_flagged += 1
-        if report.level == 2:
-            walker.status, walker.halt_step = "halted", self.step
-            walker.stop_reason = f"step {self.step}: {report.reason}"
 
     def remove(self, positions: list[int], *, respawn: bool = True) -> list[int]:
         """Take the halted systems out of the batch; with ``respawn`` (and the run's ``respawn``)
@@ -330,6 +296,7 @@ class WalkerRun:
             walker = self.walkers[k]
             walker.respawns += 1
             walker.status = "running"
+            walker.tracker.rearm()
         fresh = self.start_state(gone, [_seed_of_respawn(self.config, self.walkers[k]) for k in gone])
         self.state = fresh if self.state is None else _concatenate([self.state, fresh])
         self.active += gone
@@ -357,6 +324,25 @@ class WalkerRun:
         for traj in self.trajectories.values():
             traj.close()
 
+    def summary_state(self, wall: float) -> dict:
+        """The live fields of the summary: counts over walkers, each walker, timings."""
+        per_walker = [w.summary() for w in self.walkers]
+        return {
+            "final_step": self.step,
+            **{f"n_{status}": sum(w.status == status for w in self.walkers) for status in WALKER_STATUSES},
+            "n_checked": sum(w["n_checked"] for w in per_walker),
+            "n_flagged": sum(w["n_flagged"] for w in per_walker),
+            "thresholds": self.config.md.thresholds.to_dict(),
+            "walkers": per_walker,
+            "timings": {
+                "wall_seconds": wall,
+                "uq_seconds": self.uq_seconds,
+                "md_seconds": wall - self.uq_seconds,
+                "walker_steps": self.walker_steps,
+                "walker_steps_per_second": self.walker_steps / wall if wall > 0 else None,
+            },
+        }
+
 
 def _structures(state) -> list[Atoms]:
     from blip_ase.md.torchsim import state_structures
@@ -368,12 +354,6 @@ def _concatenate(states):
     from torch_sim.state import concatenate_states
 
     return concatenate_states(states)
-
-
-def _map_halt(report: FrameReport, keys: str) -> FrameReport:
-    from dataclasses import replace
-
-    return replace(report, level=2, reason=f"halt: non-finite prediction: MAP {keys}")
 
 
 def run_walkers(config: WalkersConfig) -> dict:
@@ -388,59 +368,57 @@ def run_walkers(config: WalkersConfig) -> dict:
     Raises:
         FileExistsError, FileNotFoundError, ValueError: bad input, named, before anything exists.
     """
-    from blip_ase.md.run import _load_calculator
     from blip_ase.md.torchsim import BLIPModel
 
     md = config.md
-    calc, path = _load_calculator(md)
+    calc, path = load_calculator(md)
     if calc.model.device.type == "cpu":  # many small systems: one pass for all samples is faster
         calc.max_batch_atoms = max(calc.max_batch_atoms, CPU_MAX_BATCH_ATOMS)
     walkers = _walkers(config, calc.model)
     check_output(md, restartable=False)
     model = BLIPModel(calc)
-    out = prepare_output(md, restartable=False)
-    for old in out.glob("walker_*.traj"):  # an overwritten run's trajectories
-        old.unlink()
-    run = WalkerRun(config, model, walkers, out)
-    info = _run_info(config, path, walkers)
-    started = time.perf_counter()
-    status, signal_name = "completed", None
-    write_json(out / "summary.json", _summary(run, info, "running", started))
-    try:
+    out = prepare_output(md, OUTPUT_FILES, restartable=False)
+    run = WalkerRun(config, model, walkers, out, cutoff_A=calc.model.cutoff)
+    life = RunLifecycle(
+        out, _run_info(config, path, walkers), state=run.summary_state, step=lambda: run.step,
+        summary_every_s=md.summary_every_s,
+    )  # fmt: skip
+    life.tick(now=True)
+
+    def loop() -> None:
         with torch.random.fork_rng(devices=[model.device] if model.device.type == "cuda" else []):
             torch.manual_seed(md.seed)  # torch-sim's Langevin noise comes from the global generator
-            _execute(run, started, info)
-    except KeyboardInterrupt as exc:
-        status, signal_name = "interrupted", signal.Signals(getattr(exc, "signum", signal.SIGINT)).name
-    except Exception as exc:  # keep a truthful summary, then report it
-        from blip_ase.md.run import MDRunFailed
+            _execute(run, life)
 
-        info["error"] = f"{type(exc).__name__}: {exc}"
-        write_json(out / "summary.json", _summary(run, info, "failed", started))
-        where = out / "summary.json"
-        raise MDRunFailed(f"the run failed at step {run.step}: {info['error']} (summary in {where})") from exc
-    finally:
+    def cleanup() -> None:
         if run.state is not None:
             run.write_frames()  # the last frame of every running walker
         run.close()
+
+    status = life.run(loop, cleanup=cleanup)
     for w in walkers:
         if w.status == "running":
             w.status = "completed" if status == "completed" else status
     if status == "completed" and not run.active:
         status = "halted"
-    if signal_name is not None:
-        info["signal"] = signal_name
-    summary = _summary(run, info, status, started)
-    write_json(out / "summary.json", summary)
-    if md.plot:
-        title = f"{config.n_walkers} walkers {md.ensemble} ({status})"
+
+    def plot(png: Path, summary: dict) -> None:
+        title = f"{config.n_walkers} walkers {md.ensemble} ({summary['status']})"
         t = md.thresholds
-        plot_history(out / "uncertainty.png", read_history(out / "uncertainty.csv"), flag=t.force_std_flag,
-                     halt=t.force_std_halt, title=title)  # fmt: skip
-    return summary
+        labels = {w.index: f"walker {w.index}, {w.temperature_K:g} K ({w.status})" for w in walkers}
+        plot_history(png, read_history(out / "uncertainty.csv"), flag=t.force_std_flag, halt=t.force_std_halt,
+                     title=title, labels=labels)  # fmt: skip
+
+    return life.finish(status, plot if md.plot else None)
 
 
-def _execute(run: WalkerRun, started: float, info: dict) -> None:
+WALKER_STATUSES = ("running", "completed", "halted", "interrupted")
+"""A walker's status; the summary counts each (``n_running``, ``n_completed``, ...)."""
+OUTPUT_FILES = ("flagged.extxyz", "flagged.h5", "uncertainty.csv", "uncertainty.png", "summary.json", "walker_*.traj")
+"""What a batched run writes (removed from ``out`` first with ``overwrite``)."""
+
+
+def _execute(run: WalkerRun, life: RunLifecycle) -> None:
     md = run.config.md
     run.active = list(range(len(run.walkers)))
     run.state = run.start_state(run.active, [w.seed for w in run.walkers])
@@ -449,7 +427,6 @@ def _execute(run: WalkerRun, started: float, info: dict) -> None:
         from tqdm import tqdm
 
         pbar = tqdm(total=md.steps, unit="step", dynamic_ncols=True)
-    last_write = time.perf_counter()
     try:
         while True:
             bad = run.non_finite_systems()
@@ -470,9 +447,7 @@ def _execute(run: WalkerRun, started: float, info: dict) -> None:
             if pbar is not None:
                 pbar.update(1)
                 pbar.set_postfix_str(f"{len(run.active)} walkers running", refresh=False)
-            if halted or time.perf_counter() - last_write >= md.summary_every_s:
-                write_json(run.out / "summary.json", _summary(run, info, "running", started))
-                last_write = time.perf_counter()
+            life.tick(now=bool(halted))
     finally:
         if pbar is not None:
             pbar.close()
@@ -504,26 +479,3 @@ def _torch_sim_version() -> str:
     from importlib.metadata import version
 
     return version("torch-sim-atomistic")
-
-
-def _summary(run: WalkerRun, info: dict, status: str, started: float) -> dict:
-    wall = time.perf_counter() - started
-    per_walker = [w.summary() for w in run.walkers]
-    return {
-        "status": status,
-        **info,
-        "final_step": run.step,
-        "n_running": len(run.active),
-        "n_halted": sum(w.status == "halted" for w in run.walkers),
-        "n_checked": sum(w.n_checked for w in run.walkers),
-        "n_flagged": sum(w.n_flagged for w in run.walkers),
-        "thresholds": run.config.md.thresholds.to_dict(),
-        "walkers": per_walker,
-        "timings": {
-            "wall_seconds": wall,
-            "uq_seconds": run.uq_seconds,
-            "md_seconds": wall - run.uq_seconds,
-            "walker_steps": run.walker_steps,
-            "walker_steps_per_second": run.walker_steps / wall if wall > 0 else None,
-        },
-    }

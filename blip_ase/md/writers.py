@@ -43,8 +43,10 @@ HISTORY_FIELDS = (
     "energy_std",
     "energy_std_per_atom",
     "level",
+    "check",
 )
-"""Columns of the uncertainty history (``level``: 0 ok, 1 flagged, 2 halted)."""
+"""Columns of the uncertainty history (``level``: 0 ok, 1 flagged, 2 halted; ``check``: the
+checks that set the level, joined by ``+``, e.g. ``force_std`` or ``fragmented``; empty when ok)."""
 WALKER_HISTORY_FIELDS = ("walker", *HISTORY_FIELDS)
 """Columns of a many-walker run's history (:mod:`blip_ase.md.walkers`)."""
 
@@ -311,7 +313,7 @@ class HistoryCSV(_AppendedFile):
 
     def write(self, record: dict) -> None:
         buffer = io.StringIO()
-        csv.writer(buffer).writerow([record[k] for k in self.fields])
+        csv.writer(buffer).writerow([record.get(k, "") for k in self.fields])
         _append_atomically(self.path, buffer.getvalue())
 
     def truncate_after(self, step: int) -> None:
@@ -320,7 +322,7 @@ class HistoryCSV(_AppendedFile):
         with open(tmp, "w", newline="") as fh:
             out = csv.writer(fh)
             out.writerow(self.fields)
-            out.writerows([[r[k] for k in self.fields] for r in rows])
+            out.writerows([[r.get(k, "") for k in self.fields] for r in rows])
         tmp.replace(self.path)
 
 
@@ -336,12 +338,13 @@ def read_history(path: str | Path) -> list[dict]:
     rows = []
     with open(path, newline="") as fh:
         reader = csv.DictReader(fh)
-        names = [k for k in WALKER_HISTORY_FIELDS if k in (reader.fieldnames or ())]
+        names = [k for k in WALKER_HISTORY_FIELDS if k in (reader.fieldnames or ()) and k != "check"]
         for row in reader:
             try:
                 rec = {k: float(row[k]) for k in names}
             except (TypeError, ValueError):
                 continue
+            rec["check"] = row.get("check") or ""
             for k in ("walker", "step", "level"):
                 if k in rec:
                     rec[k] = int(rec[k])
@@ -356,52 +359,89 @@ def plot_history(
     flag: float | None,
     halt: float | None,
     title: str = "",
-) -> None:
-    """PNG of the max per-atom force std (eV/A) and temperature (K) against time (fs); one line
-    per walker when the records have a ``walker`` key.
+    labels: dict[int, str] | None = None,
+):
+    """PNG of the max per-atom force std (eV/A) and the temperature (K) against the step (time in
+    fs on the top axis); one line per walker, each in the legend, when the records have a
+    ``walker`` key. The legend shows only what happened: flagged and halted points (with the
+    check that halted) appear when there are some; threshold lines when they are set.
 
     Args:
         path: output PNG.
         history: records with the ``HISTORY_FIELDS`` keys (and ``walker``).
         flag, halt: force-std thresholds drawn as horizontal lines (None = not drawn).
         title: figure title.
+        labels: walker id -> its legend label (default ``walker k``).
+
+    Returns:
+        The (closed) matplotlib figure, for inspection.
     """
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    t = np.array([r["time_fs"] for r in history], dtype=float)
+    step = np.array([r["step"] for r in history], dtype=float)
     std = np.array([r["max_force_std"] for r in history], dtype=float)
-    level = np.array([r["level"] for r in history], dtype=int)
-    walker = np.array([r.get("walker", 0) for r in history], dtype=int)
-    lines = np.unique(walker)
-    fig, (ax, ax_t) = plt.subplots(2, 1, figsize=(7, 5), sharex=True, height_ratios=(2, 1))
     temperature = np.array([r["temperature_K"] for r in history], dtype=float)
+    walker = np.array([r.get("walker", -1) for r in history], dtype=int)
+    lines = np.unique(walker)
+    many = len(lines) > 1 or lines.tolist() != [-1]
+    fig, (ax, ax_t) = plt.subplots(2, 1, figsize=(9 if many else 7, 5), sharex=True, height_ratios=(2, 1))
     for k, w in enumerate(lines):
         mine = walker == w
-        label = "max atomic force std" + (f" ({len(lines)} walkers, one line each)" if len(lines) > 1 else "")
-        color = "tab:blue" if len(lines) == 1 else plt.cm.viridis(k / max(len(lines) - 1, 1))
-        ax.plot(t[mine], std[mine], "-", color=color, lw=1 if len(lines) < 8 else 0.6, label=None if k else label)
-        thin = 1 if len(lines) < 8 else 0.5
-        ax_t.plot(t[mine], temperature[mine], color="tab:gray" if len(lines) == 1 else color, lw=thin)
-    ax.plot(t[level == 1], std[level == 1], "o", color="tab:orange", ms=4, label="flagged")
-    ax.plot(t[level == 2], std[level == 2], "X", color="tab:red", ms=8, label="halted")
-    if flag is not None:
-        ax.axhline(flag, color="tab:orange", ls="--", lw=1, label=f"flag = {flag:g} eV/A")
-    if halt is not None:
-        ax.axhline(halt, color="tab:red", ls="--", lw=1, label=f"halt = {halt:g} eV/A")
+        color = plt.cm.tab20(k % 20) if many else "tab:blue"
+        label = (labels or {}).get(int(w), f"walker {w}") if many else "max atomic force std"
+        ax.plot(step[mine], std[mine], "-", color=color, lw=1, label=label)
+        ax_t.plot(step[mine], temperature[mine], color=color if many else "tab:gray", lw=1)
+    _mark_events(ax, history, flag=flag, halt=halt)
     positive = std[std > 0]
     if positive.size and positive.max() > 10 * np.median(positive):  # a blow-up would flatten the rest
         ax.set_yscale("log")
     ax.set_ylabel("force std (eV/A)")
-    ax.legend(fontsize=8, loc="upper left")
+    if many:
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), ncol=1 + len(lines) // 20)
+    else:
+        ax.legend(fontsize=8, loc="upper left")
     ax.set_title(title, fontsize=9)
+    fs_per_step = _fs_per_step(history)
+    if fs_per_step:
+        top = ax.secondary_xaxis("top", functions=(lambda x: x * fs_per_step, lambda x: x / fs_per_step))
+        top.set_xlabel("time (fs)", fontsize=8)
     ax_t.set_ylabel("T (K)")
-    ax_t.set_xlabel("time (fs)")
+    ax_t.set_xlabel("step")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return fig
+
+
+def _mark_events(ax, history: list[dict], *, flag: float | None, halt: float | None) -> None:
+    """Flagged and halted points (one legend entry per halting check) and the threshold lines,
+    each only if there is one."""
+    step = np.array([r["step"] for r in history], dtype=float)
+    std = np.array([r["max_force_std"] for r in history], dtype=float)
+    level = np.array([r["level"] for r in history], dtype=int)
+    if (level == 1).any():
+        ax.plot(step[level == 1], std[level == 1], "o", mfc="none", mec="tab:orange", mew=1.5, ms=6,
+                zorder=5, label=f"flagged ({int((level == 1).sum())})")  # fmt: skip
+    for check in dict.fromkeys(r.get("check", "") for r in history if r["level"] == 2):
+        mine = np.array([r["level"] == 2 and r.get("check", "") == check for r in history])
+        ax.plot(step[mine], np.nan_to_num(std[mine]), "X", color="tab:red", mec="k", ms=9, zorder=6,
+                label=f"halted: {check or 'halt'} ({int(mine.sum())})")  # fmt: skip
+    if flag is not None:
+        ax.axhline(flag, color="tab:orange", ls="--", lw=1, label=f"flag = {flag:g} eV/A")
+    if halt is not None:
+        ax.axhline(halt, color="tab:red", ls="--", lw=1, label=f"halt = {halt:g} eV/A")
+
+
+def _fs_per_step(history: list[dict]) -> float | None:
+    """The time step (fs) if every record's time is its step times one constant."""
+    pairs = [(r["step"], r["time_fs"]) for r in history if r["step"] > 0]
+    if not pairs:
+        return None
+    dt = pairs[0][1] / pairs[0][0]
+    return dt if dt > 0 and all(abs(t - s * dt) <= 1e-6 * max(t, 1) for s, t in pairs) else None
 
 
 def read_restart(out: Path) -> tuple[Atoms, int]:

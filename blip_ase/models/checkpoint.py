@@ -9,11 +9,14 @@ metadata, ``bayesian_layers`` (the Bayesian linears' names in alpha/beta column 
 ``blip calibrate`` measured on its data for thresholds in calibrated units: per-element
 quantiles of the force errors and calibrated stds, see :func:`blip_ase.uq.calibration.force_reference`)
 and ``screen`` (None, or the cheap uncertainty screen ``blip calibrate`` fitted:
-:class:`blip_ase.inference.screen.Screen`).
+:class:`blip_ase.inference.screen.Screen`) and ``llpr`` (None, or what ``blip llpr`` fitted for
+last-layer prediction rigidity variances of a deterministic model, see
+:mod:`blip_ase.inference.llpr`; :func:`load_checkpoint` sets it as the model's ``llpr`` and
+:func:`save_checkpoint` writes the model's ``llpr``).
 
 History: version 1 had the same keys, but ``bayesian_layers`` was added within it, so a version 1
 file may lack it; the upgrade to version 2 stores ``None`` there (layout unknown: not checked)
-and ``reference`` and ``screen`` None, and records ``upgraded_from``. Older versions are upgraded by the functions in ``UPGRADES``; one
+and ``reference``, ``screen`` and ``llpr`` None, and records ``upgraded_from``. Older versions are upgraded by the functions in ``UPGRADES``; one
 file of each earlier format is kept under ``tests/fixtures/`` and must keep loading.
 """
 
@@ -31,7 +34,7 @@ CALIBRATION_QUANTITIES = ("energy", "forces", "stress")  # the one list of calib
 DEFAULT_CALIBRATION = dict.fromkeys(CALIBRATION_QUANTITIES, 1.0)  # variance scale factors
 ISOTONIC_KEYS = tuple(f"{q}_isotonic" for q in CALIBRATION_QUANTITIES)  # optional isotonic maps
 REQUIRED_KEYS = frozenset({"backend", "config", "state_dict", "elements", "calibration", "bayesian_layers", "reference",
-                           "screen"})
+                           "screen", "llpr"})
 
 
 
@@ -40,7 +43,7 @@ def _upgrade_1_to_2(ckpt: dict) -> dict:
     layout was stored, so it cannot be checked); ``reference`` is new (None: not measured)."""
     layers = ckpt.get("bayesian_layers")
     return {**ckpt, "format_version": 2, "bayesian_layers": layers, "reference": None, "screen": None,
-            "upgraded_from": 1}
+            "llpr": None, "upgraded_from": 1}
 
 
 UPGRADES: dict[int, Callable[[dict], dict]] = {1: _upgrade_1_to_2}
@@ -65,6 +68,7 @@ def save_checkpoint(
     ``reference``: the calibration set's force error and std quantiles (``blip calibrate``,
     :func:`blip_ase.uq.calibration.force_reference`), for thresholds in calibrated units;
     ``screen``: the fitted uncertainty screen (:class:`blip_ase.inference.screen.Screen` as a dict).
+    The model's ``llpr`` data (None for most models) is written under ``llpr``.
     """
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     ckpt = {
@@ -80,6 +84,7 @@ def save_checkpoint(
         "bayesian_layers": model.bayesian_layout(),
         "reference": reference,
         "screen": screen,
+        "llpr": model.llpr,
     }
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
@@ -140,6 +145,7 @@ def load_checkpoint(path: str | Path, *, device: torch.device | str = "cpu") -> 
     except RuntimeError as exc:
         raise CheckpointError(f"{path}: weights do not match the stored architecture: {exc}") from exc
     check_bayesian_layout(path, ckpt.get("bayesian_layers"), model.bayesian_layout())
+    model.llpr = ckpt["llpr"]
     model.to(device=device, dtype=ckpt["state_dict"]["scale"].dtype).eval()
     return model, ckpt
 

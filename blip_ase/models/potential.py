@@ -66,6 +66,9 @@ class Potential(nn.Module, metaclass=ABCMeta):
     alpha_needs_jacobian: ClassVar[bool] = True
     cutoff: float
     posterior: InferenceNetwork | None
+    llpr: dict | None = None
+    """LLPR data of a deterministic model (plain lists and floats, see
+    :mod:`blip_ase.inference.llpr`), set from its checkpoint; None: no LLPR."""
 
     def __init__(self, elements: list[int], bayes: BayesConfig | None, *, cutoff: float):
         super().__init__()
@@ -86,6 +89,12 @@ class Potential(nn.Module, metaclass=ABCMeta):
     @property
     def is_bayesian(self) -> bool:
         return self.bayes is not None
+
+    @property
+    def has_uncertainty(self) -> bool:
+        """Whether ``mode="mc"`` gives variances: a Bayesian model (Monte Carlo) or one carrying
+        LLPR data (closed form)."""
+        return self.is_bayesian or self.llpr is not None
 
     @property
     def sample_period(self) -> int:
@@ -180,6 +189,23 @@ class Potential(nn.Module, metaclass=ABCMeta):
         calculator calls; training calls :meth:`forward`."""
         with input_gradients_only():
             return self(graph, coefficients=coefficients, noise=noise, compute_stress=compute_stress)
+
+    def last_layer_features(
+        self, graph: Any, *, positions: torch.Tensor | None = None, strain: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``(G, D)`` last-layer features of the ``G`` structures of ``graph`` (MAP weights), in eV
+        per unit of the last layer's weights: the energy is ``w . f`` plus terms that do not
+        depend on ``w`` (LLPR, :mod:`blip_ase.inference.llpr`). Differentiable with respect to
+        ``positions`` ``(N, 3)`` A (None: the graph's) and ``strain`` ``(G, 3, 3)`` (None: no strain;
+        applied as in :meth:`forward`), so their Jacobians give the force and stress features.
+
+        Raises:
+            NotImplementedError: the backend does not expose them (LLPR needs them).
+        """
+        raise NotImplementedError(
+            f"the {self.backend!r} backend gives no last-layer features, which LLPR (last-layer prediction "
+            "rigidity) needs; LLPR is implemented for PaiNN"
+        )
 
     def descriptors(self, graph: Any) -> torch.Tensor:
         """``(N, D)`` invariant per-atom features of ``graph`` (a batch of structures with ``N``
@@ -341,6 +367,27 @@ class PaiNNPotential(Potential):
         if key is not None:
             self._lone_cache = (key, out)
         return out
+
+    def last_layer_features(
+        self, graph: AtomGraph, *, positions: torch.Tensor | None = None, strain: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """:meth:`Potential.last_layer_features`: ``f = scale * sum_i (h_i - h_lone[Z_i])``, ``(G, D)``
+        with ``D = n_features // 2``, where ``h_i`` is atom i's activation entering the readout's
+        final Linear (weights ``w = net.readout[-1].weight[0]``) and ``h_lone`` that of a lone atom;
+        so the MAP energy is exactly ``w . f + sum_i E_ref[Z_i]`` (the final bias cancels)."""
+        positions = graph.positions if positions is None else positions
+        cell = graph.cell
+        if strain is not None:
+            positions = positions + torch.einsum("ni,nij->nj", positions, strain[graph.batch])
+            cell = cell + torch.bmm(cell, strain)
+        vectors = self.edge_vectors(graph, positions, cell)
+        hidden = self.net.readout[:-1]
+        h = hidden(self.net.scalar_features(graph.species, graph.edge_index, vectors))
+        species = torch.arange(len(self.elements), device=h.device)
+        no_edges = torch.zeros(2, 0, dtype=torch.long, device=h.device)
+        lone = hidden(self.net.scalar_features(species, no_edges, h.new_zeros(0, 3)))
+        per_atom = self.scale * (h - lone[graph.species])
+        return scatter(per_atom, graph.batch, 0, dim_size=graph.n_graphs, reduce="sum")
 
     @torch.no_grad()
     def descriptors(self, graph: AtomGraph) -> torch.Tensor:

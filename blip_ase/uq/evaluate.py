@@ -23,12 +23,15 @@ from blip_ase.uq.calibration import MIN_STRUCTURES, fit_isotonic, fit_variance_s
 from blip_ase.uq.coefficients import collect_coefficients, summarise_coefficients
 from blip_ase.uq.predictions import Predictions
 
-Method = Literal["blip", "mc_dropout", "ensemble", "deterministic"]
+Method = Literal["blip", "mc_dropout", "ensemble", "deterministic", "llpr"]
 UQ_KEYS = ("forces_ece", "forces_nll", "forces_crps", "forces_sharpness", "spearman", "energy_nll", "energy_crps")
 
 
 def model_method(model: Any) -> Method:
-    """Which uncertainty method a loaded model uses."""
+    """Which uncertainty method a loaded model uses (``"llpr"``: a deterministic model with LLPR
+    data from ``blip llpr``, closed-form variances)."""
+    if getattr(model, "llpr", None) is not None:
+        return "llpr"
     if model.backend == "ensemble":
         return "ensemble"
     if model.bayes is None:
@@ -104,7 +107,7 @@ def predict(
     mc = model_method(model) != "deterministic"
     engine = MonteCarloEngine(model, device=device, seed=seed, calibration={})
     engine.max_batch_atoms = max(engine.max_batch_atoms, PREDICT_BATCH_ATOMS)
-    per_structure = engine.samples_per_check(n_samples) if mc else 1
+    per_structure = engine.samples_per_check(n_samples) if mc and model_method(model) != "llpr" else 1
     results: list[dict] = []
     with tqdm(total=len(frames), desc=progress, unit="structure", disable=progress is None, dynamic_ncols=True) as bar:
         for batch in _batches([len(a) for a in frames], per_structure, PREDICT_BATCH_ATOMS):
@@ -247,7 +250,7 @@ def evaluate(
     report: dict[str, Any] = {
         "model": str(model_path),
         "method": method,
-        "n_samples": None if method == "deterministic" else (model.n_members if method == "ensemble" else n_samples),
+        "n_samples": None if method in ("deterministic", "llpr") else (model.n_members if method == "ensemble" else n_samples),
         "seed": seed,
         "units": {"energy": "eV", "forces": "eV/A", "nll": "nats per value"},
         "data": {name: str(path) for name, path in sets.items()},
@@ -375,7 +378,7 @@ def calibrate(
     if screen_fit and model_method(model) == "blip":
         screen = fit_uncertainty_screen(model, frames, n_samples=n_samples, seed=seed, device=device).to_dict()
     training = dict(ckpt.get("training") or {})
-    used = model.n_members if model_method(model) == "ensemble" else n_samples
+    used = {"ensemble": getattr(model, "n_members", None), "llpr": None}.get(model_method(model), n_samples)
     training["calibration_fit"] = {"data": str(data_path), "n_structures": len(frames), "n_samples": used,
                                    "seed": seed, "isotonic": isotonic}
     save_checkpoint(out_path, model.cpu(), calibration=calibration, training=training, reference=reference,
