@@ -18,9 +18,10 @@ Then, for every strategy and seed, one :func:`blip_ase.active.run_learn` in ``OU
 Every run gets the same exploration (walkers, steps, temperatures, halt threshold) and label
 budget per round. The flag threshold is 0, so the pool is every Monte Carlo check of every walker
 (the "MD pool"), and ``stop.max_flagged_fraction: 0`` keeps the loop from stopping before
-``--rounds``. A walker halts above ``--halt`` (default 1.5 eV/A): without it the 1200 K walker
-of a poor model broke ethanol apart (an H atom 8 A away) and the fine-tune's calibration failed on
-the isolated atom's zero force variance. A run directory that exists with a stopped loop is read, not run again.
+``--rounds``. No walker halts on uncertainty (``--halt``, default none): every walker runs its
+steps unless the monitor's physical checks (fragmentation, atoms too close, ...) halt it, so the
+exploration budget is the same MD and the strategies differ in the selection (and, for
+``ensemble``, the model) only. A run directory that exists with a stopped loop is read, not run again.
 
 Case ``nh3``: the same protocol on the README demo's shipped start (``examples/active_learning/start``:
 BLIP-PaiNN, 30 + 10 B3LYP/6-31G* frames, the 30-frame OOD test set) with its PySCF oracle; the
@@ -257,7 +258,7 @@ def table(runs: dict, strategies: list[str], target: float) -> str:
     labels to reach ``target`` (reached in how many seeds) and seconds per round."""
     n_points = max(len(curve(r)) for r in runs.values())
     head = ["strategy"] + [f"MAE {'start' if k == 0 else f'r{k}'} (labels)" for k in range(n_points)]
-    head += [f"labels to {target} eV/A", "s per round"]
+    head += [f"labels to {target} eV/A", "s per round", "MD steps per round", "halted walkers per round"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for strategy in strategies:
         mine = [r for key, r in runs.items() if key.rsplit("_s", 1)[0] == strategy]
@@ -271,6 +272,9 @@ def table(runs: dict, strategies: list[str], target: float) -> str:
         hits = [n for n in reached if n is not None]
         cells.append(f"{mean_std(hits).replace('.000', '') if hits else '-'} ({len(hits)}/{len(mine)} seeds)")
         cells.append(mean_std([s for r in mine for s in round_seconds(r)]).replace(".000", ""))
+        trained = [row for r in mine for row in r["rows"] if row.get("seconds_train") is not None]
+        cells.append(f"{np.mean([row['md_steps_completed'] for row in trained]):.0f}")
+        cells.append(f"{np.mean([row['halted'] for row in trained]):.2f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -312,12 +316,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--explore-K", type=float, nargs="+", default=[700.0, 1000.0], help="one walker each")
     parser.add_argument("--uq-interval", type=int, default=10)
     parser.add_argument("--n-samples", type=int, default=16, help="BLIP Monte Carlo samples per check")
-    parser.add_argument(
-        "--halt",
-        type=float,
-        default=1.5,
-        help="halt threshold on the max force std, eV/A (it stops a walker before the molecule falls apart)",
-    )
+    parser.add_argument("--halt", type=float, default=None,
+                        help="halt threshold on the max force std, eV/A (default: none; the physical checks "
+                        "still halt a walker whose molecule falls apart)")  # fmt: skip
     parser.add_argument("--epochs", type=int, default=60, help="fine-tune epochs per round")
     parser.add_argument("--start-epochs", type=int, default=200, help="epochs of the start models")
     parser.add_argument("--members", type=int, default=3, help="ensemble members (strategy ensemble)")

@@ -70,9 +70,9 @@ def test_every_strategy_gets_the_same_exploration_and_budget(bench, tmp_path):
 def test_the_curve_pairs_each_model_with_the_labels_it_was_trained_on(bench):
     run = {"n_start": 50, "rows": [
         {"round": 1, "test_forces_mae": 0.30, "labels_total": 66, "seconds_md": 1.0, "seconds_label": 1.0,
-         "seconds_train": 2.0},
+         "seconds_train": 2.0, "md_steps_completed": 100, "halted": 0},
         {"round": 2, "test_forces_mae": 0.20, "labels_total": 82, "seconds_md": 1.0, "seconds_label": 1.0,
-         "seconds_train": 4.0},
+         "seconds_train": 4.0, "md_steps_completed": 50, "halted": 1},
         {"round": 3, "test_forces_mae": 0.10},
     ]}  # fmt: skip
     points = bench.curve(run)
@@ -81,3 +81,4 @@ def test_the_curve_pairs_each_model_with_the_labels_it_was_trained_on(bench):
     assert bench.round_seconds(run) == [4.0, 6.0]
     text = bench.table({"fps_s0": run, "fps_s1": run}, ["fps", "random"], 0.2)
     assert "| fps | 0.300 ± 0.000 (50 ± 0) |" in text and "66 ± 0 (2/2 seeds)" in text and "random" not in text
+    assert text.rstrip().endswith("| 5 ± 1 | 75 | 0.50 |")
