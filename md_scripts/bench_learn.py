@@ -214,12 +214,14 @@ def run_once(config, out: Path) -> dict:
     from blip_ase.active.report import labels_total
     from blip_ase.active.state import read_state
 
-    start = time.perf_counter()
+    start, timing = time.perf_counter(), out / "bench_wall.json"
     if (out / "state.json").is_file() and read_state(out).status == "stopped":
-        state, wall = read_state(out), None
+        state = read_state(out)
+        wall = json.loads(timing.read_text())["wall_seconds"] if timing.is_file() else None
     else:
         state = run_learn(config, out, restart=(out / "state.json").is_file())
         wall = time.perf_counter() - start
+        timing.write_text(json.dumps({"wall_seconds": wall}))
     rows = [dict(r) for r in state.rounds]
     for row, total in zip(rows, labels_total(rows, state.n_start_labels)):
         row["labels_total"] = total
@@ -246,11 +248,14 @@ def round_seconds(run: dict) -> list[float]:
             for r in run["rows"] if r.get("seconds_train") is not None]  # fmt: skip
 
 
-def mean_std(values: list[float]) -> str:
+def mean_std(values: list[float], digits: int = 3) -> str:
+    """``mean ± std`` (population std over the seeds); one value alone; ``-`` for none."""
     values = [v for v in values if v is not None]
     if not values:
         return "-"
-    return f"{np.mean(values):.3f} ± {np.std(values):.3f}" if len(values) > 1 else f"{values[0]:.3f}"
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{np.mean(values):.{digits}f} ± {np.std(values):.{digits}f}"
 
 
 def table(runs: dict, strategies: list[str], target: float) -> str:
@@ -258,7 +263,7 @@ def table(runs: dict, strategies: list[str], target: float) -> str:
     labels to reach ``target`` (reached in how many seeds) and seconds per round."""
     n_points = max(len(curve(r)) for r in runs.values())
     head = ["strategy"] + [f"MAE {'start' if k == 0 else f'r{k}'} (labels)" for k in range(n_points)]
-    head += [f"labels to {target} eV/A", "s per round", "MD steps per round", "halted walkers per round"]
+    head += [f"labels to {target} eV/A (each seed)", "s per round", "MD steps per round", "halted walkers per round"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for strategy in strategies:
         mine = [r for key, r in runs.items() if key.rsplit("_s", 1)[0] == strategy]
@@ -267,11 +272,11 @@ def table(runs: dict, strategies: list[str], target: float) -> str:
         cells = [strategy]
         for k in range(n_points):
             pts = [curve(r)[k] for r in mine if len(curve(r)) > k]
-            cells.append(f"{mean_std([p[1] for p in pts])} ({mean_std([p[0] for p in pts]).replace('.000', '')})")
+            cells.append(f"{mean_std([p[1] for p in pts])} ({mean_std([p[0] for p in pts], 0)})")
         reached = [labels_to_target(curve(r), target) for r in mine]
-        hits = [n for n in reached if n is not None]
-        cells.append(f"{mean_std(hits).replace('.000', '') if hits else '-'} ({len(hits)}/{len(mine)} seeds)")
-        cells.append(mean_std([s for r in mine for s in round_seconds(r)]).replace(".000", ""))
+        last = max(curve(r)[-1][0] for r in mine)
+        cells.append(", ".join(str(n) if n is not None else f">{last}" for n in reached))
+        cells.append(mean_std([s for r in mine for s in round_seconds(r)], 0))
         trained = [row for r in mine for row in r["rows"] if row.get("seconds_train") is not None]
         cells.append(f"{np.mean([row['md_steps_completed'] for row in trained]):.0f}")
         cells.append(f"{np.mean([row['halted'] for row in trained]):.2f}")

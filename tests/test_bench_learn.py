@@ -80,5 +80,6 @@ def test_the_curve_pairs_each_model_with_the_labels_it_was_trained_on(bench):
     assert bench.labels_to_target(points, 0.2) == 66 and bench.labels_to_target(points, 0.05) is None
     assert bench.round_seconds(run) == [4.0, 6.0]
     text = bench.table({"fps_s0": run, "fps_s1": run}, ["fps", "random"], 0.2)
-    assert "| fps | 0.300 ± 0.000 (50 ± 0) |" in text and "66 ± 0 (2/2 seeds)" in text and "random" not in text
+    assert "| fps | 0.300 ± 0.000 (50 ± 0) |" in text and "| 66, 66 |" in text and "random" not in text
     assert text.rstrip().endswith("| 5 ± 1 | 75 | 0.50 |")
+    assert "| >82, >82 |" in bench.table({"fps_s0": run, "fps_s1": run}, ["fps"], 0.05)
