@@ -34,7 +34,7 @@ spent (cumulative, the start data included), the seconds of MD, labelling and tr
 labels to reach ``--target`` (eV/A) are those of the first model at or below it. Prints a
 markdown table and writes ``OUT/results.json``::
 
-    OMP_NUM_THREADS=1 python md_scripts/bench_learn.py --out runs/bench_learn --seeds 0 1 2
+    OMP_NUM_THREADS=1 python md_scripts/bench_learn.py --out runs/bench_learn --seeds 0 1 2 --rounds 3
 
 Case ``nh3-demo``: the README demo (``examples/active_learning/learn.yaml``, PySCF B3LYP) as it
 ships, once per seed (``seed`` of the config; ``--rounds`` overrides ``stop.max_rounds``):
@@ -298,8 +298,9 @@ def demo(args) -> dict:
             config = dataclasses.replace(config, stop=dataclasses.replace(config.stop, max_rounds=args.rounds))
         run = run_once(config, args.out / f"seed_{seed}")
         rows = run["rows"]
-        run |= {"converged": (run["stopped"] or "").startswith("converged"), "rounds": len(rows) - 1,
-                "dft_calls": rows[-2]["labels_total"] - run["n_start"] if len(rows) > 1 else 0,
+        run |= {"converged": (run["stopped"] or "").startswith("converged"),
+                "rounds": sum(r.get("n_labelled") is not None for r in rows),
+                "dft_calls": rows[-1]["labels_total"] - run["n_start"],
                 "steps_per_round": [r["md_steps_completed"] for r in rows],
                 "flagged_per_round": [r["n_flagged"] for r in rows],
                 "test_mae_per_round": [r["test_forces_mae"] for r in rows]}  # fmt: skip
@@ -316,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--strategies", nargs="+", choices=STRATEGIES, default=list(STRATEGIES))
     parser.add_argument("--rounds", type=int, default=None, help="rounds of labelling (ethanol default 3)")
-    parser.add_argument("--budget", type=int, default=12, help="labels per round")
+    parser.add_argument("--budget", type=int, default=16, help="labels per round")
     parser.add_argument("--steps", type=int, default=600, help="MD steps per walker and round")
     parser.add_argument("--explore-K", type=float, nargs="+", default=[700.0, 1000.0], help="one walker each")
     parser.add_argument("--uq-interval", type=int, default=10)
@@ -325,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="halt threshold on the max force std, eV/A (default: none; the physical checks "
                         "still halt a walker whose molecule falls apart)")  # fmt: skip
     parser.add_argument("--epochs", type=int, default=60, help="fine-tune epochs per round")
-    parser.add_argument("--start-epochs", type=int, default=200, help="epochs of the start models")
+    parser.add_argument("--start-epochs", type=int, default=200, help="epochs of the ethanol start models")
     parser.add_argument("--members", type=int, default=3, help="ensemble members (strategy ensemble)")
     parser.add_argument("--n-train", type=int, default=40)
     parser.add_argument("--n-val", type=int, default=10)
