@@ -115,6 +115,7 @@ class BLIPCalculator(Calculator):
         self.engine = MonteCarloEngine(
             model, device=device, dtype=dtype, seed=seed, max_batch_atoms=max_batch_atoms, calibration=calibration
         )
+        self.reference: dict | None = None  # blip calibrate's force-error quantiles (from_checkpoint sets it)
 
     @property
     def model(self) -> Potential:
@@ -160,7 +161,10 @@ class BLIPCalculator(Calculator):
         """Calculator for the model stored at ``path``; ``options`` as for the constructor.
 
         The checkpoint's calibration scales are used unless ``calibration=`` is given, and its
-        uncertainty screen (if ``blip calibrate`` stored one) becomes the engine's.
+        uncertainty screen (if ``blip calibrate`` stored one) becomes the engine's. Its
+        ``reference`` (the force-error quantiles ``blip calibrate`` measured, or None) becomes
+        the calculator's ``reference``: what thresholds in calibrated units are resolved against
+        (:meth:`blip_ase.md.policy.Thresholds.resolve`).
         """
         device = resolve_device(options.pop("device", None))
         model, ckpt = load_checkpoint(path, device=device)
@@ -168,6 +172,7 @@ class BLIPCalculator(Calculator):
         calc = cls(model, device=device, **options)
         if ckpt.get("screen") is not None:
             calc.engine.screen = Screen.from_dict(ckpt["screen"])
+        calc.reference = ckpt.get("reference")
         return calc
 
     def calculate(

@@ -27,8 +27,15 @@ from ase import Atoms
 
 from blip_ase.assets import ammonia_model, ammonia_structure
 from blip_ase.calculator import BLIPCalculator
-from blip_ase.cli.md import DEFAULT_FLAG
-from blip_ase.md import ExtXYZFrameWriter, HDF5FrameWriter, Thresholds, UncertaintyMonitor, make_dynamics, thermalize
+from blip_ase.md import (
+    DEFAULT_THRESHOLDS,
+    ExtXYZFrameWriter,
+    HDF5FrameWriter,
+    Thresholds,
+    UncertaintyMonitor,
+    make_dynamics,
+    thermalize,
+)
 from blip_ase.md.run import read_structure
 
 LIMIT = 2.6
@@ -58,7 +65,7 @@ def timed_run(start: Atoms, calc: BLIPCalculator, args: argparse.Namespace, out:
     dyn = make_dynamics(atoms, "nvt-langevin", timestep_fs=args.timestep_fs, temperature_K=args.temperature_K, rng=rng)
     if out is not None:
         writers = [ExtXYZFrameWriter(out / "flagged.extxyz"), HDF5FrameWriter(out / "flagged.h5")]
-        thresholds = Thresholds(force_std_flag=DEFAULT_FLAG, force_std_halt=None)  # no halt: all steps run
+        thresholds = Thresholds(calibrated_flag=DEFAULT_THRESHOLDS.calibrated_flag)  # blip md's flag; no halt
         monitor = UncertaintyMonitor(dyn, thresholds=thresholds, writers=writers, n_samples=args.n_samples)
         dyn.attach(monitor, interval=args.uq_interval)
     dyn.run(5)  # warm-up: first graph, allocator, lazy imports

@@ -1,7 +1,9 @@
 """Throughput of batched many-walker monitored MD against separate ``blip md`` runs, from one run.
 
 For each N, N NH3 walkers of the shipped model run as one batch (``run_walkers``, torch-sim
-Langevin) and, for comparison, as separate ``run_md`` runs (ASE Langevin, one calculator each):
+Langevin), as the same batch without monitoring (plain batched MAP MD: the same loop with one
+check at step 0, whose time is subtracted; no physical checks), and, for comparison, as separate
+``run_md`` runs (ASE Langevin, one calculator each):
 the same steps, temperature, thresholds, Monte Carlo samples and check interval, walker ``k``
 seeded ``k`` in both. Separate runs are independent and run one after another, so N of them take
 N times one run: ``--separate-runs M`` times M of them (``min(M, N)``) and scales to N.
@@ -22,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from blip_ase.md import MDConfig, Thresholds, run_md
+from blip_ase.md import MDConfig, PhysicalChecks, Thresholds, run_md
 from blip_ase.md import walkers
 from blip_ase.md.walkers import WalkersConfig, run_walkers
 
@@ -41,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         "--mc-batch-atoms", type=int, default=None,
         help="atoms per batched Monte Carlo pass of the walkers on CPU (default: walkers.CPU_MAX_BATCH_ATOMS)",
     )  # fmt: skip
+    parser.add_argument("--no-screen", action="store_true", help="Monte Carlo at every check (the reference policy)")
     parser.add_argument("--out", default="bench_walkers.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -49,16 +52,20 @@ def main(argv: list[str] | None = None) -> int:
     thresholds = Thresholds(force_std_flag=0.25, force_std_halt=1.0)  # blip md's defaults for the shipped model
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        def md(name: str, seed: int = 0) -> MDConfig:
+        def md(name: str, seed: int = 0, **options) -> MDConfig:
+            options = {"uq_interval": args.uq_interval, "thresholds": thresholds, **options}
             return MDConfig(
                 out=str(Path(tmp) / name), steps=args.steps, temperature_K=args.temperature_K, seed=seed,
-                n_samples=args.n_samples, uq_interval=args.uq_interval, thresholds=thresholds, plot=False,
-                device=args.device,
+                n_samples=args.n_samples, plot=False, device=args.device, screen=not args.no_screen, **options,
             )  # fmt: skip
 
         run_walkers(WalkersConfig(md("warm-up"), n_walkers=2))  # imports and first-call costs
         for n in args.walkers:
             batch = run_walkers(WalkersConfig(md(f"batch{n}"), n_walkers=n))["timings"]
+            unmonitored = md(f"plain{n}", uq_interval=args.steps + 1, thresholds=Thresholds(),
+                             physical=PhysicalChecks(enabled=False))  # fmt: skip
+            plain = run_walkers(WalkersConfig(unmonitored, n_walkers=n))["timings"]
+            plain_rate = plain["walker_steps"] / (plain["wall_seconds"] - plain["uq_seconds"])
             m = min(n, args.separate_runs)
             timings = [run_md(md(f"single{n}_{k}", seed=k))["timings"] for k in range(m)]
             separate = [t["wall_seconds"] for t in timings]
@@ -70,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
                 "batched_walker_steps_per_s": batch_rate,
                 "separate_walker_steps_per_s": single_rate,
                 "ratio": batch_rate / single_rate,
+                "plain_batched_walker_steps_per_s": plain_rate,
+                "monitored_over_plain": batch_rate / plain_rate,
                 "batched_seconds": batch["wall_seconds"],
                 "batched_uq_seconds": batch["uq_seconds"],
                 "separate_runs_timed": m,
@@ -82,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
             })  # fmt: skip
             r = rows[-1]
             print(f"N={n:3d}: batched {batch_rate:8.1f} walker-steps/s, separate {single_rate:6.1f} "
-                  f"({m} runs timed), ratio {r['ratio']:.2f}", flush=True)  # fmt: skip
+                  f"({m} runs timed), ratio {r['ratio']:.2f}; plain batched {plain_rate:8.1f}, monitored / plain "
+                  f"{r['monitored_over_plain']:.2f}", flush=True)  # fmt: skip
     result = {
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
         "settings": {k: v for k, v in vars(args).items() if k != "out"},

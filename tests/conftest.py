@@ -103,12 +103,24 @@ def rotation() -> np.ndarray:
     return q
 
 
-def save_tiny_checkpoint(path, *, dtype: torch.dtype = torch.float32):
-    """Checkpoint of a tiny random Bayesian PaiNN for H and N (fast; forces are smooth) at ``path``."""
+TINY_REFERENCE = {
+    "data": "synthetic",
+    "quantiles": [0.5, 0.9, 0.95, 0.99, 1.0],
+    "force_error": {key: [0.05, 0.1, 0.15, 0.18, 0.3] for key in ("all", "H", "N")},
+    "force_std": {key: [0.05, 0.1, 0.15, 0.21, 0.3] for key in ("all", "H", "N")},
+    "n_atoms": {"all": 40, "H": 30, "N": 10},
+}
+"""A synthetic calibration reference: ``blip md``'s default calibrated thresholds (1.4 and 5.6 x q99)
+resolve on it to 0.252 and 1.008 eV/A for every element, close to the earlier absolute 0.25 and 1.0."""
+
+
+def save_tiny_checkpoint(path, *, dtype: torch.dtype = torch.float32, reference: dict | None = TINY_REFERENCE):
+    """Checkpoint of a tiny random Bayesian PaiNN for H and N (fast; forces are smooth) at ``path``,
+    with ``reference`` as if ``blip calibrate`` had stored it (None: an uncalibrated model)."""
     from blip_ase.models.checkpoint import save_checkpoint
 
     with torch.random.fork_rng():
         torch.manual_seed(0)
         model = PaiNNPotential([1, 7], PaiNNConfig(n_features=16, n_interactions=2), BayesConfig(p_init=0.1))
-    save_checkpoint(path, model.to(dtype))
+    save_checkpoint(path, model.to(dtype), reference=reference)
     return path

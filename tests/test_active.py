@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from ase import Atoms
 from ase.build import bulk, molecule
@@ -30,6 +31,7 @@ from blip_ase.active.config import OracleConfig, SelectConfig
 from blip_ase.active.oracle import check_oracle, label_frames, label_one
 from blip_ase.active.selection import descriptors
 from blip_ase.cli.main import main
+from blip_ase.md import Thresholds
 from blip_ase.training import TrainConfig, train
 from blip_ase.training.config import from_dict
 
@@ -276,6 +278,27 @@ def test_the_emt_loop_labels_fine_tunes_and_reports_round_after_round(cu_root, c
     assert [w["temperature_K"] for w in summary["walkers"]] == [600, 1200]
 
 
+def test_the_loop_resolves_calibrated_thresholds_against_each_rounds_own_model(cu_root):
+    """``blip learn`` recalibrates every round; thresholds in calibrated units follow: round 1
+    explores with the start model's resolution, round 2 with the fine-tuned, recalibrated one's."""
+    start = cu_root / "model0_calibrated.pt"
+    assert main(["calibrate", "--model", str(cu_root / "model0" / "model.pt"), "--data", str(cu_root / "val.extxyz"),
+                 "--out", str(start), "--n-samples", "4", "--no-progress"]) == 0  # fmt: skip
+    md = {**FAST_MD, "thresholds": {"calibrated_flag": 0.0, "calibrated_halt": 1000.0}}  # every check flagged
+    path = _config(cu_root, "calibrated.yaml", model=start.name, explore={"md": md}, stop={"max_rounds": 1})
+    run_learn(load_learn_config(path), cu_root / "run_calibrated")
+    spec = Thresholds(calibrated_flag=0.0, calibrated_halt=1000.0)
+    for k, model in ((1, start), (2, cu_root / "run_calibrated" / "round_1" / "model.pt")):
+        summary = json.loads((cu_root / "run_calibrated" / f"round_{k}" / "md" / "summary.json").read_text())
+        reference = torch.load(model, weights_only=True)["reference"]
+        expected = spec.resolve(reference, ["Cu"])
+        assert summary["thresholds"]["per_element"]["Cu"] == pytest.approx(list(expected.per_element["Cu"]))
+        assert summary["config"]["thresholds"]["calibrated_halt"] == 1000.0
+    halts = [json.loads((cu_root / "run_calibrated" / f"round_{k}" / "md" / "summary.json").read_text())["thresholds"]
+             ["per_element"]["Cu"][1] for k in (1, 2)]  # fmt: skip
+    assert halts[0] != halts[1]  # the recalibrated model's own quantiles
+
+
 def test_a_clean_exploration_stops_the_loop_before_any_label(cu_root):
     md = {**FAST_MD, "thresholds": {"force_std_flag": 50.0, "force_std_halt": 100.0}}
     state = run_learn(load_learn_config(_config(cu_root, "clean.yaml", explore={"md": md})), cu_root / "run_clean")
@@ -441,6 +464,11 @@ def test_the_pyscf_loop_runs_hf_sto3g_on_water(tmp_path):
         ({"oracle": {"executor": "slurm"}}, r"oracle.executor must be one of \['processes', 'dask'\]"),
         ({"oracle": {"dask_address": "tcp://x:8786"}}, "oracle.dask_address needs executor: dask"),
         ({"stop": {"max_rounds": 0}}, "stop.max_rounds must be an integer >= 1"),
+        ({"explore": {"md": FAST_MD}}, r"model0/model.pt has no calibration reference.*blip calibrate"),
+        ({"explore": {"md": {**FAST_MD, "thresholds": {"calibrated_flag": 1.0, "force_std_flag": 0.1}}}},
+         "flag force-std threshold is given twice"),
+        ({"train": {"calibrate": False}, "explore": {"md": {**FAST_MD, "thresholds": {"calibrated_flag": 1.0}}}},
+         "calibrated units .* but train.calibrate is false"),
     ],
 )
 def test_bad_input_is_refused_before_any_work(cu_root, capsys, case, match):
@@ -465,7 +493,7 @@ def test_a_config_built_in_python_is_checked_like_one_read_from_yaml():
     with pytest.raises(ValueError, match="explore.structures must list at least one entry"):
         ExploreConfig(md=md)
     with pytest.raises(ValueError, match="explore.md.thresholds needs a flag threshold"):
-        ExploreConfig(structures=("a.xyz",), md={})
+        ExploreConfig(structures=("a.xyz",), md={"thresholds": {"force_std_halt": 1.0}})
     with pytest.raises(ValueError, match=r"train.val_fraction must be a number in \[0, 1\), got 'a'"):
         FineTuneConfig(val_fraction="a")
     with pytest.raises(ValueError, match="stop.max_labels must be an integer >= 1, got True"):

@@ -263,9 +263,10 @@ def test_blip_md_runs_with_an_llpr_checkpoint_and_records_its_force_stds(files, 
     assert blip(["llpr", "--model", str(files["det"]), "--train", str(files["train"]), "--val",
                  str(files["val"]), "--out", str(llpr)]) == 0  # fmt: skip
     nh3 = Path(__file__).resolve().parents[1] / "blip_ase" / "assets" / "ammonia_nh3.xyz"
-    out = tmp_path / "md"
+    out = tmp_path / "md"  # blip llpr stores no calibration reference: thresholds in eV/A
     assert blip(["md", "--model", str(llpr), "--structure", str(nh3), "--out", str(out), "--steps", "10",
-                 "--uq-interval", "5", "--halt-force-std-eV-per-A", "100", "--no-progress", "--no-plot"]) == 0  # fmt: skip
+                 "--uq-interval", "5", "--flag-force-std-eV-per-A", "0.25", "--halt-force-std-eV-per-A", "100",
+                 "--no-progress", "--no-plot"]) == 0  # fmt: skip
     rows = read_history(out / "uncertainty.csv")
     assert [r["step"] for r in rows] == [0, 5, 10]
     assert json.loads((out / "summary.json").read_text())["status"] == "completed"

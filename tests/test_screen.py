@@ -62,3 +62,58 @@ def test_a_screen_that_does_not_fit_the_model_or_is_malformed_is_refused():
     model.engine.screen = None
     with pytest.raises(ValueError, match="no uncertainty screen"):
         model.engine.screen_bound(model.engine.prepare(_val()[0]))
+
+
+@pytest.mark.parametrize(("temperature_K", "seed"), [(300, 0), (1200, 1)])
+def test_the_screen_never_clears_a_check_the_samples_would_flag_or_halt(tmp_path, temperature_K, seed):
+    """The same seeded run with and without the screen follows the same trajectory (MAP forces move
+    the atoms; the samples draw from the calculator's own generator): every check the screen
+    cleared must be one whose Monte Carlo std (from the run without it) is below the flag, and the
+    runs must end alike. At 300 K most checks are cleared, which is the point of the screen."""
+    from blip_ase.md import MDConfig, Thresholds, run_md
+    from blip_ase.md.writers import read_history
+
+    base = dict(steps=300, temperature_K=temperature_K, seed=seed, n_samples=16, plot=False,
+                thresholds=Thresholds(force_std_flag=0.25, force_std_halt=1.0))  # fmt: skip
+    reference = run_md(MDConfig(out=str(tmp_path / "ref"), screen=False, **base))
+    screened = run_md(MDConfig(out=str(tmp_path / "scr"), **base))
+    ref = {r["step"]: r for r in read_history(tmp_path / "ref" / "uncertainty.csv")}
+    rows = read_history(tmp_path / "scr" / "uncertainty.csv")
+    cleared = [r for r in rows if np.isfinite(r["screen_bound"])]
+    assert screened["n_screened"] == len(cleared) and [r["step"] for r in rows] == sorted(ref)
+    for row in cleared:
+        assert ref[row["step"]]["max_force_std"] < 0.25  # what the samples would have said: not flagged
+        assert row["level"] == 0 and np.isnan(row["max_force_std"]) and row["screen_bound"] < 0.25
+    # checks with samples draw other noise than the reference's (the cleared ones drew none), so
+    # only clear flags must agree: every reference flag 20 % above the threshold is flagged
+    clear_flags = {s for s, r in ref.items() if r["max_force_std"] > 1.2 * 0.25}
+    assert clear_flags <= {r["step"] for r in rows if r["level"] >= 1}
+    assert screened["status"] == reference["status"] and screened["halt_step"] == reference["halt_step"]
+    if temperature_K == 300:
+        assert len(cleared) > 0.5 * len(rows)
+
+
+def test_an_anchored_screen_clears_only_within_its_steps_and_scales_with_the_bound():
+    """After a check with samples (std 0.05 where the bound said 0.5) the screen's estimate is
+    1.5 x 0.05 x bound / 0.5 for ``anchor_steps`` steps: a bound of 0.6 then means 0.09 < 0.25;
+    a bound that grew 4x means 0.3, checked with samples; past the steps the bound alone counts."""
+    from ase.build import molecule
+
+    from blip_ase.md.policy import Thresholds
+    from blip_ase.md.tracker import Tracker
+
+    atoms = molecule("NH3")
+    n = len(atoms)
+    stats = {"energy": 0.0, "forces": np.zeros((n, 3)), "energy_variance": 1e-6, "forces_variance": np.full(n, 0.05**2)}
+    where = {"energy_eV": 0.0, "time_fs": 0.0, "temperature_K": 300.0}
+    for anchor_steps, cleared in ((50, [True, False, False]), (0, [False, False, False])):
+        tracker = Tracker(Thresholds(force_std_flag=0.25, force_std_halt=1.0), anchor_steps=anchor_steps)
+        assert tracker.screen(atoms, bound=np.full(n, 0.5), step=0, **where) == []  # above the flag: samples
+        tracker.check(atoms, stats, step=0, time_fs=0.0, temperature_K=300.0)
+        verdicts = [
+            tracker.screen(atoms, bound=np.full(n, 0.6), step=10, **where),
+            tracker.screen(atoms, bound=np.full(n, 2.0), step=20, **where),
+            tracker.screen(atoms, bound=np.full(n, 0.6), step=100, **where),
+        ]
+        assert [not isinstance(v, list) for v in verdicts] == cleared
+    assert tracker.n_screened == 0 and tracker.n_checked == 1

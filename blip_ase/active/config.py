@@ -11,7 +11,7 @@ Relative paths in the file are relative to the file's directory. Example::
       temperatures_K: [1000]
       steps: 2000
       md: {timestep_fs: 0.5, uq_interval: 10, n_samples: 16,
-           thresholds: {force_std_flag: 0.25, force_std_halt: 1.0}}
+           thresholds: {calibrated_flag: 1.4, calibrated_halt: 5.6}}   # the default; eV/A: force_std_flag
     select: {strategy: fps, budget: 16, min_distance: 0.01}
     oracle: {kind: pyscf, method: b3lyp, basis: 6-31g*, executor: processes}
     train: {val_fraction: 0.2, config: {epochs: 100}}
@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from blip_ase.md import MDConfig, Thresholds
+from blip_ase.md import DEFAULT_THRESHOLDS, MDConfig, Thresholds
 
 # MDConfig fields the loop sets itself (explore.md may not)
 LOOP_MD_FIELDS = ("model", "structure", "out", "temperature_K", "overwrite", "restart", "progress", "seed")
@@ -71,7 +71,11 @@ class ExploreConfig:
         steps: MD steps per walker.
         md: other :class:`~blip_ase.md.MDConfig` fields (ensemble, timestep_fs, uq_interval,
             n_samples, ...; ``thresholds`` as a mapping of :class:`~blip_ase.md.Thresholds`
-            fields; at least one flag threshold is required: the models differ too much for a default).
+            fields with at least one flag threshold; without ``thresholds``:
+            :data:`~blip_ase.md.DEFAULT_THRESHOLDS`, in calibrated units). Thresholds in
+            calibrated units (``calibrated_flag``, ``calibrated_halt``: multiples of the
+            per-element force-error quantiles ``blip calibrate`` stores) are resolved against
+            each round's own model, so they follow its recalibration.
         engine: ``walkers``: all walkers of a round as one batch (``blip md --walkers``, torch-sim;
             ensembles ``nve`` and ``nvt-langevin``; an interrupted batch is run again whole);
             ``serial``: one ``blip md`` run after another (any ensemble; an interrupted walker
@@ -112,8 +116,11 @@ class ExploreConfig:
         except ValueError as exc:
             raise ValueError(f"explore.md: {exc}") from None
         th = md.thresholds
-        if th.force_std_flag is None and th.relative_flag is None and th.energy_std_flag is None and not th.per_element:
-            raise ValueError("explore.md.thresholds needs a flag threshold (e.g. force_std_flag: 0.25 eV/A)")
+        flags = (th.force_std_flag, th.calibrated_flag, th.relative_flag, th.energy_std_flag)
+        if all(flag is None for flag in flags) and not th.per_element:
+            raise ValueError(
+                "explore.md.thresholds needs a flag threshold (e.g. calibrated_flag: 1.4, or force_std_flag: 0.25 eV/A)"
+            )
 
     @property
     def walkers(self) -> list[tuple[str, float]]:
@@ -121,8 +128,10 @@ class ExploreConfig:
         return [(s, T) for s in self.structures for T in self.temperatures_K]
 
     def md_config(self, **loop_fields) -> MDConfig:
-        """The :class:`MDConfig` of one walker: ``md`` plus the fields the loop sets."""
-        return MDConfig.from_dict({**self.md, "steps": self.steps, "plot": False, **loop_fields})
+        """The :class:`MDConfig` of one walker: ``md`` (its thresholds by default
+        :data:`~blip_ase.md.DEFAULT_THRESHOLDS`) plus the fields the loop sets."""
+        md = {"thresholds": DEFAULT_THRESHOLDS.to_dict(), **self.md}
+        return MDConfig.from_dict({**md, "steps": self.steps, "plot": False, **loop_fields})
 
     def thresholds(self) -> Thresholds:
         return self.md_config().thresholds
@@ -296,6 +305,12 @@ class LearnConfig:
         for name, cls in SECTIONS.items():
             if not isinstance(getattr(self, name), cls):
                 raise ValueError(f"{name} must be a mapping of {cls.__name__} fields, got {getattr(self, name)!r}")
+        if self.explore.thresholds().calibrated and not self.train.calibrate:
+            raise ValueError(
+                "explore.md.thresholds are in calibrated units (the default), which each round resolves against its "
+                "model's calibration, but train.calibrate is false: the fine-tuned models would have none; set "
+                "train.calibrate: true or give absolute thresholds (force_std_flag, force_std_halt in eV/A)"
+            )
 
     def to_dict(self) -> dict:
         """JSON-ready (tuples as lists): what ``state.json`` stores and :meth:`from_stored` reads."""

@@ -129,7 +129,9 @@ def check_inputs(config: LearnConfig, out: Path, *, restart: bool, model: str | 
         for k, atoms in enumerate(read_frames(path) if path is not None else []):
             frame_labels(atoms, where=f"{name} {path} frame {k}")  # ValueError: no energy or forces
     current = model or config.model
-    potential, _ = load_checkpoint(current)
+    potential, ckpt = load_checkpoint(current)
+    known = [chemical_symbols[z] for z in potential.elements]
+    config.explore.thresholds().resolve(ckpt.get("reference"), known, source=current)  # calibrated: needs its reference
     train_config(config, current, 1, None)  # train.config: unknown keys refused now, not after the labels
     if not potential.is_bayesian:
         raise ValueError(f"{current} is a deterministic model: the loop needs a BLIP model's uncertainty")

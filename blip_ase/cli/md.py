@@ -10,6 +10,7 @@ import sys
 
 from blip_ase.cli.compute import add_compute_options
 from blip_ase.md.config import MDConfig
+from blip_ase.md.policy import DEFAULT_THRESHOLDS
 
 HELP = "run uncertainty-monitored molecular dynamics (MAP forces, Monte Carlo uncertainty every k steps)"
 
@@ -35,11 +36,21 @@ EXIT_OK = 0  # completed or halted
 EXIT_FAILED = 1  # the dynamics raised after the start
 EXIT_BAD_INPUT = 2  # raised before anything was created (blip_ase.cli.main's error exit)
 
-# Thresholds for the shipped ammonia model (blip_ase/assets/ammonia_model.pt), measured: see
-# README.md, section "Uncertainty-monitored molecular dynamics". Every other default is MDConfig's.
-DEFAULT_FLAG = 0.25
-DEFAULT_HALT = 1.0
-D = MDConfig()
+D = MDConfig()  # every default but the thresholds' (blip_ase.md.DEFAULT_THRESHOLDS, calibrated units)
+
+
+class _Default(float):
+    """A default value of a threshold option, told apart from the same number given on the command line."""
+
+
+class _Unset:
+    """The default of an absolute threshold option: not given (the calibrated threshold applies)."""
+
+    def __str__(self) -> str:
+        return "unset: the calibrated threshold"
+
+
+UNSET = _Unset()
 
 
 def _element_threshold(text: str) -> tuple[str, tuple[float | None, float | None]]:
@@ -163,17 +174,54 @@ def _temperatures(text: str) -> float | tuple[float, ...]:
 def _add_monitor(group) -> None:
     group.add_argument("--n-samples", type=int, default=D.n_samples, help="Monte Carlo samples per uncertainty check")
     group.add_argument("--uq-interval", type=int, default=D.uq_interval, help="steps between uncertainty checks")
+    T = DEFAULT_THRESHOLDS
+    group.add_argument(
+        "--flag-calibrated",
+        type=_optional_float,
+        default=_Default(T.calibrated_flag),
+        metavar="K",
+        help="export frames where an atom's force std is above K times the --calibrated-quantile (q99) of the "
+        "per-atom force errors blip calibrate measured for its element (stored in the checkpoint); a model "
+        "without them needs blip calibrate or the eV/A options",
+    )
+    group.add_argument(
+        "--halt-calibrated",
+        type=_optional_float,
+        default=_Default(T.calibrated_halt),
+        metavar="K",
+        help="stop at the first checked frame where an atom's force std is above K times the q99 of the per-atom "
+        "force errors of its element on the calibration data",
+    )
+    group.add_argument(
+        "--calibrated-quantile",
+        type=float,
+        default=T.calibrated_quantile,
+        help="quantile level of the calibrated thresholds: 0.5, 0.9, 0.95, 0.99 or 1.0 (what blip calibrate stores)",
+    )
+    group.add_argument(
+        "--no-screen",
+        action="store_true",
+        help="draw Monte Carlo samples at every check; otherwise the model's uncertainty screen (fitted by blip "
+        "calibrate) clears a check without samples when its bound on every atom's force std is below the flag",
+    )
+    group.add_argument(
+        "--screen-anchor-steps",
+        type=int,
+        default=D.screen_anchor_steps,
+        help="steps after a check with samples during which the screen may also clear a check when 1.5 x that "
+        "check's measured std, scaled by the change of the screen's bound since, stays below the flag (0: off)",
+    )
     group.add_argument(
         "--flag-force-std-eV-per-A",
         type=_optional_float,
-        default=DEFAULT_FLAG,
-        help="export frames whose max per-atom force std is above this (eV/A)",
+        default=UNSET,
+        help="absolute flag threshold on the max per-atom force std (eV/A), instead of --flag-calibrated",
     )
     group.add_argument(
         "--halt-force-std-eV-per-A",
         type=_optional_float,
-        default=DEFAULT_HALT,
-        help="stop at the first checked frame whose max per-atom force std is above this (eV/A)",
+        default=UNSET,
+        help="absolute halt threshold on the max per-atom force std (eV/A), instead of --halt-calibrated",
     )
     group.add_argument(
         "--flag-relative", type=_optional_float, default=None, help="flag threshold on max_i std_i / (|F_i| + nu)"
@@ -261,6 +309,9 @@ _PHYSICAL_FIELDS = {  # blip md option (argparse dest) -> PhysicalChecks field
 _THRESHOLD_FIELDS = {  # blip md option (argparse dest) -> Thresholds field
     "flag_force_std_eV_per_A": "force_std_flag",
     "halt_force_std_eV_per_A": "force_std_halt",
+    "flag_calibrated": "calibrated_flag",
+    "halt_calibrated": "calibrated_halt",
+    "calibrated_quantile": "calibrated_quantile",
     "flag_relative": "relative_flag",
     "halt_relative": "relative_halt",
     "relative_nu_eV_per_A": "relative_nu",
@@ -268,7 +319,8 @@ _THRESHOLD_FIELDS = {  # blip md option (argparse dest) -> Thresholds field
     "halt_energy_std_eV_per_atom": "energy_std_halt",
     "element_threshold": "per_element",
 }
-_NEGATED = {"no_progress": "progress", "no_plot": "plot"}  # option -> MDConfig field it switches off
+# option -> MDConfig field it switches off
+_NEGATED = {"no_progress": "progress", "no_plot": "plot", "no_screen": "screen"}
 _FIELD_OF_OPTION = {
     **_NEGATED,
     **dict.fromkeys(_THRESHOLD_FIELDS, "thresholds"),
@@ -287,12 +339,26 @@ def config_from_args(args: argparse.Namespace):
     _walker_settings(values)  # a list of temperatures or structures is for --walkers only
     thresholds = {field: values[option] for option, field in _THRESHOLD_FIELDS.items()}
     thresholds["per_element"] = dict(thresholds["per_element"] or [])
+    _absolute_or_calibrated(thresholds)
     config = {f.name: values[f.name] for f in fields(MDConfig) if f.name in values}
     config.update({field: not values[option] for option, field in _NEGATED.items()})
     physical = {field: values[option] for option, field in _PHYSICAL_FIELDS.items() if field != "physical"}
     physical["isolated"] = not physical["isolated"]
     config["physical"] = PhysicalChecks(**physical, enabled=not values["no_physical_checks"])
     return MDConfig(**config, thresholds=Thresholds(**thresholds))
+
+
+def _absolute_or_calibrated(thresholds: dict) -> None:
+    """Settle each level's force-std threshold in place: an absolute one given on the command line
+    switches the calibrated default of its level off; both given is left to Thresholds to refuse."""
+    for level in ("flag", "halt"):
+        absolute, calibrated = f"force_std_{level}", f"calibrated_{level}"
+        if thresholds[absolute] is UNSET:
+            thresholds[absolute] = None
+        elif type(thresholds[calibrated]) is _Default:
+            thresholds[calibrated] = None
+        if type(thresholds[calibrated]) is _Default:
+            thresholds[calibrated] = float(thresholds[calibrated])
 
 
 def _walker_settings(values: dict) -> tuple[tuple[float, ...], tuple[str, ...]]:

@@ -100,9 +100,9 @@ def atom_features(coefficients: Any, inputs: Any, forces: np.ndarray, n_elements
     n = len(species)
     counts = torch.bincount(receivers, minlength=n).to(torch.float64)[:, None]
     mean = torch.zeros(n, edge.shape[1], dtype=torch.float64).index_add_(0, receivers, edge) / counts.clamp_min(1)
-    peak = torch.zeros(n, edge.shape[1], dtype=torch.float64).index_reduce_(0, receivers, edge, "amax",
-                                                                           include_self=False)  # fmt: skip
-    nearest = torch.full((n,), float("inf"), dtype=torch.float64).index_reduce_(0, receivers, distance, "amin")
+    rows = receivers[:, None].expand_as(edge)
+    peak = torch.zeros(n, edge.shape[1], dtype=torch.float64).scatter_reduce_(0, rows, edge, "amax", include_self=False)
+    nearest = torch.full((n,), float("inf"), dtype=torch.float64).scatter_reduce_(0, receivers, distance, "amin")
     lonely = (counts[:, 0] == 0).numpy()
     mean, peak, nearest = mean.numpy(), peak.numpy(), nearest.numpy()
     mean[lonely] = peak[lonely] = float(edge.min()) if edge.numel() else 1.0

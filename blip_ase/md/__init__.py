@@ -5,6 +5,8 @@ from blip_ase.md.config import MDConfig
 from blip_ase.md.dynamics import ENSEMBLES, check_ensemble, make_dynamics, thermalize
 from blip_ase.md.monitor import FrameReport, Thresholds, UncertaintyMonitor, evaluate_frame
 from blip_ase.md.physics import PhysicalChecks
+from blip_ase.md.policy import DEFAULT_THRESHOLDS
+from blip_ase.md.run import run_md
 from blip_ase.md.writers import (
     ExtXYZFrameWriter,
     FlaggedFrame,
@@ -14,9 +16,9 @@ from blip_ase.md.writers import (
     read_hdf5_frames,
     read_history,
 )
-from blip_ase.md.run import run_md
 
 __all__ = [
+    "DEFAULT_THRESHOLDS",
     "ENSEMBLES",
     "ExtXYZFrameWriter",
     "FlaggedFrame",

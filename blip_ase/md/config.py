@@ -33,8 +33,18 @@ class MDConfig:
         seed: seeds the velocities, the stochastic thermostat and the Monte Carlo noise.
         n_samples: Monte Carlo samples per uncertainty check.
         uq_interval: steps between uncertainty checks.
+        screen: let the model's uncertainty screen (``blip calibrate`` fits one; see
+            :mod:`blip_ase.inference.screen`) clear a check without Monte Carlo samples when its
+            bound on every atom's force std is below the atom's flag threshold (halt where no
+            flag is set); anything else, and every frame the physical checks object to, is
+            checked with samples. Off for models without a screen and for runs with relative or
+            energy thresholds, which need samples.
+        screen_anchor_steps: for this many steps after a check with samples, the screen's
+            estimate of an atom is also ``1.5 x`` that check's measured std times the change of
+            the screen's bound since (:meth:`~blip_ase.md.tracker.Tracker.screen`); 0: the bound alone.
         traj_interval: steps between trajectory/log frames.
-        thresholds: flag/halt policy.
+        thresholds: flag/halt policy (default: none; ``blip md``'s are :data:`~blip_ase.md.DEFAULT_THRESHOLDS`,
+            in calibrated units, resolved to eV/A when the run loads its model).
         physical: the physical checks (fragmentation, atoms too close, temperature runaway,
             energy jump; :class:`~blip_ase.md.physics.PhysicalChecks`); a mapping of its fields
             is converted (JSON; ``{"enabled": false}`` switches every check off, as None does
@@ -68,6 +78,8 @@ class MDConfig:
     seed: int = 0
     n_samples: int = 16
     uq_interval: int = 10
+    screen: bool = True
+    screen_anchor_steps: int = 0
     traj_interval: int = 10
     thresholds: Thresholds = field(default_factory=Thresholds)
     physical: PhysicalChecks = field(default_factory=PhysicalChecks)
@@ -82,7 +94,8 @@ class MDConfig:
         object.__setattr__(self, "physical", PhysicalChecks.from_value(self.physical))
         if self.ensemble not in d.ENSEMBLES:
             raise ValueError(f"unknown ensemble {self.ensemble!r}; choose one of {', '.join(d.ENSEMBLES)}")
-        for name, least in (("steps", 0), ("n_samples", 2), ("uq_interval", 1), ("traj_interval", 1)):
+        for name, least in (("steps", 0), ("n_samples", 2), ("uq_interval", 1), ("traj_interval", 1),
+                            ("screen_anchor_steps", 0)):
             checked_int(getattr(self, name), least=least, name=name)  # n_samples: a variance needs two
         if self.overwrite and self.restart:
             raise ValueError("overwrite and restart exclude each other")

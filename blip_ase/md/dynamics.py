@@ -121,7 +121,7 @@ def _construct(atoms: Atoms, ensemble: str, *, dt, T, p, tdamp, pdamp, friction,
     """The ASE integrator of ``ensemble``; arguments in ASE units."""
     from ase.md.bussi import Bussi
     from ase.md.langevin import Langevin
-    from ase.md.nose_hoover_chain import IsotropicMTKNPT, MTKNPT, NoseHooverChainNVT
+    from ase.md.nose_hoover_chain import MTKNPT, IsotropicMTKNPT, NoseHooverChainNVT
     from ase.md.nptberendsen import NPTBerendsen
     from ase.md.verlet import VelocityVerlet
 

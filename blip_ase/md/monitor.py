@@ -30,6 +30,7 @@ from blip_ase.md.policy import (  # re-exported: the public names of the policy 
     Thresholds,
     evaluate_frame,
     non_finite_keys,
+    resolve_for_calculator,
 )
 from blip_ase.md.tracker import Tracker
 from blip_ase.md.writers import FrameWriter, HistoryCSV
@@ -59,7 +60,8 @@ class UncertaintyMonitor:
 
     Args:
         dyn: the ASE dynamics (for ``nsteps``, ``get_time()``, ``atoms`` and stopping).
-        thresholds: the policy.
+        thresholds: the policy; calibrated force-std thresholds are resolved to eV/A here against
+            the calculator's ``reference`` (:meth:`~blip_ase.md.policy.Thresholds.resolve`).
         writers: flagged-frame writers (:class:`~blip_ase.md.writers.ExtXYZFrameWriter`, ...).
         history_file: optional CSV receiving one line per checked frame.
         n_samples: Monte Carlo samples per check (None = the calculator's ``n_samples``).
@@ -72,12 +74,17 @@ class UncertaintyMonitor:
             ``temp`` of ``dyn`` if it has one).
         reference: the structure whose bond graph the fragmentation check compares with
             (None: ``atoms`` as they are now).
+        screen: let the model's uncertainty screen (``calc.engine.screen``, fitted by
+            ``blip calibrate``) clear a check without samples when its bound on every atom's
+            force std is below the atom's flag threshold (:meth:`Tracker.screen
+            <blip_ase.md.tracker.Tracker.screen>`); no effect for a model without a screen.
+        screen_anchor_steps: see :class:`~blip_ase.md.MDConfig`.
 
     Attributes:
         tracker: the trajectory's :class:`~blip_ase.md.tracker.Tracker`; ``history``,
             ``triggered``, ``stop_reason``, ``halt_step``, ``last``, ``n_checked`` and
             ``n_flagged`` read from it.
-        uq_seconds: wall time spent in Monte Carlo.
+        uq_seconds: wall time spent in uncertainty checks (screen and Monte Carlo).
     """
 
     def __init__(
@@ -93,11 +100,14 @@ class UncertaintyMonitor:
         physical: PhysicalChecks | None = DEFAULT_CHECKS,
         temperature_K: float | None = None,
         reference: Atoms | None = None,
+        screen: bool = True,
+        screen_anchor_steps: int = 0,
     ):
         self.dyn = dyn
-        self.thresholds = thresholds
+        self.screen = screen
         self.n_samples = n_samples
         self.atoms = atoms if atoms is not None else getattr(dyn.atoms, "atoms", dyn.atoms)
+        self.thresholds = thresholds = resolve_for_calculator(thresholds, self.atoms.calc)  # calibrated -> eV/A
         self.on_check = on_check
         if temperature_K is None and getattr(dyn, "temp", None) is not None:
             temperature_K = float(dyn.temp) / units.kB
@@ -110,6 +120,7 @@ class UncertaintyMonitor:
             target_K=temperature_K,
             writers=writers,
             history_file=history_file,
+            anchor_steps=screen_anchor_steps,
         )
         self.uq_seconds = 0.0
 
@@ -130,17 +141,33 @@ class UncertaintyMonitor:
                 f"UncertaintyMonitor needs a calculator with monte_carlo() (BLIPCalculator), got {type(calc).__name__}"
             )
         map_bad = self._non_finite_results()
-        start = time.perf_counter()
-        stats = calc.monte_carlo(atoms, n_samples=self.n_samples)
-        self.uq_seconds += time.perf_counter() - start
         step, time_fs = int(self.dyn.nsteps), round(float(self.dyn.get_time() / units.fs), 9)
-        report = self.tracker.check(
-            atoms, stats, step=step, time_fs=time_fs, temperature_K=float(atoms.get_temperature()), map_bad=map_bad
-        )
+        where = {"step": step, "time_fs": time_fs, "temperature_K": float(atoms.get_temperature())}
+        start = time.perf_counter()
+        report = physical = None
+        if self.screen and not map_bad and getattr(getattr(calc, "engine", None), "screen", None) is not None:
+            report = self._screen(atoms, where)
+            physical, report = (report, None) if isinstance(report, list) else (None, report)
+        if report is None:
+            stats = calc.monte_carlo(atoms, n_samples=self.n_samples)
+            report = self.tracker.check(atoms, stats, map_bad=map_bad, physical=physical, **where)
+        self.uq_seconds += time.perf_counter() - start
         if report.level == 2:
             self.dyn.max_steps = self.dyn.nsteps
         if self.on_check is not None:
             self.on_check(self, report)
+
+    def _screen(self, atoms: Atoms, where: dict):
+        """The screen's verdict on this frame (:meth:`~blip_ase.md.tracker.Tracker.screen`), from the
+        calculator's MAP results of it when they are current."""
+        calc = atoms.calc
+        engine = calc.engine
+        results = calc.results if calc.atoms is not None and not calc.check_state(atoms) else {}
+        prepared = engine.prepare(atoms)
+        if "forces" not in results or "energy" not in results:
+            results = engine.map(prepared, stress=False)[0]
+        bound = engine.screen_bound(prepared, forces=results["forces"])[0]
+        return self.tracker.screen(atoms, energy_eV=float(results["energy"]), bound=bound, **where)
 
     def check_finite(self) -> None:
         """Every-step observer: a non-finite energy, force or stress in the calculator's results

@@ -100,14 +100,29 @@ class PhysicalChecks:
         return value
 
 
-def bond_fragments(atoms: Atoms, factor: float) -> np.ndarray:
-    """``(n,)`` fragment label of each atom in the bond graph ``d_ij < factor * (r_i + r_j)``."""
-    from ase.neighborlist import neighbor_list
+def pairs(atoms: Atoms, cutoff: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(i, j, d)`` of every ordered pair of atoms closer than ``cutoff`` (Angstrom), from one
+    matscipy neighbour list (a padded open box around a molecule, as the model's graphs)."""
+    from matscipy.neighbours import neighbour_list
+
+    if atoms.pbc.any():
+        return neighbour_list("ijd", atoms, cutoff)
+    pos = atoms.positions
+    box = np.diag(np.ptp(pos, axis=0) + 2.0 * cutoff + 1.0)
+    return neighbour_list("ijd", positions=pos, cutoff=cutoff, cell=box, pbc=[False] * 3,
+                          cell_origin=pos.min(axis=0) - cutoff)  # fmt: skip
+
+
+def bond_fragments(atoms: Atoms, factor: float, near: tuple | None = None) -> np.ndarray:
+    """``(n,)`` fragment label of each atom in the bond graph ``d_ij < factor * (r_i + r_j)``;
+    ``near``: :func:`pairs` of ``atoms`` with a cutoff of at least ``factor * 2 max(r)``."""
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
-    i, j = neighbor_list("ij", atoms, factor * covalent_radii[atoms.numbers])
-    graph = coo_matrix((np.ones(len(i)), (i, j)), shape=(len(atoms), len(atoms)))
+    r = covalent_radii[atoms.numbers]
+    i, j, d = pairs(atoms, factor * 2.0 * r.max()) if near is None else near
+    bonded = d < factor * (r[i] + r[j])
+    graph = coo_matrix((np.ones(int(bonded.sum())), (i[bonded], j[bonded])), shape=(len(atoms), len(atoms)))
     return connected_components(graph, directed=False)[1]
 
 
@@ -126,11 +141,11 @@ class PhysicalState:
         self.molecule = not reference.pbc.any()
         self.reference = self.bonds = None
         if checks.bond_factor is not None and self.molecule:
-            from ase.neighborlist import neighbor_list
-
-            self.reference = bond_fragments(reference, checks.bond_factor)
-            i, j = neighbor_list("ij", reference, checks.bond_factor * covalent_radii[reference.numbers])
-            self.bonds = np.stack([i[i < j], j[i < j]], axis=1)  # (n_bonds, 2) of the start structure
+            r = covalent_radii[reference.numbers]
+            i, j, d = pairs(reference, checks.bond_factor * 2.0 * r.max())
+            self.reference = bond_fragments(reference, checks.bond_factor, (i, j, d))
+            keep = (i < j) & (d < checks.bond_factor * (r[i] + r[j]))
+            self.bonds = np.stack([i[keep], j[keep]], axis=1)  # (n_bonds, 2) of the start structure
         self.reset()
 
     def reset(self) -> None:
@@ -146,21 +161,30 @@ class PhysicalState:
             energy_eV: its total energy (potential + kinetic), eV; a non-finite one is skipped.
             temperature_K: its instantaneous temperature, K.
         """
-        fired = [self.fragmentation(atoms), self.too_close(atoms), self.runaway(temperature_K)]
+        near = self.neighbours(atoms)
+        fired = [self.fragmentation(atoms, near), self.too_close(atoms, near), self.runaway(temperature_K)]
         fired.append(self.energy_jump(energy_eV / len(atoms)))
         return [f for f in fired if f is not None]
 
-    def fragmentation(self, atoms: Atoms) -> tuple[str, str] | None:
+    def neighbours(self, atoms: Atoms) -> tuple | None:
+        """One :func:`pairs` list covering every distance check of this frame (None: none needs it)."""
+        c, r_max = self.checks, float(covalent_radii[atoms.numbers].max())
+        reach = [c.bond_factor * 2.0 * r_max if self.reference is not None else 0.0,
+                 self.cutoff_A if c.isolated and self.cutoff_A is not None else 0.0,
+                 c.min_distance_factor * 2.0 * r_max if c.min_distance_factor is not None else 0.0]  # fmt: skip
+        return pairs(atoms, max(reach)) if max(reach) > 0 and len(atoms) > 1 else None
+
+    def fragmentation(self, atoms: Atoms, near: tuple | None = None) -> tuple[str, str] | None:
         c = self.checks
+        near = self.neighbours(atoms) if near is None else near
         if self.reference is not None:
-            now = bond_fragments(atoms, c.bond_factor)
+            now = bond_fragments(atoms, c.bond_factor, near)
             split = [k for k in np.unique(self.reference) if len(np.unique(now[self.reference == k])) > 1]
             if split:
                 return "fragmented", self.split_message(atoms, now)
         if c.isolated and self.cutoff_A is not None and len(atoms) > 1:
-            from ase.neighborlist import neighbor_list
-
-            counts = np.bincount(neighbor_list("i", atoms, self.cutoff_A), minlength=len(atoms))
+            i, _, d = near
+            counts = np.bincount(i[d < self.cutoff_A], minlength=len(atoms))
             if (counts == 0).any():
                 k = int(np.argmin(counts))
                 symbol = chemical_symbols[atoms.numbers[k]]
@@ -183,16 +207,15 @@ class PhysicalState:
             f"bonded at the start, are {d[k]:.3g} A apart (bonded below {limit:.3g} A)"
         )
 
-    def too_close(self, atoms: Atoms) -> tuple[str, str] | None:
+    def too_close(self, atoms: Atoms, near: tuple | None = None) -> tuple[str, str] | None:
         factor = self.checks.min_distance_factor
         if factor is None or len(atoms) < 2:
             return None
-        from ase.neighborlist import neighbor_list
-
-        i, j, d = neighbor_list("ijd", atoms, factor * covalent_radii[atoms.numbers])
-        if not len(d):
+        i, j, d = self.neighbours(atoms) if near is None else near
+        ratio = d / (covalent_radii[atoms.numbers[i]] + covalent_radii[atoms.numbers[j]])
+        if not (ratio < factor).any():
             return None
-        k = int(np.argmin(d / (covalent_radii[atoms.numbers[i]] + covalent_radii[atoms.numbers[j]])))
+        k = int(np.argmin(ratio))
         a, b = sorted((int(i[k]), int(j[k])))
         limit = factor * (covalent_radii[atoms.numbers[a]] + covalent_radii[atoms.numbers[b]])
         sym = chemical_symbols

@@ -13,6 +13,13 @@ A non-finite prediction halts whatever the thresholds; the physical checks of
 :mod:`blip_ase.md.physics` halt through :func:`with_halt`. Every level above ``ok`` names the
 checks that set it (``FrameReport.checks``): ``force_std``, ``relative_force_std``,
 ``energy_std``, ``non_finite`` and the physical ones.
+
+Force-std thresholds come in two forms: absolute (eV/A, they belong to one model) and calibrated
+(multiples of a quantile of the per-atom force errors that ``blip calibrate`` measured on its
+validation data and stored in the checkpoint under ``reference``, per element; see
+:func:`blip_ase.uq.calibration.force_reference`). :meth:`Thresholds.resolve` turns the calibrated
+form into the absolute one for a given model, once, when a run loads it; the per-check code
+only ever sees eV/A.
 """
 
 from __future__ import annotations
@@ -22,9 +29,16 @@ from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 from ase import Atoms
-from ase.data import atomic_numbers
+from ase.data import atomic_numbers, chemical_symbols
 
 LEVELS = ("ok", "flag", "halt")
+DEFAULT_CALIBRATED_FLAG = 1.4
+"""Default flag multiple of ``blip md`` and ``blip learn`` (of the q99 of the per-atom force errors):
+on the shipped model 0.25 eV/A for H, the earlier absolute default, and 0.31 eV/A for N; it flags
+about as many checks as 0.25 did at 300-1200 K (docs/guide/md.md, "Thresholds")."""
+DEFAULT_CALIBRATED_HALT = 5.6
+"""Default halt multiple, 4x the flag as before: on the shipped model 0.99 eV/A for H, 1.24 eV/A for N."""
+DEFAULT_CALIBRATED_QUANTILE = 0.99
 
 
 def _check_pair(name: str, flag: float | None, halt: float | None) -> None:
@@ -41,6 +55,14 @@ class Thresholds:
 
     Attributes:
         force_std_flag, force_std_halt: on the max per-atom force std, eV/A.
+        calibrated_flag, calibrated_halt: force-std thresholds in calibrated units: an atom of
+            element X is above them when its force std exceeds this multiple of the
+            ``calibrated_quantile`` of the per-atom force errors ``|F_true - F_pred|`` of element
+            X on the model's calibration data (``blip calibrate`` stores them; an element the
+            calibration data lacked uses all atoms'). Exclusive with ``force_std_flag`` /
+            ``force_std_halt`` for the same level; :meth:`resolve` turns them into eV/A.
+        calibrated_quantile: the quantile level of the calibrated thresholds, one of those the
+            checkpoint stores (``blip calibrate``: 0.5, 0.9, 0.95, 0.99, 1.0).
         relative_flag, relative_halt: on ``max_i std_i / (|F_i| + nu)``, dimensionless.
         relative_nu: ``nu`` of the relative metric, eV/A (keeps it finite where forces vanish).
         energy_std_flag, energy_std_halt: on the energy std per atom, eV/atom.
@@ -48,12 +70,16 @@ class Thresholds:
             ``force_std_flag``/``force_std_halt`` for atoms of that element.
 
     Raises:
-        ValueError: a negative or non-finite threshold, a flag above its halt, ``nu <= 0``, or an
-            unknown element symbol.
+        ValueError: a negative or non-finite threshold, a flag above its halt, ``nu <= 0``, an
+            unknown element symbol, a quantile level outside (0, 1], or an absolute and a
+            calibrated force-std threshold for the same level.
     """
 
     force_std_flag: float | None = None
     force_std_halt: float | None = None
+    calibrated_flag: float | None = None
+    calibrated_halt: float | None = None
+    calibrated_quantile: float = DEFAULT_CALIBRATED_QUANTILE
     relative_flag: float | None = None
     relative_halt: float | None = None
     relative_nu: float = 1.0
@@ -63,6 +89,17 @@ class Thresholds:
 
     def __post_init__(self):
         _check_pair("force std", self.force_std_flag, self.force_std_halt)
+        _check_pair("calibrated force std", self.calibrated_flag, self.calibrated_halt)
+        for level in ("flag", "halt"):
+            absolute, calibrated = getattr(self, f"force_std_{level}"), getattr(self, f"calibrated_{level}")
+            if absolute is not None and calibrated is not None:
+                raise ValueError(
+                    f"the {level} force-std threshold is given twice, in eV/A (force_std_{level} {absolute:g}) and in "
+                    f"calibrated units (calibrated_{level} {calibrated:g}); give one of them"
+                )
+        q = self.calibrated_quantile
+        if isinstance(q, bool) or not (isinstance(q, (int, float)) and 0 < q <= 1):
+            raise ValueError(f"calibrated_quantile must be a quantile level in (0, 1], got {q!r}")
         _check_pair("relative force std", self.relative_flag, self.relative_halt)
         _check_pair("energy std per atom", self.energy_std_flag, self.energy_std_halt)
         if not self.relative_nu > 0:
@@ -82,10 +119,105 @@ class Thresholds:
             halt[k] = np.inf if h is None else h
         return flag, halt
 
+    def screen_limits(self, symbols: Sequence[str]) -> np.ndarray | None:
+        """``(n,)`` per-atom force-std limits (eV/A) below which a frame can be cleared without
+        Monte Carlo samples: the flag threshold, or the halt threshold where no flag is set.
+        None when the policy needs samples anyway (relative or energy thresholds) or sets no
+        force-std threshold at all."""
+        if any(v is not None for v in (self.relative_flag, self.relative_halt, self.energy_std_flag,
+                                       self.energy_std_halt)):  # fmt: skip
+            return None
+        flag, halt = self.atom_thresholds(symbols)
+        limits = np.where(np.isfinite(flag), flag, halt)
+        return limits if np.isfinite(limits).all() else None
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether a force-std threshold is in calibrated units (:meth:`resolve` is needed)."""
+        return self.calibrated_flag is not None or self.calibrated_halt is not None
+
+    def resolve(self, reference: Mapping | None, symbols: Sequence[str], *, source: str = "the model") -> Thresholds:
+        """These thresholds in eV/A for one model: the calibrated ones become per-element values.
+
+        Args:
+            reference: the checkpoint's ``reference`` (``blip calibrate``; None: not calibrated).
+            symbols: the elements to resolve (the model's); each gets a ``per_element`` entry.
+            source: the model, named in the messages (its checkpoint path).
+
+        Returns:
+            ``self`` when nothing is calibrated; else a copy without calibrated thresholds whose
+            ``per_element`` holds ``(flag, halt)`` for every element of ``symbols`` (explicit
+            ``per_element`` entries win) and whose ``force_std_flag``/``force_std_halt`` hold
+            the values over all atoms of the calibration data.
+
+        Raises:
+            ValueError: no reference, ``calibrated_quantile`` not among its levels, or a
+                resolved flag above its halt (a calibrated flag with an absolute halt).
+        """
+        if not self.calibrated:
+            return self
+        given = ", ".join(f"calibrated_{k} {getattr(self, f'calibrated_{k}'):g}" for k in ("flag", "halt")
+                          if getattr(self, f"calibrated_{k}") is not None)  # fmt: skip
+        if reference is None:
+            raise ValueError(
+                f"{source} has no calibration reference, so thresholds in calibrated units ({given}) cannot be "
+                f"resolved: calibrate it first (blip calibrate --model {source} --data VALIDATION_DATA --out "
+                "CALIBRATED.pt stores the force-error quantiles), or give absolute thresholds in eV/A "
+                "(blip md --flag-force-std-eV-per-A / --halt-force-std-eV-per-A; force_std_flag / force_std_halt)"
+            )
+        errors = reference["force_error"]
+        pair = _calibrated_pair(self, reference, source)
+        per_element = {symbol: pair(errors.get(symbol, errors["all"])) for symbol in symbols}
+        per_element.update(self.per_element)
+        flag, halt = pair(errors["all"])
+        try:
+            return replace(self, force_std_flag=flag, force_std_halt=halt, calibrated_flag=None,
+                           calibrated_halt=None, per_element=per_element)  # fmt: skip
+        except ValueError as exc:
+            raise ValueError(f"thresholds resolved on {source} ({given}): {exc}") from None
+
     def to_dict(self) -> dict:
         out = asdict(self)
         out["per_element"] = {k: list(v) for k, v in self.per_element.items()}
         return out
+
+
+DEFAULT_THRESHOLDS = Thresholds(calibrated_flag=DEFAULT_CALIBRATED_FLAG, calibrated_halt=DEFAULT_CALIBRATED_HALT)
+"""The thresholds of ``blip md`` and ``blip learn`` when none are given (calibrated units)."""
+
+
+def _calibrated_pair(thresholds: Thresholds, reference: Mapping, source: str):
+    """A function ``quantiles -> (flag, halt)`` in eV/A, from one element's force-error quantiles."""
+    levels = [float(q) for q in reference["quantiles"]]
+    matches = [k for k, q in enumerate(levels) if np.isclose(q, thresholds.calibrated_quantile, rtol=0, atol=1e-9)]
+    if not matches:
+        raise ValueError(
+            f"calibrated_quantile {thresholds.calibrated_quantile:g} is not one of the quantile levels the calibration "
+            f"of {source} stored: {', '.join(f'{q:g}' for q in levels)}"
+        )
+    k = matches[0]
+
+    def pair(quantiles: Sequence[float]) -> tuple[float | None, float | None]:
+        out = []
+        for level in ("flag", "halt"):
+            multiple = getattr(thresholds, f"calibrated_{level}")
+            absolute = getattr(thresholds, f"force_std_{level}")
+            out.append(absolute if multiple is None else multiple * float(quantiles[k]))
+        return out[0], out[1]
+
+    return pair
+
+
+def resolve_for_calculator(thresholds: Thresholds, calc, *, source: str | None = None) -> Thresholds:
+    """``thresholds`` resolved (:meth:`Thresholds.resolve`) for a calculator's model: its
+    ``reference`` (set by :meth:`~blip_ase.calculator.BLIPCalculator.from_checkpoint`) and the
+    elements of its ``model``. Returns ``thresholds`` unchanged when nothing is calibrated."""
+    if not thresholds.calibrated:
+        return thresholds
+    model = getattr(calc, "model", None)
+    symbols = [chemical_symbols[int(z)] for z in getattr(model, "elements", ())]
+    where = source or f"the model of the {type(calc).__name__}"
+    return thresholds.resolve(getattr(calc, "reference", None), symbols, source=where)
 
 
 @dataclass

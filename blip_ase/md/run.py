@@ -11,7 +11,10 @@ evaluated every ``uq_interval`` steps by an :class:`~blip_ase.md.monitor.Uncerta
   ``uncertainty.png``: its plot;
 - ``summary.json``: counts, thresholds, stop reason and check (``stop_check``), timings and the
   run's configuration with the physical checks (the restart reads it), rewritten during the run;
-  strict JSON. The lifecycle (interrupt, failure, summary, plot) is :mod:`blip_ase.md.lifecycle`.
+  strict JSON. ``thresholds`` holds the thresholds in eV/A the run applied (calibrated ones
+  resolved per element against the model's calibration reference), ``config.thresholds`` the
+  thresholds as given (a restart resolves them again against the same model). The lifecycle
+  (interrupt, failure, summary, plot) is :mod:`blip_ase.md.lifecycle`.
 
 Every input is checked before anything is created: the model, the structure (elements the
 model knows, finite positions), the thresholds (per-element ones for elements the model
@@ -21,6 +24,7 @@ knows), the ensemble against structure and model, and the output directory.
 from __future__ import annotations
 
 from collections.abc import Collection
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -32,6 +36,7 @@ from blip_ase.md.dynamics import DYNAMICS_KEYS, make_dynamics, thermalize
 from blip_ase.md.inputs import check_inputs, load_calculator, read_structure, structure_path
 from blip_ase.md.lifecycle import Interrupted, MDRunFailed, RunLifecycle, check_output, prepare_output
 from blip_ase.md.monitor import FrameReport, UncertaintyMonitor
+from blip_ase.md.policy import resolve_for_calculator
 from blip_ase.md.restart import read_stored_config, restart_config
 from blip_ase.md.writers import (
     ExtXYZFrameWriter,
@@ -116,6 +121,7 @@ def run_md(config: MDConfig, *, given: Collection[str] | None = None) -> dict:
         atoms = read_structure(source)
     atoms.calc = calc
     check_inputs(atoms, calc.model, config, source=source)
+    thresholds = resolve_for_calculator(config.thresholds, calc, source=str(path))  # calibrated -> eV/A
     check_output(config)
     reference = reference_structure(config, atoms)
     rng = np.random.default_rng(config.seed)
@@ -133,8 +139,8 @@ def run_md(config: MDConfig, *, given: Collection[str] | None = None) -> dict:
         for name, cls in APPENDABLE.items():  # later steps are re-run: drop what they wrote
             if (out / name).exists():
                 cls(out / name, append=True).truncate_after(start)
-    info = run_info(config, path, source, atoms, start)
-    return execute(config, out, info, dyn, atoms, reference)
+    info = run_info(config, path, source, atoms, start)  # config.thresholds as given: a restart re-resolves
+    return execute(replace(config, thresholds=thresholds), out, info, dyn, atoms, reference)
 
 
 def reference_structure(config: MDConfig, atoms: Atoms) -> Atoms:
@@ -169,7 +175,8 @@ def run_info(config: MDConfig, path: Path, source: str, atoms: Atoms, start: int
 def execute(
     config: MDConfig, out: Path, info: dict, dyn: MolecularDynamics, atoms: Atoms, reference: Atoms
 ) -> dict:
-    """Attach the observers, run the dynamics through the lifecycle, write summary and plot."""
+    """Attach the observers, run the dynamics through the lifecycle, write summary and plot
+    (``config.thresholds`` in eV/A: resolved already)."""
     from ase.md.logger import MDLogger
 
     append, start = config.restart, int(info["start_step"])
@@ -191,6 +198,8 @@ def execute(
         physical=config.physical,
         temperature_K=config.temperature_K,
         reference=reference,
+        screen=config.screen,
+        screen_anchor_steps=config.screen_anchor_steps,
     )
     dyn.attach(monitor, interval=config.uq_interval)
     dyn.attach(monitor.check_finite, interval=1)  # a NaN force halts at once, not at the next check

@@ -19,9 +19,12 @@ draws its thermostat noise from torch's global generator for the whole batch (it
 generator), so a Langevin run is reproducible for the same seed and walkers, but a walker's path
 depends on the batch it runs in. Other ensembles are refused (see :data:`REFUSED`).
 
-Every walker has its own :class:`~blip_ase.md.tracker.Tracker` (the one ``run_md`` uses: same
-policy, physical checks, records, exports and stop reasons); the summary counts the walkers per
-status (``n_running``, ``n_completed``, ``n_halted``, ``n_interrupted``).
+Thresholds in calibrated units are resolved to eV/A per element once, against the model's
+calibration reference, before the run starts (``summary.json``: ``thresholds`` resolved,
+``config.thresholds`` as given). Every walker has its own :class:`~blip_ase.md.tracker.Tracker`
+(the one ``run_md`` uses: same policy, physical checks, records, exports and stop reasons); the
+summary counts the walkers per status (``n_running``, ``n_completed``, ``n_halted``,
+``n_interrupted``).
 
 Outputs in ``out``: ``flagged.extxyz`` and ``flagged.h5`` (as ``blip md``, plus ``walker``),
 ``uncertainty.csv`` (``walker`` first), ``uncertainty.png`` (one labelled line per walker, the
@@ -33,7 +36,7 @@ entry per walker with its status and stop reason).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +47,7 @@ from blip_ase.md.config import MDConfig
 from blip_ase.md.dynamics import thermalize
 from blip_ase.md.inputs import check_inputs, load_calculator, read_structures, structure_path
 from blip_ase.md.lifecycle import RunLifecycle, check_output, prepare_output
+from blip_ase.md.policy import resolve_for_calculator
 from blip_ase.md.tracker import Tracker
 from blip_ase.md.writers import ExtXYZFrameWriter, HDF5FrameWriter, WalkerHistoryCSV, plot_history, read_history
 
@@ -141,6 +145,7 @@ class Walker:
             "structure": self.source,
             "n_checked": mine["n_checked"],
             "n_flagged": mine["n_flagged"],
+            "n_screened": mine["n_screened"],
             "respawns": self.respawns,
             "max_force_std_max": mine["max_force_std_max"],
         }
@@ -198,6 +203,7 @@ class WalkerRun:
             w.tracker = Tracker(
                 md.thresholds, physical=md.physical, reference=w.start, cutoff_A=cutoff_A,
                 target_K=w.temperature_K, writers=self.writers, history_file=self.history, extra={"walker": w.index},
+                anchor_steps=md.screen_anchor_steps,
             )  # fmt: skip
         self.trajectories: dict[int, object] = {}
         self.written: dict[int, int] = {}  # walker -> step of its last trajectory frame
@@ -256,27 +262,52 @@ class WalkerRun:
         return torch.nonzero(bad).flatten().tolist()
 
     def check(self, positions: list[int], *, map_bad: bool = False) -> list[int]:
-        """Monte Carlo check of the systems at state ``positions``; returns those that halted."""
+        """Check the systems at state ``positions`` (the screen first where it applies, Monte Carlo
+        for the rest, all in one batched pass); returns those that halted."""
         if not positions:
             return []
-        state = self.state if len(positions) == self.state.n_systems else self.state[positions]
-        walkers = [self.walkers[self.active[p]] for p in positions]
         start = time.perf_counter()
-        stats = self.model.monte_carlo(state, [w.generator for w in walkers], self.config.md.n_samples)
-        self.uq_seconds += time.perf_counter() - start
-        structures = _structures(state)
+        md = self.config.md
         temperatures = self.temperatures()
-        time_fs = round(self.step * self.config.md.timestep_fs, 9)
+        time_fs = round(self.step * md.timestep_fs, 9)
+        physical: dict[int, list] = {}
+        if md.screen and not map_bad and self.model.engine.screen is not None:
+            positions, physical = self.screen(positions, temperatures, time_fs)
         halted = []
-        for p, walker, atoms, st in zip(positions, walkers, structures, stats):
-            report = walker.tracker.check(
-                atoms, st, step=self.step, time_fs=time_fs, temperature_K=float(temperatures[p]),
-                map_bad=("energy", "forces") if map_bad else (),
-            )  # fmt: skip
-            if report.level == 2:
-                walker.status = "halted"
-                halted.append(p)
+        if positions:
+            state = self.state if len(positions) == self.state.n_systems else self.state[positions]
+            walkers = [self.walkers[self.active[p]] for p in positions]
+            stats = self.model.monte_carlo(state, [w.generator for w in walkers], md.n_samples)
+            for p, walker, atoms, st in zip(positions, walkers, _structures(state), stats):
+                report = walker.tracker.check(
+                    atoms, st, step=self.step, time_fs=time_fs, temperature_K=float(temperatures[p]),
+                    map_bad=("energy", "forces") if map_bad else (), physical=physical.get(p),
+                )  # fmt: skip
+                if report.level == 2:
+                    walker.status = "halted"
+                    halted.append(p)
+        self.uq_seconds += time.perf_counter() - start
         return halted
+
+    def screen(self, positions: list[int], temperatures: np.ndarray, time_fs: float) -> tuple[list[int], dict]:
+        """Let the uncertainty screen clear what it can of ``positions`` (one inference-network
+        pass for the whole batch, on the MAP forces of this step). Returns the positions that
+        still need Monte Carlo samples and, for them, the physical checks' halts already found."""
+        prepared = self.model.prepare(self.state)
+        forces = self.state.forces.detach().to("cpu", torch.float64).numpy()
+        bounds = self.model.engine.screen_bound(prepared, forces=forces)
+        energies = self.state.energy.detach().to("cpu", torch.float64).numpy()
+        structures = _structures(self.state)
+        remaining, physical = [], {}
+        for p in positions:
+            verdict = self.walkers[self.active[p]].tracker.screen(
+                structures[p], energy_eV=float(energies[p]), bound=bounds[p], step=self.step, time_fs=time_fs,
+                temperature_K=float(temperatures[p]),
+            )  # fmt: skip
+            if isinstance(verdict, list):
+                remaining.append(p)
+                physical[p] = verdict
+        return remaining, physical
 
     def remove(self, positions: list[int], *, respawn: bool = True) -> list[int]:
         """Take the halted systems out of the batch; with ``respawn`` (and the run's ``respawn``)
@@ -332,6 +363,7 @@ class WalkerRun:
             **{f"n_{status}": sum(w.status == status for w in self.walkers) for status in WALKER_STATUSES},
             "n_checked": sum(w["n_checked"] for w in per_walker),
             "n_flagged": sum(w["n_flagged"] for w in per_walker),
+            "n_screened": sum(w["n_screened"] for w in per_walker),
             "thresholds": self.config.md.thresholds.to_dict(),
             "walkers": per_walker,
             "timings": {
@@ -375,10 +407,11 @@ def run_walkers(config: WalkersConfig) -> dict:
     if calc.model.device.type == "cpu":  # many small systems: one pass for all samples is faster
         calc.max_batch_atoms = max(calc.max_batch_atoms, CPU_MAX_BATCH_ATOMS)
     walkers = _walkers(config, calc.model)
+    resolved = replace(md, thresholds=resolve_for_calculator(md.thresholds, calc, source=str(path)))  # in eV/A
     check_output(md, restartable=False)
     model = BLIPModel(calc)
     out = prepare_output(md, OUTPUT_FILES, restartable=False)
-    run = WalkerRun(config, model, walkers, out, cutoff_A=calc.model.cutoff)
+    run = WalkerRun(replace(config, md=resolved), model, walkers, out, cutoff_A=calc.model.cutoff)
     life = RunLifecycle(
         out, _run_info(config, path, walkers), state=run.summary_state, step=lambda: run.step,
         summary_every_s=md.summary_every_s,
@@ -404,7 +437,7 @@ def run_walkers(config: WalkersConfig) -> dict:
 
     def plot(png: Path, summary: dict) -> None:
         title = f"{config.n_walkers} walkers {md.ensemble} ({summary['status']})"
-        t = md.thresholds
+        t = resolved.thresholds
         labels = {w.index: f"walker {w.index}, {w.temperature_K:g} K ({w.status})" for w in walkers}
         plot_history(png, read_history(out / "uncertainty.csv"), flag=t.force_std_flag, halt=t.force_std_halt,
                      title=title, labels=labels)  # fmt: skip

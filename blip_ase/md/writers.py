@@ -44,9 +44,13 @@ HISTORY_FIELDS = (
     "energy_std_per_atom",
     "level",
     "check",
+    "screen_bound",
 )
 """Columns of the uncertainty history (``level``: 0 ok, 1 flagged, 2 halted; ``check``: the
-checks that set the level, joined by ``+``, e.g. ``force_std`` or ``fragmented``; empty when ok)."""
+checks that set the level, joined by ``+``, e.g. ``force_std`` or ``fragmented``; empty when ok;
+``screen_bound``: for a check the uncertainty screen cleared without samples, the largest per-atom
+bound on the force std (eV/A), and then the measured ``max_force_std``, ``energy_std`` ... are
+``nan`` (not measured); ``nan`` for checks with samples)."""
 WALKER_HISTORY_FIELDS = ("walker", *HISTORY_FIELDS)
 """Columns of a many-walker run's history (:mod:`blip_ase.md.walkers`)."""
 
