@@ -167,3 +167,16 @@ def test_the_calculator_applies_stored_isotonic_maps_and_rejects_malformed_ones(
             BLIPCalculator(model, calibration={"forces_isotonic": bad})
     with pytest.raises(ValueError, match="unknown calibration keys"):
         BLIPCalculator(model, calibration={"forces_quantiles": [0.1]})
+
+
+def test_the_variance_scale_leaves_out_zero_variances_and_refuses_negative_ones():
+    """An atom with no neighbour within the cutoff has zero force and zero variance (blip learn
+    exported such fragmented frames): it carries no information about the scale."""
+    error, variance = np.array([0.2, -0.1, 0.3, 0.5]), np.array([0.04, 0.01, 0.0, 0.25])
+    assert fit_variance_scale(error, variance) == pytest.approx(np.mean([1.0, 1.0, 1.0]))
+    iso = fit_isotonic(error, variance)
+    assert np.isfinite(iso["x"]).all() and np.isfinite(iso["y"]).all()
+    with pytest.raises(ValueError, match="negative or not finite"):
+        fit_variance_scale(error, np.array([0.04, -0.01, 0.1, 0.2]))
+    with pytest.raises(ValueError, match="every predicted variance is zero"):
+        fit_variance_scale(error, np.zeros(4))

@@ -38,17 +38,23 @@ def fit_variance_scale(error: np.ndarray, variance: np.ndarray) -> float:
     """Closed-form NLL-minimising variance scale ``s = mean(err^2 / var)``.
 
     Args:
-        error: ``(K,)`` true minus predicted; variance: ``(K,)`` predicted variances (> 0).
+        error: ``(K,)`` true minus predicted; variance: ``(K,)`` predicted variances (>= 0).
+            Entries with a variance of exactly zero (an atom with no neighbour within the
+            cutoff: zero force and zero force variance, whatever the scale) carry no information
+            about the scale and are left out.
 
     Raises:
-        ValueError: no data or a non-positive variance.
+        ValueError: no data, a negative or non-finite variance, or no positive variance at all.
     """
     error, variance = np.asarray(error, float).ravel(), np.asarray(variance, float).ravel()
     if error.size == 0 or error.shape != variance.shape:
         raise ValueError(f"need matching non-empty errors and variances, got {error.shape} and {variance.shape}")
-    if not (variance > 0).all():
-        raise ValueError("cannot fit a variance scale: some predicted variances are zero or negative")
-    return float(np.mean(np.square(error) / variance))
+    if not (np.isfinite(variance).all() and (variance >= 0).all()):
+        raise ValueError("cannot fit a variance scale: some predicted variances are negative or not finite")
+    used = variance > 0
+    if not used.any():
+        raise ValueError("cannot fit a variance scale: every predicted variance is zero")
+    return float(np.mean(np.square(error[used]) / variance[used]))
 
 
 def pool_adjacent_violators(y: np.ndarray, weight: np.ndarray | None = None) -> np.ndarray:
@@ -78,7 +84,9 @@ def fit_isotonic(error: np.ndarray, variance: np.ndarray) -> dict[str, list[floa
         ``{"x": [...], "y": [...]}``: knots of a nondecreasing piecewise-linear map of ``[0, 1]``
         onto ``[0, 1]`` with ``R(0) = 0`` and ``R(1) = 1``.
     """
-    u = np.sort(stats.norm.cdf(np.asarray(error, float) / np.sqrt(np.asarray(variance, float))).ravel())
+    error, variance = np.asarray(error, float).ravel(), np.asarray(variance, float).ravel()
+    used = variance > 0  # zero-variance entries (isolated atoms) have no CDF level
+    u = np.sort(stats.norm.cdf(error[used] / np.sqrt(variance[used])))
     observed = np.searchsorted(u, u, side="right") / u.size  # fraction of levels <= u
     fitted = pool_adjacent_violators(observed)
     x = np.unique(u)  # ties share the value of their last member
