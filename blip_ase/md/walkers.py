@@ -64,10 +64,8 @@ REFUSED = {
 
 
 CPU_MAX_BATCH_ATOMS = 4096
-"""Atoms per batched Monte Carlo pass on CPU (the calculator's default is 256, chosen for bulk Mo):
-for 64 NH3 walkers and S = 16 one pass of all samples was a little faster, 0.556 s per check
-against 0.585 s in passes of 256 atoms (757 against 735 walker-steps/s), from one run each of
-``md_scripts/bench_walkers.py --walkers 64 --steps 100 --separate-runs 1 --mc-batch-atoms K``."""
+"""Atoms per batched Monte Carlo pass of the walkers on CPU (the engine's CPU default is 256); the
+measurement behind it is in the documentation (``docs/benchmarks.md``, walker throughput)."""
 
 
 @dataclass(frozen=True)
