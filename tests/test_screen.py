@@ -117,3 +117,22 @@ def test_an_anchored_screen_clears_only_within_its_steps_and_scales_with_the_bou
         ]
         assert [not isinstance(v, list) for v in verdicts] == cleared
     assert tracker.n_screened == 0 and tracker.n_checked == 1
+
+
+def test_the_plot_shows_screened_checks_and_one_threshold_line_per_element(tmp_path):
+    from blip_ase.md.writers import plot_history
+
+    nan = float("nan")
+    history = [
+        {"step": 0, "time_fs": 0.0, "temperature_K": 300.0, "max_force_std": 0.1, "level": 0, "screen_bound": nan},
+        {"step": 10, "time_fs": 5.0, "temperature_K": 310.0, "max_force_std": nan, "level": 0, "screen_bound": 0.2},
+        {"step": 20, "time_fs": 10.0, "temperature_K": 320.0, "max_force_std": 0.3, "level": 1, "screen_bound": nan},
+    ]
+    per_element = {"H": (0.25, 1.0), "N": (0.31, None)}
+    fig = plot_history(tmp_path / "u.png", history, flag=0.3, halt=1.2, per_element=per_element)
+    labels = fig.axes[0].get_legend_handles_labels()[1]
+    assert "screened, bound (no samples; 1)" in labels and "flagged (1)" in labels
+    assert [label for label in labels if label.startswith(("flag ", "halt "))] == [
+        "flag H = 0.25 eV/A", "halt H = 1 eV/A", "flag N = 0.31 eV/A"
+    ]
+    assert (tmp_path / "u.png").read_bytes()[:4] == b"\x89PNG"

@@ -235,7 +235,8 @@ def execute(
 
 def plot_run(png: Path, out: Path, config: MDConfig, title: str) -> None:
     t = config.thresholds
-    plot_history(png, read_history(out / "uncertainty.csv"), flag=t.force_std_flag, halt=t.force_std_halt, title=title)
+    plot_history(png, read_history(out / "uncertainty.csv"), flag=t.force_std_flag, halt=t.force_std_halt, title=title,
+                 per_element=t.per_element)
 
 
 def run_state(monitor: UncertaintyMonitor, dyn: MolecularDynamics, start: int, wall: float) -> dict:

@@ -438,7 +438,7 @@ def run_walkers(config: WalkersConfig) -> dict:
         t = resolved.thresholds
         labels = {w.index: f"walker {w.index}, {w.temperature_K:g} K ({w.status})" for w in walkers}
         plot_history(png, read_history(out / "uncertainty.csv"), flag=t.force_std_flag, halt=t.force_std_halt,
-                     title=title, labels=labels)  # fmt: skip
+                     title=title, labels=labels, per_element=t.per_element)  # fmt: skip
 
     return life.finish(status, plot if md.plot else None)
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -364,6 +365,7 @@ def plot_history(
     halt: float | None,
     title: str = "",
     labels: dict[int, str] | None = None,
+    per_element: Mapping[str, tuple[float | None, float | None]] | None = None,
 ):
     """PNG of the max per-atom force std (eV/A) and the temperature (K) against the step (time in
     fs on the top axis); one line per walker, each in the legend, when the records have a
@@ -376,6 +378,9 @@ def plot_history(
         flag, halt: force-std thresholds drawn as horizontal lines (None = not drawn).
         title: figure title.
         labels: walker id -> its legend label (default ``walker k``).
+        per_element: element -> ``(flag, halt)`` (eV/A); when given these lines replace
+            ``flag``/``halt`` (thresholds in calibrated units resolve per element). Checks the
+            uncertainty screen cleared are drawn as grey dots at their bound.
 
     Returns:
         The (closed) matplotlib figure, for inspection.
@@ -398,7 +403,7 @@ def plot_history(
         label = (labels or {}).get(int(w), f"walker {w}") if many else "max atomic force std"
         ax.plot(step[mine], std[mine], "-", color=color, lw=1, label=label)
         ax_t.plot(step[mine], temperature[mine], color=color if many else "tab:gray", lw=1)
-    _mark_events(ax, history, flag=flag, halt=halt)
+    _mark_events(ax, history, flag=flag, halt=halt, per_element=per_element)
     positive = std[std > 0]
     if positive.size and positive.max() > 10 * np.median(positive):  # a blow-up would flatten the rest
         ax.set_yscale("log")
@@ -420,12 +425,20 @@ def plot_history(
     return fig
 
 
-def _mark_events(ax, history: list[dict], *, flag: float | None, halt: float | None) -> None:
-    """Flagged and halted points (one legend entry per halting check) and the threshold lines,
-    each only if there is one."""
+def _mark_events(
+    ax, history: list[dict], *, flag: float | None, halt: float | None,
+    per_element: Mapping[str, tuple[float | None, float | None]] | None = None,
+) -> None:  # fmt: skip
+    """Screened, flagged and halted points (one legend entry per halting check) and the threshold
+    lines (per element when given), each only if there is one."""
     step = np.array([r["step"] for r in history], dtype=float)
     std = np.array([r["max_force_std"] for r in history], dtype=float)
     level = np.array([r["level"] for r in history], dtype=int)
+    bound = np.array([r.get("screen_bound", np.nan) for r in history], dtype=float)
+    screened = np.isfinite(bound)
+    if screened.any():
+        ax.plot(step[screened], bound[screened], ".", color="0.6", ms=3, zorder=2,
+                label=f"screened, bound (no samples; {int(screened.sum())})")  # fmt: skip
     if (level == 1).any():
         ax.plot(step[level == 1], std[level == 1], "o", mfc="none", mec="tab:orange", mew=1.5, ms=6,
                 zorder=5, label=f"flagged ({int((level == 1).sum())})")  # fmt: skip
@@ -433,10 +446,13 @@ def _mark_events(ax, history: list[dict], *, flag: float | None, halt: float | N
         mine = np.array([r["level"] == 2 and r.get("check", "") == check for r in history])
         ax.plot(step[mine], np.nan_to_num(std[mine]), "X", color="tab:red", mec="k", ms=9, zorder=6,
                 label=f"halted: {check or 'halt'} ({int(mine.sum())})")  # fmt: skip
-    if flag is not None:
-        ax.axhline(flag, color="tab:orange", ls="--", lw=1, label=f"flag = {flag:g} eV/A")
-    if halt is not None:
-        ax.axhline(halt, color="tab:red", ls="--", lw=1, label=f"halt = {halt:g} eV/A")
+    lines = {"": (flag, halt)} if not per_element else {f" {k}": tuple(v) for k, v in per_element.items()}
+    styles = ["--", ":", "-.", (0, (5, 1))]
+    for k, (name, (f, h)) in enumerate(lines.items()):
+        for value, kind, color in ((f, "flag", "tab:orange"), (h, "halt", "tab:red")):
+            if value is not None:
+                label = f"{kind}{name} = {value:.3g} eV/A"
+                ax.axhline(value, color=color, ls=styles[k % len(styles)], lw=1, label=label)
 
 
 def _fs_per_step(history: list[dict]) -> float | None:
