@@ -665,3 +665,20 @@ def test_a_nose_hoover_or_mtk_run_refuses_restart_saying_why(tiny_model, tmp_pat
     new_run = ("--model", str(tiny_model), "--structure", last_frame, "--out", str(tmp_path / "p"), "--steps", "10")
     code, text = run_cli(capsys, *new_run)
     assert code == 0, text
+
+
+def test_a_signal_whose_exception_python_swallowed_still_interrupts_at_the_next_step(tiny_model, tmp_path):
+    """A handler's exception raised inside a weakref callback or ``__del__`` is printed as
+    "Exception ignored" and lost (seen: a Ctrl-C of blip learn that ran on to the end). The
+    handlers record the signal and every MD step raises it again."""
+    from blip_ase import interrupts
+    from blip_ase.md.lifecycle import Interrupted
+
+    try:
+        interrupts.handler(Interrupted)(signal.SIGTERM, None)
+    except KeyboardInterrupt:
+        pass  # what Python does with it inside a garbage-collection callback
+    config = MDConfig(model=str(tiny_model), structure=str(NH3), out=str(tmp_path / "o"), steps=50, plot=False)
+    summary = run_md(config)
+    assert summary["status"] == "interrupted" and summary["signal"] == "SIGTERM" and summary["final_step"] <= 1
+    assert run_md(MDConfig(**{**config.__dict__, "out": str(tmp_path / "p")}))["status"] == "completed"

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from ase.data import chemical_symbols
 
+from blip_ase import interrupts
 from blip_ase.active.config import LearnConfig
 from blip_ase.active.oracle import check_oracle
 from blip_ase.active.stages import STAGE_FUNCTIONS, Run, final_reason, train_config
@@ -192,6 +193,7 @@ def run_learn(
     state = run.save(state)  # a kill before the first stage ends can be restarted
     try:
         while state.status == "running":
+            interrupts.raise_pending()  # a signal whose exception Python swallowed (blip_ase.interrupts)
             run.rdir(state).mkdir(exist_ok=True)
             state = STAGE_FUNCTIONS[state.stage](run, state)
     except KeyboardInterrupt as exc:

@@ -17,8 +17,6 @@ from blip_ase.bayes.linear import BayesianLinear, NoiseSource, Role
 from blip_ase.bayes.posterior import Coefficients
 
 
-
-
 def _replace(model: nn.Module, name: str, layer: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model

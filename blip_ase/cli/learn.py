@@ -48,15 +48,17 @@ def resume_command(args: argparse.Namespace) -> str:
 
 
 def _interrupt(signum, frame):
+    from blip_ase import interrupts
     from blip_ase.active.state import Interrupted
 
-    raise Interrupted(signum)
+    interrupts.handler(Interrupted)(signum, frame)
 
 
 def run(args: argparse.Namespace) -> int:
     import signal
     import threading
 
+    from blip_ase import interrupts
     from blip_ase.active import load_learn_config, run_learn
 
     if args.config is None and not args.restart:
@@ -74,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
     finally:
         for sig, previous in handlers.items():
             signal.signal(sig, previous)
+        interrupts.clear()
     if state.status == "waiting":
         print(f"waiting for labels: write {state.waiting_for} (frames of to_label.extxyz with energy and "
               f"forces, keeping info frame_id), then run {resume_command(args)}")

@@ -397,9 +397,10 @@ def _given_fields(options: set[str] | None) -> set[str] | None:
 
 
 def _interrupt(signum, frame):
+    from blip_ase import interrupts
     from blip_ase.md.lifecycle import Interrupted
 
-    raise Interrupted(signum)
+    interrupts.handler(Interrupted)(signum, frame)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -411,6 +412,7 @@ def run(args: argparse.Namespace) -> int:
     import signal
     import threading
 
+    from blip_ase import interrupts
     from blip_ase.md import run_md
     from blip_ase.md.lifecycle import MDRunFailed
 
@@ -434,6 +436,7 @@ def run(args: argparse.Namespace) -> int:
     finally:
         for sig, previous in handlers.items():
             signal.signal(sig, previous)
+        interrupts.clear()
     _print_summary(summary, config.out)
     if summary["status"] == "interrupted":
         return 128 + int(signal.Signals[summary["signal"]])
@@ -445,6 +448,7 @@ def _run_walkers(args: argparse.Namespace) -> int:
     import signal
     import threading
 
+    from blip_ase import interrupts
     from blip_ase.md.lifecycle import MDRunFailed
     from blip_ase.md.walkers import run_walkers
 
@@ -460,6 +464,7 @@ def _run_walkers(args: argparse.Namespace) -> int:
     finally:
         for sig, previous in handlers.items():
             signal.signal(sig, previous)
+        interrupts.clear()
     t = summary["timings"]
     counts = [f"{summary['n_completed']} completed", f"{summary['n_halted']} halted"]
     counts += [f"{summary[f'n_{k}']} {k}" for k in ("interrupted", "running") if summary[f"n_{k}"]]

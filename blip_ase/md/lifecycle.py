@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from blip_ase import interrupts
 from blip_ase.md.config import MDConfig
 from blip_ase.strict_json import write_json
 
@@ -125,6 +126,7 @@ class RunLifecycle:
         try:
             loop()
         except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM through the CLI's handler (Interrupted)
+            interrupts.clear()
             status = "interrupted"
             self.info["signal"] = signal.Signals(getattr(exc, "signum", signal.SIGINT)).name
         except Exception as exc:  # e.g. an exploding system: keep a truthful summary, then report it

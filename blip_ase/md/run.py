@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from ase import Atoms
 
+from blip_ase import interrupts
 from blip_ase.md.config import MDConfig
 from blip_ase.md.dynamics import DYNAMICS_KEYS, make_dynamics, thermalize
 from blip_ase.md.inputs import check_inputs, load_calculator, read_structure, structure_path
@@ -217,6 +218,7 @@ def execute(
 
     def loop() -> None:
         for _ in dyn.irun(max(config.steps - start, 0)):
+            interrupts.raise_pending()  # a signal whose exception Python swallowed (blip_ase.interrupts)
             progress.advance(int(dyn.nsteps))
 
     def cleanup() -> None:

@@ -43,6 +43,7 @@ import numpy as np
 import torch
 from ase import Atoms, units
 
+from blip_ase import interrupts
 from blip_ase.md.config import MDConfig
 from blip_ase.md.dynamics import thermalize
 from blip_ase.md.inputs import check_inputs, load_calculator, read_structures, structure_path
@@ -460,6 +461,7 @@ def _execute(run: WalkerRun, life: RunLifecycle) -> None:
         pbar = tqdm(total=md.steps, unit="step", dynamic_ncols=True)
     try:
         while True:
+            interrupts.raise_pending()  # a signal whose exception Python swallowed (blip_ase.interrupts)
             bad = run.non_finite_systems()
             halted = run.check(bad, map_bad=True) if bad else []
             due = [p for p in range(len(run.active)) if p not in bad] if run.step % md.uq_interval == 0 else []

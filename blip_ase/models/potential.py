@@ -15,7 +15,6 @@ from dataclasses import asdict
 from typing import Any, ClassVar
 
 import numpy as np
-
 import torch
 from ase import Atoms
 from torch import nn
