@@ -58,6 +58,9 @@ def test_a_screen_that_does_not_fit_the_model_or_is_malformed_is_refused():
     screen = Screen((0.0, 1.0), 2.0, 1)
     with pytest.raises(ValueError, match="2 weights but the features have 3 columns"):
         screen.estimate(np.ones((4, 3)))
+    shipped = BLIPCalculator.from_checkpoint(ammonia_model(), device="cpu")
+    with pytest.raises(ValueError, match="2 weights but this model's screen inputs have 23 columns: .*blip calibrate"):
+        shipped.engine.screen = screen  # refused when the checkpoint is loaded, not at the first check
     model = BLIPCalculator.from_checkpoint(ammonia_model(), device="cpu", calibration={})
     model.engine.screen = None
     with pytest.raises(ValueError, match="no uncertainty screen"):

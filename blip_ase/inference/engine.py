@@ -36,7 +36,7 @@ from blip_ase.data.graph import species_index, validate_atoms
 from blip_ase.devices import resolve_device
 from blip_ase.inference.calibration import validate_calibration, variance_factors
 from blip_ase.inference.llpr import llpr_statistics
-from blip_ase.inference.screen import Screen, atom_features
+from blip_ase.inference.screen import Screen, atom_features, feature_count
 from blip_ase.inference.statistics import map_results, monte_carlo_statistics
 from blip_ase.models.potential import Potential
 from blip_ase.voigt import matrix_to_voigt
@@ -156,7 +156,6 @@ class MonteCarloEngine:
         screen: Screen | None = None,
     ):
         to_dtype, to_device = resolve_dtype(dtype), resolve_device(device)
-        self.screen = screen
         self.calibration = calibration
         self.model = model.to(to_device, **({"dtype": to_dtype} if to_dtype else {})).eval()
         if max_batch_atoms is None:
@@ -168,6 +167,7 @@ class MonteCarloEngine:
         else:
             self.generator.manual_seed(int(seed))
         self._cached: Prepared | None = None
+        self.screen = screen  # checked against the model
 
     @property
     def max_batch_atoms(self) -> int:
@@ -177,6 +177,25 @@ class MonteCarloEngine:
     @max_batch_atoms.setter
     def max_batch_atoms(self, value: int) -> None:
         self._max_batch_atoms = checked_int(value, least=1, name="max_batch_atoms")
+
+    @property
+    def screen(self) -> Screen | None:
+        """The uncertainty screen (None: every check draws samples)."""
+        return self._screen
+
+    @screen.setter
+    def screen(self, screen: Screen | None) -> None:
+        if screen is not None:
+            net = getattr(self.model, "posterior", None)
+            if net is None:
+                raise ValueError("an uncertainty screen needs a model with an inference network (BLIP); this has none")
+            expected = feature_count(len(self.model.elements), net.n_edge_layers, net.n_node_layers)
+            if len(screen.weights) != expected:
+                raise ValueError(
+                    f"the uncertainty screen has {len(screen.weights)} weights but this model's screen inputs have "
+                    f"{expected} columns: it was fitted for another model; run blip calibrate again"
+                )
+        self._screen = screen
 
     @property
     def calibration(self) -> Mapping[str, Any]:

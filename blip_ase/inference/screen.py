@@ -78,6 +78,11 @@ class Screen:
         return np.exp(features @ np.asarray(self.weights))
 
 
+def feature_count(n_elements: int, n_edge_columns: int, n_node_columns: int) -> int:
+    """Columns of :func:`atom_features` for a model with these elements and alpha/beta columns."""
+    return 1 + n_elements + 2 * n_edge_columns + n_node_columns + 2
+
+
 def atom_features(coefficients: Any, inputs: Any, forces: np.ndarray, n_elements: int) -> np.ndarray:
     """``(N, D)`` per-atom inputs of the screen from one configuration's alpha/beta and MAP forces.
 
