@@ -1,8 +1,10 @@
 """Detection benchmark of the monitor's check policies, from one run: what a cheaper policy misses.
 
 A suite of batched walker runs (``run_walkers``, torch-sim NVE by default) is run with the reference
-policy (``--no-screen``: S Monte Carlo samples every ``uq_interval`` steps) and with a candidate
-policy (default: the uncertainty screen of the model, ``MDConfig.screen``), from the same seeds:
+policy (``--no-screen``: S Monte Carlo samples every ``uq_interval`` steps) and with candidate
+policies, from the same seeds. A candidate is ``--candidate NAME=JSON``, :class:`~blip_ase.md.MDConfig`
+fields over the reference's; the default candidates are :data:`CANDIDATES` (the uncertainty
+screen of the model, the adaptive check interval, and both). The suites:
 
 - ``shipped``: the shipped NH3 model, N walkers at temperatures cycling through ``--temperatures``;
 - ``undertrained``: a model trained for ``--undertrained-epochs`` epochs on the ammonia training
@@ -21,9 +23,14 @@ the others' noise from then on. Reported per suite:
 - extra false halts: candidate halts with no reference halt of that walker within the window, as a
   fraction of the walkers;
 - throughput (walker-steps/s) of both policies and of the plain batched MAP run (the same loop
-  with a single check at step 0, whose time is subtracted), and the monitored / plain ratios.
+  with a single check at step 0, whose time is subtracted), and the monitored / plain ratios, in
+  wall-clock time and in CPU time of this process (``*_cpu``: robust when other jobs share the
+  machine, with one torch thread);
+- checks and checks with samples (not screened) per reference check: the cost in checks,
+  independent of the machine's load.
 
     OMP_NUM_THREADS=1 python md_scripts/bench_detection.py --walkers 64 --steps 500 --out bench_detection.json
+    python md_scripts/bench_detection.py --candidate anchored='{"screen": true, "screen_anchor_steps": 50}'
 """
 
 from __future__ import annotations
@@ -44,6 +51,26 @@ from blip_ase.md.walkers import WalkersConfig, run_walkers
 from blip_ase.md.writers import read_history
 
 ROOT = Path(__file__).resolve().parents[1]
+CANDIDATES = {
+    "screen": {"screen": True},
+    "adaptive 40": {"screen": False, "uq_max_interval": 40},
+    "screen + adaptive 40": {"screen": True, "uq_max_interval": 40},
+}
+"""The default candidate policies (MDConfig fields)."""
+
+
+def candidate(text: str) -> tuple[str, dict]:
+    """``NAME=JSON`` -> (name, MDConfig fields)."""
+    name, sep, fields = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"expected NAME=JSON, got {text!r}")
+    try:
+        value = json.loads(fields)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"candidate {name}: {exc}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"candidate {name}: expected a JSON object of MDConfig fields")
+    return name, value
 
 
 def events(history: list[dict], level: int) -> dict[int, list[int]]:
@@ -79,6 +106,9 @@ def compare(ref_dir: Path, cand_dir: Path, n_walkers: int, window: int) -> dict:
         "flag_recall": flags[0] / flags[1] if flags[1] else None,
         "candidate_halts": false[1],
         "extra_false_halts": (false[1] - false[0]) / n_walkers,
+        "checks_over_reference": len(cand) / max(len(ref), 1),
+        "sampled_checks_over_reference": sum(not np.isfinite(r.get("screen_bound", np.nan)) for r in cand)
+        / max(len(ref), 1),
         "checks_screened": sum(np.isfinite(r.get("screen_bound", np.nan)) for r in cand) / max(len(cand), 1),
     }
 
@@ -110,12 +140,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--suites", nargs="+", default=["shipped", "undertrained"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ensemble", default="nve", choices=["nve", "nvt-langevin"])
-    parser.add_argument("--anchor-steps", type=int, nargs="+", default=[0],
-                        help="candidates: the screen with each of these screen_anchor_steps (MDConfig)")
+    parser.add_argument("--candidate", type=candidate, action="append", default=None,
+                        help="NAME=JSON: a candidate policy (MDConfig fields); default: CANDIDATES")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="bench_detection.json")
     args = parser.parse_args(argv)
+    candidates = dict(args.candidate) if args.candidate else CANDIDATES
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     temperatures = tuple(args.temperatures[k % len(args.temperatures)] for k in range(args.walkers))
@@ -134,9 +165,12 @@ def main(argv: list[str] | None = None) -> int:
                 model=model, out=str(tmp / name), steps=args.steps, seed=args.seed, n_samples=args.n_samples,
                 device=args.device, plot=False, ensemble=args.ensemble, **options,
             )  # fmt: skip
+            cpu = time.process_time()
             summary = run_walkers(WalkersConfig(md, n_walkers=args.walkers, temperatures_K=temperatures))
+            cpu = time.process_time() - cpu
             t = summary["timings"]
-            return {"walker_steps_per_s": t["walker_steps"] / t["wall_seconds"], "summary": summary}
+            return {"walker_steps_per_s": t["walker_steps"] / t["wall_seconds"], "summary": summary,
+                    "walker_steps_per_cpu_s": t["walker_steps"] / cpu, "cpu_seconds": cpu}  # fmt: skip
 
         run("warm-up", None, uq_interval=5, screen=True)  # imports and first-call costs
         for suite in args.suites:
@@ -146,23 +180,26 @@ def main(argv: list[str] | None = None) -> int:
                         physical=PhysicalChecks(enabled=False))  # fmt: skip
             t = plain["summary"]["timings"]
             plain_rate = t["walker_steps"] / (t["wall_seconds"] - t["uq_seconds"])
+            plain_cpu_rate = plain["walker_steps_per_cpu_s"]
             row = {
                 "reference_walker_steps_per_s": reference["walker_steps_per_s"],
                 "plain_walker_steps_per_s": plain_rate,
                 "reference_over_plain": reference["walker_steps_per_s"] / plain_rate,
+                "reference_over_plain_cpu": reference["walker_steps_per_cpu_s"] / plain_cpu_rate,
                 "reference_halted_walkers": reference["summary"]["n_halted"],
                 "candidates": {},
             }
-            for anchor in args.anchor_steps:
-                name = f"{suite}_screen_anchor{anchor}"
-                candidate = run(name, model, screen=True, screen_anchor_steps=anchor)
+            for label, fields in candidates.items():
+                name = f"{suite}_{len(row['candidates'])}"
+                result = run(name, model, **fields)
                 metrics = compare(tmp / f"{suite}_reference", tmp / name, args.walkers, args.window)
                 metrics.update(
-                    walker_steps_per_s=candidate["walker_steps_per_s"],
-                    over_plain=candidate["walker_steps_per_s"] / plain_rate,
-                    halted_walkers=candidate["summary"]["n_halted"],
+                    walker_steps_per_s=result["walker_steps_per_s"],
+                    over_plain=result["walker_steps_per_s"] / plain_rate,
+                    over_plain_cpu=result["walker_steps_per_cpu_s"] / plain_cpu_rate,
+                    halted_walkers=result["summary"]["n_halted"],
                 )
-                row["candidates"][f"screen, anchor {anchor}"] = metrics
+                row["candidates"][label] = metrics
             results[suite] = row
             print(f"{suite}: reference {row['reference_walker_steps_per_s']:.0f} walker-steps/s "
                   f"({row['reference_over_plain']:.2f} x plain {plain_rate:.0f})", flush=True)  # fmt: skip
@@ -171,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
                                                 for k, v in m.items()), flush=True)  # fmt: skip
     out = {
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
-        "settings": {k: v for k, v in vars(args).items() if k != "out"},
+        "settings": {**{k: v for k, v in vars(args).items() if k not in ("out", "candidate")}, "candidates": candidates},
         "machine": {"platform": platform.platform(), "torch": torch.__version__, "device": args.device},
         "wall_seconds": time.perf_counter() - started,
         "suites": results,

@@ -37,6 +37,7 @@ from blip_ase.md import (
     thermalize,
 )
 from blip_ase.md.run import read_structure
+from blip_ase.md.schedule import CheckSchedule
 
 LIMIT = 2.6
 
@@ -49,6 +50,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of each kind (best is used)")
     parser.add_argument("--n-samples", type=int, default=16, help="Monte Carlo samples per check")
     parser.add_argument("--uq-interval", type=int, default=10, help="steps between checks")
+    parser.add_argument("--uq-max-interval", type=int, default=None, help="adaptive checks up to this gap (MDConfig)")
+    parser.add_argument("--no-screen", action="store_true", help="Monte Carlo at every check")
     parser.add_argument("--temperature-K", type=float, default=300.0, help="Langevin temperature (K)")
     parser.add_argument("--timestep-fs", type=float, default=0.5, help="time step (fs)")
     parser.add_argument("--torch-threads", type=int, default=1, help="torch CPU threads (blip md's default)")
@@ -66,8 +69,11 @@ def timed_run(start: Atoms, calc: BLIPCalculator, args: argparse.Namespace, out:
     if out is not None:
         writers = [ExtXYZFrameWriter(out / "flagged.extxyz"), HDF5FrameWriter(out / "flagged.h5")]
         thresholds = Thresholds(calibrated_flag=DEFAULT_THRESHOLDS.calibrated_flag)  # blip md's flag; no halt
-        monitor = UncertaintyMonitor(dyn, thresholds=thresholds, writers=writers, n_samples=args.n_samples)
-        dyn.attach(monitor, interval=args.uq_interval)
+        monitor = UncertaintyMonitor(
+            dyn, thresholds=thresholds, writers=writers, n_samples=args.n_samples, screen=not args.no_screen,
+            schedule=CheckSchedule(args.uq_interval, args.uq_max_interval),
+        )  # fmt: skip
+        dyn.attach(monitor, interval=1)  # run_md's way: the monitor's schedule says which steps are checked
     dyn.run(5)  # warm-up: first graph, allocator, lazy imports
     wall, cpu = time.perf_counter(), time.process_time()
     dyn.run(args.steps)
@@ -94,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
         "repeats": args.repeats,
         "n_samples": args.n_samples,
         "uq_interval": args.uq_interval,
+        "uq_max_interval": args.uq_max_interval,
+        "screen": not args.no_screen,
         "device": args.device,
         "torch_threads": args.torch_threads,
         "plain_ms_per_step": 1e3 * plain_cpu.min(),

@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         help="atoms per batched Monte Carlo pass of the walkers on CPU (default: walkers.CPU_MAX_BATCH_ATOMS)",
     )  # fmt: skip
     parser.add_argument("--no-screen", action="store_true", help="Monte Carlo at every check (the reference policy)")
+    parser.add_argument("--uq-max-interval", type=int, default=None, help="adaptive checks up to this gap (MDConfig)")
     parser.add_argument("--out", default="bench_walkers.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -56,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
             options = {"uq_interval": args.uq_interval, "thresholds": thresholds, **options}
             return MDConfig(
                 out=str(Path(tmp) / name), steps=args.steps, temperature_K=args.temperature_K, seed=seed,
-                n_samples=args.n_samples, plot=False, device=args.device, screen=not args.no_screen, **options,
+                n_samples=args.n_samples, plot=False, device=args.device, screen=not args.no_screen,
+                uq_max_interval=args.uq_max_interval, **options,
             )  # fmt: skip
 
         run_walkers(WalkersConfig(md("warm-up"), n_walkers=2))  # imports and first-call costs

@@ -172,3 +172,25 @@ def test_training_mode_reruns_the_inference_network_inside_the_pass_with_exact_f
     testing.check_stress_matches_finite_differences(model, mo_cell, seed=11, recompute=True, atol=1e-8)
     model.eval()
     torch.testing.assert_close(model.coefficients(graph).edge, c.edge.detach(), rtol=1e-12, atol=1e-14)
+
+
+def test_samples_that_share_their_radial_filters_equal_samples_that_compute_their_own(
+    bayesian_potential, mo_cell, monkeypatch
+):
+    """A prediction computes the radial filters once for its S copies (PaiNN.filters); energies,
+    forces and stress must equal those of S copies that each compute their own, and the shared
+    path must really be taken (its derivative function is called)."""
+    from blip_ase.models import painn
+
+    model = bayesian_potential.eval()
+    graph = model.build_graph(mo_cell)
+    coefficients = model.coefficients(graph)
+    calls = []
+    original = painn._SharedEdgeValues.backward
+    monkeypatch.setattr(painn._SharedEdgeValues, "backward", staticmethod(lambda ctx, g: calls.append(1) or original(ctx, g)))
+    shared = model.predict(graph, coefficients=coefficients, noise=_noise(SEEDS), compute_stress=True)
+    assert calls, "the shared filters were not used"
+    monkeypatch.setattr(painn.PaiNN, "filters", lambda self, distance, copies: self.radial_filters(distance))
+    own = model.predict(graph, coefficients=coefficients, noise=_noise(SEEDS), compute_stress=True)
+    for key in ("energy", "forces", "stress"):
+        torch.testing.assert_close(shared[key], own[key], rtol=1e-10, atol=1e-12)

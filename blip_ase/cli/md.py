@@ -174,6 +174,20 @@ def _temperatures(text: str) -> float | tuple[float, ...]:
 def _add_monitor(group) -> None:
     group.add_argument("--n-samples", type=int, default=D.n_samples, help="Monte Carlo samples per uncertainty check")
     group.add_argument("--uq-interval", type=int, default=D.uq_interval, help="steps between uncertainty checks")
+    group.add_argument(
+        "--uq-max-interval",
+        type=int,
+        default=D.uq_max_interval,
+        help="adaptive checks: after a check far below the flag threshold (every atom's std under "
+        "--uq-quiet-ratio of its limit) the gap to the next doubles, up to this many steps; any other check goes "
+        "back to --uq-interval",
+    )
+    group.add_argument(
+        "--uq-quiet-ratio",
+        type=float,
+        default=D.uq_quiet_ratio,
+        help="with --uq-max-interval: the fraction of the flag threshold below which a check lets the gap grow",
+    )
     T = DEFAULT_THRESHOLDS
     group.add_argument(
         "--flag-calibrated",

@@ -12,6 +12,7 @@ from blip_ase.configuration import checked_int, from_dict
 from blip_ase.md import dynamics as d
 from blip_ase.md.physics import PhysicalChecks
 from blip_ase.md.policy import Thresholds
+from blip_ase.md.schedule import QUIET_RATIO, CheckSchedule
 
 
 @dataclass(frozen=True)
@@ -32,7 +33,12 @@ class MDConfig:
             thermostat's ``temperature_K``).
         seed: seeds the velocities, the stochastic thermostat and the Monte Carlo noise.
         n_samples: Monte Carlo samples per uncertainty check.
-        uq_interval: steps between uncertainty checks.
+        uq_interval: steps between uncertainty checks (near the thresholds, with ``uq_max_interval``).
+        uq_max_interval: adaptive checks (:class:`~blip_ase.md.schedule.CheckSchedule`): after a
+            check far below the flag threshold the gap to the next doubles, up to this many steps;
+            back to ``uq_interval`` after any other. None: every ``uq_interval`` steps.
+        uq_quiet_ratio: a check is far below the flag threshold when every atom's force std (or the
+            screen's bound on it) is below this fraction of the atom's limit.
         screen: let the model's uncertainty screen (``blip calibrate`` fits one; see
             :mod:`blip_ase.inference.screen`) clear a check without Monte Carlo samples when its
             bound on every atom's force std is below the atom's flag threshold (halt where no
@@ -78,6 +84,8 @@ class MDConfig:
     seed: int = 0
     n_samples: int = 16
     uq_interval: int = 10
+    uq_max_interval: int | None = None
+    uq_quiet_ratio: float = QUIET_RATIO
     screen: bool = True
     screen_anchor_steps: int = 0
     traj_interval: int = 10
@@ -97,6 +105,7 @@ class MDConfig:
         for name, least in (("steps", 0), ("n_samples", 2), ("uq_interval", 1), ("traj_interval", 1),
                             ("screen_anchor_steps", 0)):
             checked_int(getattr(self, name), least=least, name=name)  # n_samples: a variance needs two
+        self.schedule()  # checks uq_max_interval and uq_quiet_ratio
         if self.overwrite and self.restart:
             raise ValueError("overwrite and restart exclude each other")
         d.check_settings(
@@ -107,6 +116,10 @@ class MDConfig:
         )
         if self.init_temperature_K is not None and not self.init_temperature_K >= 0:
             raise ValueError(f"init_temperature_K must be >= 0, got {self.init_temperature_K!r}")
+
+    def schedule(self, start: int = 0) -> CheckSchedule:
+        """A fresh :class:`~blip_ase.md.schedule.CheckSchedule` of these settings."""
+        return CheckSchedule(self.uq_interval, self.uq_max_interval, start=start, quiet=self.uq_quiet_ratio)
 
     def to_dict(self) -> dict:
         """JSON-ready fields (thresholds as :meth:`Thresholds.to_dict`)."""

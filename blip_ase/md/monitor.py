@@ -32,6 +32,7 @@ from blip_ase.md.policy import (  # re-exported: the public names of the policy 
     non_finite_keys,
     resolve_for_calculator,
 )
+from blip_ase.md.schedule import CheckSchedule
 from blip_ase.md.tracker import Tracker
 from blip_ase.md.writers import FrameWriter, HistoryCSV
 
@@ -79,6 +80,9 @@ class UncertaintyMonitor:
             force std is below the atom's flag threshold (:meth:`Tracker.screen
             <blip_ase.md.tracker.Tracker.screen>`); no effect for a model without a screen.
         screen_anchor_steps: see :class:`~blip_ase.md.MDConfig`.
+        schedule: the monitor's own :class:`~blip_ase.md.schedule.CheckSchedule` (adaptive
+            intervals; ``MDConfig.schedule()``); attach it with ``interval=1`` and it checks the
+            steps that are due. None (default): every call is a check, as the attach interval says.
 
     Attributes:
         tracker: the trajectory's :class:`~blip_ase.md.tracker.Tracker`; ``history``,
@@ -102,6 +106,7 @@ class UncertaintyMonitor:
         reference: Atoms | None = None,
         screen: bool = True,
         screen_anchor_steps: int = 0,
+        schedule: CheckSchedule | None = None,
     ):
         self.dyn = dyn
         self.screen = screen
@@ -121,6 +126,7 @@ class UncertaintyMonitor:
             writers=writers,
             history_file=history_file,
             anchor_steps=screen_anchor_steps,
+            schedule=schedule,
         )
         self.uq_seconds = 0.0
 
@@ -134,6 +140,11 @@ class UncertaintyMonitor:
     n_flagged = property(lambda self: self.tracker.n_flagged)
 
     def __call__(self) -> None:
+        if self.tracker.due(int(self.dyn.nsteps)):
+            self.check()
+
+    def check(self) -> None:
+        """Check the current frame now (whether or not the schedule says it is due)."""
         atoms = self.atoms
         calc = atoms.calc
         if not hasattr(calc, "monte_carlo"):
@@ -181,7 +192,7 @@ class UncertaintyMonitor:
         if self.triggered or (self.history and self.history[-1]["step"] == step):
             return
         if self._non_finite_results():
-            self()
+            self.check()
 
     def _non_finite_results(self) -> list[str]:
         """Keys of the calculator's current results (this configuration) that are not finite."""

@@ -201,8 +201,9 @@ def execute(
         reference=reference,
         screen=config.screen,
         screen_anchor_steps=config.screen_anchor_steps,
+        schedule=config.schedule(),
     )
-    dyn.attach(monitor, interval=config.uq_interval)
+    dyn.attach(monitor, interval=1)  # it checks the steps its schedule says are due
     dyn.attach(monitor.check_finite, interval=1)  # a NaN force halts at once, not at the next check
     if append:  # counts and history cover the whole run; timings cover this session
         monitor.tracker.resume(read_history(out / "uncertainty.csv"))

@@ -18,6 +18,7 @@ from ase import Atoms, units
 
 from blip_ase.md.physics import PhysicalChecks, PhysicalState
 from blip_ase.md.policy import FrameReport, Thresholds, evaluate_frame, with_halt
+from blip_ase.md.schedule import CheckSchedule
 from blip_ase.md.writers import FlaggedFrame, FrameWriter, HistoryCSV
 
 ANCHOR_MARGIN = 1.5
@@ -38,6 +39,7 @@ class Tracker:
         extra: constant columns of this trajectory's history lines and exports (``{"walker": k}``).
         anchor_steps: how long a check with samples anchors the screen's estimate (:meth:`screen`);
             0: never.
+        schedule: when checks are due (:meth:`due`); None: whenever the caller checks.
 
     Attributes:
         history: one dict per check (keys of the history file).
@@ -59,8 +61,10 @@ class Tracker:
         history_file: HistoryCSV | None = None,
         extra: Mapping[str, object] | None = None,
         anchor_steps: int = 0,
+        schedule: CheckSchedule | None = None,
     ):
         self.thresholds = thresholds
+        self.schedule = schedule
         self.anchor_steps = int(anchor_steps)
         self.anchor: tuple[int, np.ndarray, np.ndarray] | None = None  # last sampled check: step, std, bound
         self.pending: tuple[int, np.ndarray] | None = None  # the bound of a check the screen passed on
@@ -80,12 +84,18 @@ class Tracker:
         self.n_flagged = 0
         self.n_screened = 0
 
+    def due(self, step: int) -> bool:
+        """Whether ``step`` needs a check (always, without a schedule)."""
+        return self.schedule is None or self.schedule.due(step)
+
     def resume(self, history: list[dict]) -> None:
         """Continue the counts of an earlier session (a restart) from its history lines."""
         self.history = list(history)
         self.n_checked = len(self.history)
         self.n_flagged = sum(r["level"] >= 1 for r in self.history)
         self.n_screened = sum(np.isfinite(r.get("screen_bound", np.nan)) for r in self.history)
+        if self.schedule is not None and self.history:  # the last step was checked: the next is one interval on
+            self.schedule.checked(int(self.history[-1]["step"]), float("nan"))
 
     def check(
         self,
@@ -119,7 +129,17 @@ class Tracker:
         if self.pending is not None and self.pending[0] == int(step) and np.isfinite(report.force_std).all():
             self.anchor = (int(step), np.asarray(report.force_std, dtype=float), self.pending[1])
         self.pending = None
-        return self.record(atoms, stats, report, step=step, time_fs=time_fs, temperature_K=temperature_K)
+        ratio = self._ratio(atoms, report.force_std) if report.level == 0 else float("inf")
+        return self.record(atoms, stats, report, step=step, time_fs=time_fs, temperature_K=temperature_K,
+                           ratio=ratio)  # fmt: skip
+
+    def _ratio(self, atoms: Atoms, force_std: np.ndarray) -> float:
+        """The largest ratio of an atom's force std to its limit (NaN: no per-atom limits)."""
+        limits = self.thresholds.screen_limits(atoms.get_chemical_symbols())
+        if limits is None:
+            return float("nan")
+        with np.errstate(invalid="ignore"):
+            return float(np.max(np.asarray(force_std, dtype=float) / limits, initial=0.0))
 
     def physical_halts(self, atoms: Atoms, energy_eV: float, temperature_K: float) -> list[tuple[str, str]]:
         """The physical checks of this frame (potential energy ``energy_eV``); none without them."""
@@ -163,13 +183,14 @@ class Tracker:
         )  # fmt: skip
         self.n_screened += 1
         return self.record(atoms, None, report, step=step, time_fs=time_fs, temperature_K=temperature_K,
-                           screen_bound=float(np.max(estimate)))  # fmt: skip
+                           screen_bound=float(np.max(estimate)), ratio=float(np.max(estimate / limits)))  # fmt: skip
 
     def record(
         self, atoms: Atoms, stats: Mapping | None, report: FrameReport, *, step: int, time_fs: float,
-        temperature_K: float, screen_bound: float = float("nan"),
+        temperature_K: float, screen_bound: float = float("nan"), ratio: float = float("nan"),
     ) -> FrameReport:  # fmt: skip
-        """Write the history line of ``report``, export a flagged frame, keep the halt."""
+        """Write the history line of ``report``, export a flagged frame, keep the halt and tell the
+        schedule (``ratio``: the largest force std over its limit, NaN: unknown)."""
         record = {
             **self.extra,
             "step": int(step),
@@ -185,6 +206,8 @@ class Tracker:
         }
         self.history.append(record)
         self.n_checked += 1
+        if self.schedule is not None:
+            self.schedule.checked(step, ratio)
         self.last = report
         if self.history_file is not None:
             self.history_file.write(record)
@@ -216,9 +239,12 @@ class Tracker:
             writer.write(frame)
         self.n_flagged += 1
 
-    def rearm(self) -> None:
-        """Start the physical checks afresh (a respawned walker); the last halt stays recorded."""
+    def rearm(self, step: int) -> None:
+        """Start the physical checks and the schedule afresh at ``step`` (a respawned walker); the
+        last halt stays recorded."""
         self.halted = False
+        if self.schedule is not None:
+            self.schedule.reset(step)
         self.anchor = self.pending = None
         if self.physics is not None:
             self.physics.reset()

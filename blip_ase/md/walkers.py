@@ -2,8 +2,9 @@
 
 ``N`` walkers (each with its own seed, temperature and start structure) are integrated together
 as one torch-sim ``SimState`` by torch-sim's own integrators (``nve``, ``nvt_langevin``), driven
-by the MAP forces of :class:`~blip_ase.md.torchsim.BLIPModel`. Every ``uq_interval`` steps the
-Monte Carlo uncertainty of all running walkers is computed in one batched pass and the run's
+by the MAP forces of :class:`~blip_ase.md.torchsim.BLIPModel`. Every ``uq_interval`` steps (each
+walker's gap adapts up to ``uq_max_interval``: :mod:`blip_ase.md.schedule`) the Monte Carlo
+uncertainty of the running walkers that are due is computed in one batched pass and the run's
 :class:`~blip_ase.md.policy.Thresholds` and physical checks are applied to each walker on its own
 (:func:`~blip_ase.md.policy.evaluate_frame`, the policy of ``blip md``): a flagged walker's frame is
 exported with its walker id and it goes on; a halted walker (above a halt threshold, failing a
@@ -202,7 +203,7 @@ class WalkerRun:
             w.tracker = Tracker(
                 md.thresholds, physical=md.physical, reference=w.start, cutoff_A=cutoff_A,
                 target_K=w.temperature_K, writers=self.writers, history_file=self.history, extra={"walker": w.index},
-                anchor_steps=md.screen_anchor_steps,
+                anchor_steps=md.screen_anchor_steps, schedule=md.schedule(),
             )  # fmt: skip
         self.trajectories: dict[int, object] = {}
         self.written: dict[int, int] = {}  # walker -> step of its last trajectory frame
@@ -326,7 +327,7 @@ class WalkerRun:
             walker = self.walkers[k]
             walker.respawns += 1
             walker.status = "running"
-            walker.tracker.rearm()
+            walker.tracker.rearm(self.step)
         fresh = self.start_state(gone, [_seed_of_respawn(self.config, self.walkers[k]) for k in gone])
         self.state = fresh if self.state is None else _concatenate([self.state, fresh])
         self.active += gone
@@ -464,7 +465,7 @@ def _execute(run: WalkerRun, life: RunLifecycle) -> None:
             interrupts.raise_pending()  # a signal whose exception Python swallowed (blip_ase.interrupts)
             bad = run.non_finite_systems()
             halted = run.check(bad, map_bad=True) if bad else []
-            due = [p for p in range(len(run.active)) if p not in bad] if run.step % md.uq_interval == 0 else []
+            due = [p for p in range(len(run.active)) if p not in bad and run.walkers[run.active[p]].tracker.due(run.step)]
             halted += run.check(due)
             if run.step % md.traj_interval == 0:
                 run.write_frames()

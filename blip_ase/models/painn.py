@@ -49,6 +49,25 @@ def cosine_cutoff(distance: torch.Tensor, cutoff: float) -> torch.Tensor:
     return 0.5 * (torch.cos(math.pi * distance / cutoff) + 1.0) * (distance < cutoff)
 
 
+class _SharedEdgeValues(torch.autograd.Function):
+    """``value`` ``(E, C)`` of one configuration, repeated for ``n`` stacked copies of it, as a function
+    of the copies' distances ``(n E,)``: the derivative of copy k's row is ``derivative`` ``(E, C)``
+    (computed once), so each copy's forces stay the exact derivatives of its own energy."""
+
+    @staticmethod
+    def forward(ctx, distance, value, derivative, n):  # noqa: D102
+        ctx.save_for_backward(derivative)
+        ctx.n = n
+        return value.repeat(n, 1)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):  # noqa: D102
+        (derivative,) = ctx.saved_tensors
+        grad_distance = torch.linalg.vecdot(grad.view(ctx.n, *derivative.shape), derivative).reshape(-1)
+        return grad_distance, None, None, None
+
+
 class Interaction(nn.Module):
     """Message block: scalar and vector messages from neighbours."""
 
@@ -103,26 +122,54 @@ class PaiNN(nn.Module):
         self.updates = nn.ModuleList(Update(f) for _ in range(config.n_interactions))
         self.readout = nn.Sequential(nn.Linear(f, f // 2), nn.SiLU(), nn.Linear(f // 2, 1))
 
-    def forward(self, species: torch.Tensor, edge_index: torch.Tensor, edge_vector: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, species: torch.Tensor, edge_index: torch.Tensor, edge_vector: torch.Tensor, *, copies: int = 1
+    ) -> torch.Tensor:
         """Args:
             species: ``(N,)`` element indices; edge_index: ``(2, E)``; edge_vector: ``(E, 3)`` A.
+            copies: the graph is this many identical copies of one configuration, stacked (the
+                Monte Carlo samples of a prediction): the radial filters are computed once and
+                shared (:meth:`filters`). Only for first derivatives (forces, stress).
 
         Returns:
             ``(N,)`` per-atom energies in normalised units.
         """
-        return self.readout(self.scalar_features(species, edge_index, edge_vector)).squeeze(-1)
+        return self.readout(self.scalar_features(species, edge_index, edge_vector, copies=copies)).squeeze(-1)
+
+    def radial_filters(self, distance: torch.Tensor) -> torch.Tensor:
+        """``(E, n_interactions * 3F)`` filters of every interaction from distances ``(E,)``."""
+        cfg = self.config
+        return self.filter_net(sine_rbf(distance, cfg.n_rbf, cfg.cutoff)) * cosine_cutoff(distance, cfg.cutoff)[:, None]
+
+    def filters(self, distance: torch.Tensor, copies: int) -> torch.Tensor:
+        """:meth:`radial_filters`; with ``copies > 1`` computed with their derivative on the first
+        copy's distances only and repeated (the basis and the filter network are the same for
+        every Monte Carlo sample)."""
+        if copies == 1:
+            return self.radial_filters(distance)
+        cfg = self.config
+        d = distance[: distance.shape[0] // copies].detach()[:, None]
+        with torch.no_grad():
+            k = torch.arange(1, cfg.n_rbf + 1, dtype=d.dtype, device=d.device) * (math.pi / cfg.cutoff)
+            sin, cos = torch.sin(k * d), torch.cos(k * d)
+            rbf, rbf_prime = sin / d, (k * d * cos - sin) / (d * d)  # sine_rbf and its derivative
+            inside = (d < cfg.cutoff).to(d.dtype)
+            cut = 0.5 * (torch.cos(math.pi * d / cfg.cutoff) + 1.0) * inside  # cosine_cutoff
+            cut_prime = -0.5 * math.pi / cfg.cutoff * torch.sin(math.pi * d / cfg.cutoff) * inside
+            linear = self.filter_net(rbf)
+            value = linear * cut
+            derivative = torch.addcmul(rbf_prime @ self.filter_net.weight.T * cut, linear, cut_prime)
+        return _SharedEdgeValues.apply(distance, value, derivative, copies)
 
     def scalar_features(
-        self, species: torch.Tensor, edge_index: torch.Tensor, edge_vector: torch.Tensor
+        self, species: torch.Tensor, edge_index: torch.Tensor, edge_vector: torch.Tensor, *, copies: int = 1
     ) -> torch.Tensor:
         """``(N, F)`` invariant scalar features after the last update (the readout's input);
         arguments as :meth:`forward`."""
         cfg = self.config
         distance = edge_vector.norm(dim=-1)
         unit = edge_vector / distance[:, None]
-        rbf = sine_rbf(distance, cfg.n_rbf, cfg.cutoff)
-        filters = self.filter_net(rbf) * cosine_cutoff(distance, cfg.cutoff)[:, None]
-        filters = torch.split(filters, 3 * cfg.n_features, dim=-1)
+        filters = torch.split(self.filters(distance, copies), 3 * cfg.n_features, dim=-1)
         s = self.embedding(species)
         v = s.new_zeros(s.shape[0], 3, s.shape[1])
         for interaction, update, w in zip(self.interactions, self.updates, filters):

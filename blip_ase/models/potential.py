@@ -416,8 +416,10 @@ class PaiNNPotential(Potential):
             coefficients = self.posterior(g.species, g.edge_index, vectors)
         elif sampling:
             coefficients = coefficients.repeat(n_samples).edge_at(vectors)
+        # prediction (first derivatives only): the S copies share their radial filters
+        copies = n_samples if sampling and not create_graph and not self.training else 1
         with noise_context(self.net, coefficients if sampling else None, noise if sampling else None):
-            y = self.net(g.species, g.edge_index, vectors)
+            y = self.net(g.species, g.edge_index, vectors, copies=copies)
         atom_energy = self.scale * (y - self.lone_atom_output()[g.species]) + self.reference_energies[g.species]
         energy = scatter(atom_energy, g.batch, 0, dim_size=g.n_graphs, reduce="sum")
         out = {"energy": energy.view(n_samples, graph.n_graphs)}
