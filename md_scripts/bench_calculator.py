@@ -13,6 +13,8 @@ initialised unless ``--checkpoint`` is given; the calculator runs with its CPU d
   time(MC call, S=8) / (8 * time(one stochastic pass)), target <= 1.15.
 - ``posterior_share_of_mc`` (inference network / MC call) and ``neighbour_list_share_of_map``
   (``build_graph`` / MAP call) for both systems.
+- ``shared_filters_saving``: 1 - time(MC call) / time(the same MC call with every sample computing
+  its own radial filters, as before ``PaiNN.filters`` shared them).
 - ``floor_over_map``: (deterministic pass over S copies of the graph + drawing the pass's
   Gaussian noise + inference network + neighbour list) / MAP call, the part of an MC call that
   does not depend on how the Bayesian layers are implemented.
@@ -41,6 +43,7 @@ from ase.build import bulk, molecule
 from blip_ase import BLIPCalculator
 from blip_ase.bayes import BayesConfig, NoiseSource, bayesian_layers, input_gradients_only
 from blip_ase.models import PaiNNConfig, PaiNNPotential, load_checkpoint
+from blip_ase.models.painn import PaiNN
 
 
 def best_times(fns: dict[str, Callable[[], object]], *, number: int, repeat: int) -> dict[str, dict[str, float]]:
@@ -110,9 +113,19 @@ def measure(
     rows = {"edge": graph.edge_index.shape[1], "node": len(graph.species)}
     layout = [(layer.role, rows[layer.role], layer.noise_columns) for layer in bayesian_layers(model)]  # normals
 
+    def own_filters(atoms: Atoms) -> object:
+        """An MC call whose samples compute their own radial filters (as before they were shared)."""
+        shared = PaiNN.filters
+        PaiNN.filters = lambda self, distance, copies: self.radial_filters(distance)
+        try:
+            return mc.calculate(atoms)
+        finally:
+            PaiNN.filters = shared
+
     calls = {
         "map_call": cycle(map_.calculate, configs),
         "mc_call": cycle(mc.calculate, configs),
+        "mc_call_own_filters": cycle(own_filters, configs),
         "neighbour_list": cycle(model.build_graph, configs),
         "posterior": posterior,
         "single_stochastic_pass": single_pass,
@@ -137,6 +150,7 @@ def ratios(times: dict[str, float], n_samples: int) -> dict[str, float]:
         "floor_over_map": sum(times[k] for k in ("map_pass_over_replicas", "noise_draw", "posterior", "neighbour_list"))
         / times["map_call"],
         "neighbour_list_share_of_map": times["neighbour_list"] / times["map_call"],
+        "shared_filters_saving": 1.0 - times["mc_call"] / times["mc_call_own_filters"],
     }
 
 

@@ -29,6 +29,7 @@ from blip_ase.assets import ammonia_model, ammonia_structure
 from blip_ase.calculator import BLIPCalculator
 from blip_ase.md import (
     DEFAULT_THRESHOLDS,
+    MDConfig,
     ExtXYZFrameWriter,
     HDF5FrameWriter,
     Thresholds,
@@ -37,7 +38,6 @@ from blip_ase.md import (
     thermalize,
 )
 from blip_ase.md.run import read_structure
-from blip_ase.md.schedule import CheckSchedule
 
 LIMIT = 2.6
 
@@ -51,6 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--n-samples", type=int, default=16, help="Monte Carlo samples per check")
     parser.add_argument("--uq-interval", type=int, default=10, help="steps between checks")
     parser.add_argument("--uq-max-interval", type=int, default=None, help="adaptive checks up to this gap (MDConfig)")
+    parser.add_argument("--uq-quiet-ratio", type=float, default=MDConfig.uq_quiet_ratio, help="see MDConfig")
     parser.add_argument("--no-screen", action="store_true", help="Monte Carlo at every check")
     parser.add_argument("--temperature-K", type=float, default=300.0, help="Langevin temperature (K)")
     parser.add_argument("--timestep-fs", type=float, default=0.5, help="time step (fs)")
@@ -71,7 +72,8 @@ def timed_run(start: Atoms, calc: BLIPCalculator, args: argparse.Namespace, out:
         thresholds = Thresholds(calibrated_flag=DEFAULT_THRESHOLDS.calibrated_flag)  # blip md's flag; no halt
         monitor = UncertaintyMonitor(
             dyn, thresholds=thresholds, writers=writers, n_samples=args.n_samples, screen=not args.no_screen,
-            schedule=CheckSchedule(args.uq_interval, args.uq_max_interval),
+            schedule=MDConfig(uq_interval=args.uq_interval, uq_max_interval=args.uq_max_interval,
+                              uq_quiet_ratio=args.uq_quiet_ratio).schedule(),  # blip md's schedule
         )  # fmt: skip
         dyn.attach(monitor, interval=1)  # run_md's way: the monitor's schedule says which steps are checked
     dyn.run(5)  # warm-up: first graph, allocator, lazy imports
@@ -101,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         "n_samples": args.n_samples,
         "uq_interval": args.uq_interval,
         "uq_max_interval": args.uq_max_interval,
+        "uq_quiet_ratio": args.uq_quiet_ratio,
         "screen": not args.no_screen,
         "device": args.device,
         "torch_threads": args.torch_threads,

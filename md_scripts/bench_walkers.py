@@ -45,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     parser.add_argument("--no-screen", action="store_true", help="Monte Carlo at every check (the reference policy)")
     parser.add_argument("--uq-max-interval", type=int, default=None, help="adaptive checks up to this gap (MDConfig)")
+    parser.add_argument("--uq-quiet-ratio", type=float, default=MDConfig.uq_quiet_ratio, help="see MDConfig")
     parser.add_argument("--out", default="bench_walkers.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -54,17 +55,18 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         def md(name: str, seed: int = 0, **options) -> MDConfig:
-            options = {"uq_interval": args.uq_interval, "thresholds": thresholds, **options}
+            options = {"uq_interval": args.uq_interval, "thresholds": thresholds, "uq_max_interval": args.uq_max_interval,
+                       "uq_quiet_ratio": args.uq_quiet_ratio, **options}  # fmt: skip
             return MDConfig(
                 out=str(Path(tmp) / name), steps=args.steps, temperature_K=args.temperature_K, seed=seed,
                 n_samples=args.n_samples, plot=False, device=args.device, screen=not args.no_screen,
-                uq_max_interval=args.uq_max_interval, **options,
+                **options,
             )  # fmt: skip
 
         run_walkers(WalkersConfig(md("warm-up"), n_walkers=2))  # imports and first-call costs
         for n in args.walkers:
             batch = run_walkers(WalkersConfig(md(f"batch{n}"), n_walkers=n))["timings"]
-            unmonitored = md(f"plain{n}", uq_interval=args.steps + 1, thresholds=Thresholds(),
+            unmonitored = md(f"plain{n}", uq_interval=args.steps + 1, uq_max_interval=None, thresholds=Thresholds(),
                              physical=PhysicalChecks(enabled=False))  # fmt: skip
             plain = run_walkers(WalkersConfig(unmonitored, n_walkers=n))["timings"]
             plain_rate = plain["walker_steps"] / (plain["wall_seconds"] - plain["uq_seconds"])

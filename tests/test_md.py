@@ -178,6 +178,7 @@ def test_md_halts_at_the_first_checked_frame_above_halt_and_exports_exactly_the_
         steps=300,
         temperature_K=HOT_K,
         uq_interval=10,
+        uq_max_interval=10,  # a fixed schedule
         n_samples=8,
         seed=2,
         plot=False,
@@ -426,6 +427,7 @@ def test_the_main_job_finds_the_shipped_model_and_structure_from_any_directory(t
     import sys
 
     cmd = [sys.executable, "-m", "blip_ase.cli.main", "md", "--temperature-K", "1200", "--steps", "20", "--no-progress"]
+    cmd += ["--uq-max-interval", "10"]  # a fixed schedule: checks at 0, 10 and 20
     done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     summary = json.loads((tmp_path / "md_out" / "summary.json").read_text())

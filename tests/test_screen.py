@@ -76,7 +76,7 @@ def test_the_screen_never_clears_a_check_the_samples_would_flag_or_halt(tmp_path
     from blip_ase.md import MDConfig, Thresholds, run_md
     from blip_ase.md.writers import read_history
 
-    base = dict(steps=300, temperature_K=temperature_K, seed=seed, n_samples=16, plot=False,
+    base = dict(steps=300, temperature_K=temperature_K, seed=seed, n_samples=16, plot=False, uq_max_interval=10,
                 thresholds=Thresholds(force_std_flag=0.25, force_std_halt=1.0))  # fmt: skip
     reference = run_md(MDConfig(out=str(tmp_path / "ref"), screen=False, **base))
     screened = run_md(MDConfig(out=str(tmp_path / "scr"), **base))

@@ -210,7 +210,8 @@ def test_walkers_apply_the_resolved_thresholds(tmp_path, capsys):
     pytest.importorskip("torch_sim")
     out = tmp_path / "w"
     code, text = run_cli(capsys, *HOT, "--out", str(out), "--walkers", "2", "--halt-calibrated", "3.0",
-                         "--flag-calibrated", "1.5", "--ensemble", "nve", "--steps", "100")  # fmt: skip
+                         "--flag-calibrated", "1.5", "--ensemble", "nve", "--steps", "100",
+                         "--uq-max-interval", "5")  # fmt: skip
     assert code == 0, text
     summary = json.loads((out / "summary.json").read_text())
     expected = Thresholds(calibrated_flag=1.5, calibrated_halt=3.0).resolve(shipped_reference(), ["H", "N"])

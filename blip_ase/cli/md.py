@@ -179,8 +179,8 @@ def _add_monitor(group) -> None:
         type=int,
         default=D.uq_max_interval,
         help="adaptive checks: after a check far below the flag threshold (every atom's std under "
-        "--uq-quiet-ratio of its limit) the gap to the next doubles, up to this many steps; any other check goes "
-        "back to --uq-interval",
+        "--uq-quiet-ratio of its limit) the gap to the next doubles, up to this many steps (unset: 4 x "
+        "--uq-interval; equal to --uq-interval: a fixed schedule); any other check goes back to --uq-interval",
     )
     group.add_argument(
         "--uq-quiet-ratio",

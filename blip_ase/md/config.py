@@ -12,7 +12,7 @@ from blip_ase.configuration import checked_int, from_dict
 from blip_ase.md import dynamics as d
 from blip_ase.md.physics import PhysicalChecks
 from blip_ase.md.policy import Thresholds
-from blip_ase.md.schedule import QUIET_RATIO, CheckSchedule
+from blip_ase.md.schedule import MAX_INTERVAL_FACTOR, QUIET_RATIO, CheckSchedule
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,8 @@ class MDConfig:
         uq_interval: steps between uncertainty checks (near the thresholds, with ``uq_max_interval``).
         uq_max_interval: adaptive checks (:class:`~blip_ase.md.schedule.CheckSchedule`): after a
             check far below the flag threshold the gap to the next doubles, up to this many steps;
-            back to ``uq_interval`` after any other. None: every ``uq_interval`` steps.
+            back to ``uq_interval`` after any other. None: 4 x ``uq_interval``; ``uq_interval``:
+            a fixed schedule.
         uq_quiet_ratio: a check is far below the flag threshold when every atom's force std (or the
             screen's bound on it) is below this fraction of the atom's limit.
         screen: let the model's uncertainty screen (``blip calibrate`` fits one; see
@@ -119,7 +120,8 @@ class MDConfig:
 
     def schedule(self, start: int = 0) -> CheckSchedule:
         """A fresh :class:`~blip_ase.md.schedule.CheckSchedule` of these settings."""
-        return CheckSchedule(self.uq_interval, self.uq_max_interval, start=start, quiet=self.uq_quiet_ratio)
+        largest = MAX_INTERVAL_FACTOR * self.uq_interval if self.uq_max_interval is None else self.uq_max_interval
+        return CheckSchedule(self.uq_interval, largest, start=start, quiet=self.uq_quiet_ratio)
 
     def to_dict(self) -> dict:
         """JSON-ready fields (thresholds as :meth:`Thresholds.to_dict`)."""
