@@ -64,8 +64,9 @@ def normals(estimator: str, n_samples: int, dim: int, seed: int, dtype=torch.flo
         q = q * torch.sign(torch.diagonal(r))  # the Gram-Schmidt signs (Haar-distributed directions)
         return q.T * draws.norm(dim=1, keepdim=True)
     if estimator == "sobol":
-        if dim > torch.quasirandom.SobolEngine.MAXDIM:
-            raise ValueError(f"Sobol sequences have at most {torch.quasirandom.SobolEngine.MAXDIM} dimensions, got {dim}")
+        most = torch.quasirandom.SobolEngine.MAXDIM
+        if dim > most:
+            raise ValueError(f"Sobol sequences have at most {most} dimensions, got {dim}")
         engine = torch.quasirandom.SobolEngine(dim, scramble=True, seed=int(seed))
         u = engine.draw(n_samples, dtype=dtype).clamp(1e-12, 1 - 1e-12)
         return torch.special.ndtri(u)

@@ -124,3 +124,15 @@ def save_tiny_checkpoint(path, *, dtype: torch.dtype = torch.float32, reference:
         model = PaiNNPotential([1, 7], PaiNNConfig(n_features=16, n_interactions=2), BayesConfig(p_init=0.1))
     save_checkpoint(path, model.to(dtype), reference=reference)
     return path
+
+
+def load_script(name: str):
+    """The module of ``md_scripts/<name>.py`` (benchmark scripts are not a package)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "md_scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -3,25 +3,18 @@ through ``blip learn``'s ``ase`` oracle, the per-strategy configs, and the curve
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 from ase.build import molecule
+from conftest import load_script
 
 from blip_ase.active.config import OracleConfig
 from blip_ase.active.oracle import check_oracle, label_one
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_learn", ROOT / "md_scripts" / "bench_learn.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench_learn")
 
 
 def test_the_xtb_oracle_labels_ethanol_like_tblite_itself(bench):
