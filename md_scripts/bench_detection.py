@@ -208,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
                                                 for k, v in m.items()), flush=True)  # fmt: skip
     out = {
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
-        "settings": {**{k: v for k, v in vars(args).items() if k not in ("out", "candidate")}, "candidates": candidates},
+        "settings": {**{k: v for k, v in vars(args).items() if k not in ("out", "candidate")},
+                     "candidates": candidates},  # fmt: skip
         "machine": {"platform": platform.platform(), "torch": torch.__version__, "device": args.device},
         "wall_seconds": time.perf_counter() - started,
         "suites": results,

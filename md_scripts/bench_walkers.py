@@ -55,8 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         def md(name: str, seed: int = 0, **options) -> MDConfig:
-            options = {"uq_interval": args.uq_interval, "thresholds": thresholds, "uq_max_interval": args.uq_max_interval,
-                       "uq_quiet_ratio": args.uq_quiet_ratio, **options}  # fmt: skip
+            options = {"uq_interval": args.uq_interval, "thresholds": thresholds,
+                       "uq_max_interval": args.uq_max_interval, "uq_quiet_ratio": args.uq_quiet_ratio,
+                       **options}  # fmt: skip
             return MDConfig(
                 out=str(Path(tmp) / name), steps=args.steps, temperature_K=args.temperature_K, seed=seed,
                 n_samples=args.n_samples, plot=False, device=args.device, screen=not args.no_screen,

@@ -187,7 +187,8 @@ def test_samples_that_share_their_radial_filters_equal_samples_that_compute_thei
     coefficients = model.coefficients(graph)
     calls = []
     original = painn._SharedEdgeValues.backward
-    monkeypatch.setattr(painn._SharedEdgeValues, "backward", staticmethod(lambda ctx, g: calls.append(1) or original(ctx, g)))
+    counted = staticmethod(lambda ctx, grad: calls.append(1) or original(ctx, grad))
+    monkeypatch.setattr(painn._SharedEdgeValues, "backward", counted)
     shared = model.predict(graph, coefficients=coefficients, noise=_noise(SEEDS), compute_stress=True)
     assert calls, "the shared filters were not used"
     monkeypatch.setattr(painn.PaiNN, "filters", lambda self, distance, copies: self.radial_filters(distance))

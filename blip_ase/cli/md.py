@@ -96,7 +96,7 @@ def _add_io(group) -> None:
         "--restart",
         action="store_true",
         help="continue the run in --out from the last frame of md.traj up to --steps steps in total, with the "
-        "run's stored settings (only --steps, --traj-interval, --uq-interval and display/compute options may "
+        "run's stored settings (only --steps, --traj-interval, the --uq-* schedule and display/compute options may "
         "change; a contradicting option is refused; Nose-Hoover and MTK runs cannot be restarted)",
     )
     group.add_argument(

@@ -21,7 +21,10 @@ from pathlib import Path
 
 from blip_ase.md.config import MDConfig
 
-CHANGEABLE_ON_RESTART = ("steps", "traj_interval", "uq_interval", "uq_max_interval", "uq_quiet_ratio", "progress", "plot", "device", "summary_every_s")
+CHANGEABLE_ON_RESTART = (
+    "steps", "traj_interval", "uq_interval", "uq_max_interval", "uq_quiet_ratio", "progress", "plot", "device",
+    "summary_every_s",
+)  # fmt: skip
 NOT_RESTARTABLE = ("nvt-nose-hoover", "npt-mtk-isotropic", "npt-mtk")
 _BOOKKEEPING = ("out", "restart", "overwrite")
 

@@ -465,7 +465,8 @@ def _execute(run: WalkerRun, life: RunLifecycle) -> None:
             interrupts.raise_pending()  # a signal whose exception Python swallowed (blip_ase.interrupts)
             bad = run.non_finite_systems()
             halted = run.check(bad, map_bad=True) if bad else []
-            due = [p for p in range(len(run.active)) if p not in bad and run.walkers[run.active[p]].tracker.due(run.step)]
+            trackers = [run.walkers[k].tracker for k in run.active]
+            due = [p for p, tracker in enumerate(trackers) if p not in bad and tracker.due(run.step)]
             halted += run.check(due)
             if run.step % md.traj_interval == 0:
                 run.write_frames()
