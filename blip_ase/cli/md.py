@@ -499,10 +499,13 @@ def _run_walkers(args: argparse.Namespace) -> int:
 def _print_summary(summary: dict, out: str) -> None:
     timings = summary["timings"]
     ms = timings["ms_per_step"]
+    top = summary["max_force_std_max"]
+    screened = summary.get("n_screened") or 0
+    measured = f"max force std {top:.3f} eV/A" if top is not None else "no force std measured"
     print(
         f"{summary['status']}: {summary['steps_done']} steps to step {summary['final_step']} "
-        f"({'%.2f ms/step' % ms if ms else 'no steps'}), {summary['n_checked']} checked, "
-        f"{summary['n_flagged']} flagged, max force std {summary['max_force_std_max'] or 0:.3f} eV/A"
+        f"({'%.2f ms/step' % ms if ms else 'no steps'}), {summary['n_checked']} checked "
+        f"({screened} cleared by the screen without samples), {summary['n_flagged']} flagged, {measured}"
     )
     if summary["stop_reason"]:
         print(f"stopped ({summary.get('stop_check') or summary['status']}) at {summary['stop_reason']}")
