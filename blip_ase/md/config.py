@@ -118,10 +118,10 @@ class MDConfig:
         if self.init_temperature_K is not None and not self.init_temperature_K >= 0:
             raise ValueError(f"init_temperature_K must be >= 0, got {self.init_temperature_K!r}")
 
-    def schedule(self, start: int = 0) -> CheckSchedule:
+    def schedule(self) -> CheckSchedule:
         """A fresh :class:`~blip_ase.md.schedule.CheckSchedule` of these settings."""
         largest = MAX_INTERVAL_FACTOR * self.uq_interval if self.uq_max_interval is None else self.uq_max_interval
-        return CheckSchedule(self.uq_interval, largest, start=start, quiet=self.uq_quiet_ratio)
+        return CheckSchedule(self.uq_interval, largest, quiet=self.uq_quiet_ratio)
 
     def to_dict(self) -> dict:
         """JSON-ready fields (thresholds as :meth:`Thresholds.to_dict`)."""

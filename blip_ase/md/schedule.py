@@ -8,7 +8,7 @@ physical check that objected, thresholds that give no per-atom limit, a non-fini
 GPUMD and DP-GEN evaluate their committees every few steps for the same reason: a trajectory
 far from its thresholds rarely crosses them within a few steps.
 
-Checks land on multiples of ``interval`` (counted from the schedule's start; a check off that
+Checks land on multiples of ``interval`` (from step 0; a check off that
 grid, such as a respawned walker's first, is followed by one on it), so the walkers of a batch
 that are due together share one batched check. No gap exceeds ``max_interval``.
 """
@@ -35,7 +35,6 @@ class CheckSchedule:
     Args:
         interval: steps between checks near the thresholds (and of a fixed schedule).
         max_interval: the largest gap between two checks (None or ``interval``: fixed schedule).
-        start: the first step that is due (a restart's first step).
         quiet: see :data:`QUIET_RATIO`.
 
     Raises:
@@ -44,7 +43,6 @@ class CheckSchedule:
 
     interval: int
     max_interval: int | None = None
-    start: int = 0
     quiet: float = QUIET_RATIO
     gap: int = field(init=False)
     next_step: int = field(init=False)
@@ -56,11 +54,7 @@ class CheckSchedule:
         self.max_interval = checked_int(self.max_interval, least=self.interval, name="uq_max_interval (>= uq_interval)")
         if isinstance(self.quiet, bool) or not isinstance(self.quiet, (int, float)) or not 0.0 < self.quiet <= 1.0:
             raise ValueError(f"uq_quiet_ratio must be a number in (0, 1], got {self.quiet!r}")
-        self.gap, self.next_step = self.interval, int(self.start)
-
-    @property
-    def adaptive(self) -> bool:
-        return self.max_interval > self.interval
+        self.gap, self.next_step = self.interval, 0
 
     def due(self, step: int) -> bool:
         """Whether ``step`` needs a check."""
@@ -71,8 +65,7 @@ class CheckSchedule:
         ``ratio`` (NaN: unknown) and set the next due step."""
         quiet = bool(np.isfinite(ratio)) and ratio < self.quiet
         self.gap = min(2 * self.gap, self.max_interval) if quiet else self.interval
-        after = int(step) + self.gap - self.start
-        next_step = self.start + -(-after // self.interval) * self.interval  # on the grid
+        next_step = -(-(int(step) + self.gap) // self.interval) * self.interval  # on the grid
         if next_step - int(step) > self.max_interval:  # a check off the grid (a respawn)
             next_step -= self.interval
         self.next_step = next_step
