@@ -20,7 +20,7 @@ from blip_ase.models.checkpoint import load_checkpoint, save_checkpoint
 from blip_ase.models.potential import BACKENDS, Potential
 from blip_ase.training import distributed
 from blip_ase.training.config import TrainConfig
-from blip_ase.training.contrastive import contrastive_kl
+from blip_ase.training.contrastive import DisplacementModes, contrastive_kl, displacement_modes
 from blip_ase.training.loss import elbo_loss
 
 LOG_FIELDS = ["epoch", "lr", "train_loss", "train_energy", "train_forces", "train_kl", "train_kl_contrastive",
@@ -116,11 +116,12 @@ def evaluate_mc_nll(model: Potential, data: GraphDataset, cfg: TrainConfig, devi
 def train_step(
     model, batch: Batch, cfg: TrainConfig, optimizer, generator, use_stress: bool,
     *, kl_factor: float = 1.0, contrastive_generator: torch.Generator | None = None,
-    forward: torch.nn.Module | None = None,
+    forward: torch.nn.Module | None = None, contrastive_modes: DisplacementModes | None = None,
 ) -> dict[str, float]:  # fmt: skip
     """One optimiser step on ``batch`` with one Monte Carlo sample from ``generator``; the KL
     weights are multiplied by ``kl_factor`` (warm-up); with ``cfg.contrastive.weight`` the KL of
-    perturbed copies (drawn from ``contrastive_generator``) is added.
+    perturbed copies (drawn from ``contrastive_generator``; for ``kind: modes`` along
+    ``contrastive_modes``) is added.
 
     In distributed training ``batch`` is this rank's part of the global batch, ``forward`` the
     DistributedDataParallel wrapper of ``model`` (:func:`~blip_ase.training.distributed.wrap`),
@@ -140,7 +141,9 @@ def train_step(
         if contrastive_generator is None:
             raise ValueError("contrastive.weight > 0 needs a contrastive_generator for the perturbations")
         weights = (share.edges, share.nodes)
-        kl_c = contrastive_kl(model, batch.graph, cfg.contrastive, contrastive_generator, p0, weights=weights)
+        kl_c = contrastive_kl(
+            model, batch.graph, cfg.contrastive, contrastive_generator, p0, weights=weights, modes=contrastive_modes
+        )
         loss = loss + kl_factor * cfg.contrastive.weight * kl_c
         parts["kl_contrastive"] = float(kl_c.detach())
     optimizer.zero_grad(set_to_none=True)
@@ -231,15 +234,19 @@ def train_model(
         torch.Generator(device=device).manual_seed(distributed.rank_seed(cfg.seed, rank)),
         torch.Generator(device=device).manual_seed(distributed.rank_seed(cfg.contrastive.seed + cfg.seed, rank)),
     )
+    modes = None
+    if cfg.contrastive.kind == "modes" and cfg.contrastive.weight:
+        modes = displacement_modes(train_frames, model.elements)
     if distributed.is_main():
         out_dir.mkdir(parents=True, exist_ok=True)
-    return _fit(model, cfg, train_data, val_data, optimizer, scheduler, per_step, rng, generators, out_dir, device, dtype)
+    return _fit(model, cfg, train_data, val_data, optimizer, scheduler, per_step, rng, (*generators, modes), out_dir,
+                device, dtype)  # fmt: skip
 
 
 def _fit(model, cfg, train_data, val_data, optimizer, scheduler, per_step, rng, generators, out_dir, device, dtype) -> dict:
     from tqdm.auto import tqdm
 
-    generator, contrastive_generator = generators
+    generator, contrastive_generator, modes = generators  # modes: for contrastive kind "modes", else None
     select_mc = cfg.select_by == "mc_nll" and model.is_bayesian
     start, best, best_epoch, stale = time.perf_counter(), math.inf, -1, 0
     best_metrics: dict[str, float] = {}
@@ -257,6 +264,7 @@ def _fit(model, cfg, train_data, val_data, optimizer, scheduler, per_step, rng, 
                 parts.append(train_step(
                     model, batch.to(device, dtype), cfg, optimizer, generator, train_data.use_stress,
                     kl_factor=factor, contrastive_generator=contrastive_generator, forward=forward,
+                    contrastive_modes=modes,
                 ))  # fmt: skip
                 if per_step:
                     scheduler.step()
