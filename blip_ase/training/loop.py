@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import math
@@ -19,6 +20,7 @@ from blip_ase.devices import resolve_device
 from blip_ase.models.checkpoint import load_checkpoint, save_checkpoint
 from blip_ase.models.potential import BACKENDS, Potential
 from blip_ase.training import distributed
+from blip_ase.training.averaging import WeightAverage
 from blip_ase.training.config import TrainConfig
 from blip_ase.training.contrastive import DisplacementModes, contrastive_kl, displacement_modes
 from blip_ase.training.loss import elbo_loss
@@ -252,6 +254,7 @@ def _fit(model, cfg, train_data, val_data, optimizer, scheduler, per_step, rng, 
     best_metrics: dict[str, float] = {}
     main, forward, n = distributed.is_main(), distributed.wrap(model), distributed.world_size()
     shard = (distributed.rank(), n)
+    ema = WeightAverage(model, cfg.optim.ema_decay) if cfg.optim.ema_decay is not None else None
     with open(out_dir / "log.csv" if main else os.devnull, "w", newline="") as fh:
         log = csv.DictWriter(fh, fieldnames=LOG_FIELDS)
         log.writeheader()
@@ -266,34 +269,38 @@ def _fit(model, cfg, train_data, val_data, optimizer, scheduler, per_step, rng, 
                     kl_factor=factor, contrastive_generator=contrastive_generator, forward=forward,
                     contrastive_modes=modes,
                 ))  # fmt: skip
+                if ema is not None:
+                    ema.update(model)
                 if per_step:
                     scheduler.step()
             model.eval()
-            val = evaluate_map(model, val_data, cfg, device, dtype)
-            if select_mc:
-                val["mc_nll"] = evaluate_mc_nll(model, val_data, cfg, device, dtype)
-            if scheduler is not None and not per_step:
-                scheduler.step(val["loss"])
-            names = ("loss", "energy", "forces", "kl", "kl_contrastive")
-            means = distributed.all_sum([np.mean([p.get(k, 0.0) for p in parts]) / n for k in names])  # over ranks
-            row = {
-                "epoch": epoch, "lr": optimizer.param_groups[0]["lr"],
-                **{f"train_{k}": v for k, v in zip(names, means)},
-                "val_loss": val["loss"], "val_energy_mae": val["energy_mae"], "val_forces_mae": val["forces_mae"],
-                "val_mc_nll": val.get("mc_nll", ""), "seconds": time.perf_counter() - start,
-            }
-            log.writerow(row)
-            fh.flush()
-            bar.set_postfix(loss=f"{row['train_loss']:.4f}", val_F_mae=f"{val['forces_mae']:.4f}")
-            score = val["mc_nll"] if select_mc else val["loss"]
-            if score < best:
-                best, best_epoch, stale, best_metrics = score, epoch, 0, val
-                meta = {"epoch": epoch, "val": val, "config": dataclasses.asdict(cfg), "seconds": row["seconds"],
-                        "processes": distributed.world_size()}
-                if main:
-                    save_checkpoint(out_dir / "model.pt", model, training=meta)
-            else:
-                stale += 1
+            # validation, selection and the checkpoint use the averaged weights (optim.ema_decay)
+            with ema.swapped(model) if ema is not None else contextlib.nullcontext():
+                val = evaluate_map(model, val_data, cfg, device, dtype)
+                if select_mc:
+                    val["mc_nll"] = evaluate_mc_nll(model, val_data, cfg, device, dtype)
+                if scheduler is not None and not per_step:
+                    scheduler.step(val["loss"])
+                names = ("loss", "energy", "forces", "kl", "kl_contrastive")
+                means = distributed.all_sum([np.mean([p.get(k, 0.0) for p in parts]) / n for k in names])  # over ranks
+                row = {
+                    "epoch": epoch, "lr": optimizer.param_groups[0]["lr"],
+                    **{f"train_{k}": v for k, v in zip(names, means)},
+                    "val_loss": val["loss"], "val_energy_mae": val["energy_mae"], "val_forces_mae": val["forces_mae"],
+                    "val_mc_nll": val.get("mc_nll", ""), "seconds": time.perf_counter() - start,
+                }
+                log.writerow(row)
+                fh.flush()
+                bar.set_postfix(loss=f"{row['train_loss']:.4f}", val_F_mae=f"{val['forces_mae']:.4f}")
+                score = val["mc_nll"] if select_mc else val["loss"]
+                if score < best:
+                    best, best_epoch, stale, best_metrics = score, epoch, 0, val
+                    meta = {"epoch": epoch, "val": val, "config": dataclasses.asdict(cfg), "seconds": row["seconds"],
+                            "processes": distributed.world_size()}
+                    if main:
+                        save_checkpoint(out_dir / "model.pt", model, training=meta)
+                else:
+                    stale += 1
             if cfg.optim.early_stopping_patience is not None and stale >= cfg.optim.early_stopping_patience:
                 break
     wall = time.perf_counter() - start
