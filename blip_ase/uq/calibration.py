@@ -15,7 +15,8 @@ floats and lists (so ``torch.load(weights_only=True)`` reads them):
    about the predicted mean of the recalibrated distribution, and ``blip eval`` also reports the
    ECE of the recalibrated CDF itself.
 3. Optional power-law map of the force variances (``blip calibrate --power``), fitted jointly
-   with the forces scale before step 2: ``var' = s * v_ref * (var / v_ref) ** gamma``
+   with the forces scale (it replaces step 1's forces scale; step 2, if asked for, is fitted
+   after it): ``var' = s * v_ref * (var / v_ref) ** gamma``
    (:func:`fit_power_law`, key ``forces_power``). A single scale fitted near the data cannot
    make large predicted variances (structures away from the data) larger in proportion than
    small ones; ``gamma > 1`` does. Applying a stored calibration (validation, variance
