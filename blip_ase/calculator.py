@@ -71,7 +71,9 @@ class BLIPCalculator(Calculator):
             1.0. Optional isotonic maps ``"<key>_isotonic": {"x": [...], "y": [...]}`` (from
             ``blip calibrate --isotonic``) multiply the variance further by the second moment
             of the recalibrated standardised error (:mod:`blip_ase.inference.calibration`).
-            :meth:`from_checkpoint` takes them from the checkpoint unless given here.
+            An optional ``"forces_power": {"gamma", "reference"}`` (``blip calibrate --power``)
+            maps the per-atom force variance ``v`` to ``reference * (v / reference) ** gamma``
+            before the scale. :meth:`from_checkpoint` takes them from the checkpoint unless given here.
 
     Raises:
         ValueError: bad option, or ``mode="mc"`` with a deterministic model.

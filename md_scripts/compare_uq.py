@@ -146,8 +146,10 @@ def make_jobs(benchmarks: list[str], methods: list[str], seeds: list[int], membe
     return jobs
 
 
-def run_job(job: dict, data: dict[str, Path], out: Path, epochs: dict[str, int | None], n_samples: int) -> list[dict]:
-    """Train one job (an ensemble: all its members), then calibrate and evaluate what it yields."""
+def run_job(job: dict, data: dict[str, Path], out: Path, epochs: dict[str, int | None], n_samples: int,
+            power: bool = False) -> list[dict]:
+    """Train one job (an ensemble: all its members), then calibrate (``power``: with the power-law
+    map of the force variances, ``blip calibrate --power``) and evaluate what it yields."""
     import torch
 
     torch.set_num_threads(1)
@@ -181,7 +183,8 @@ def run_job(job: dict, data: dict[str, Path], out: Path, epochs: dict[str, int |
             row["metrics"] = evaluate(path, data["test"], ood_path=data["ood"], n_samples=n_samples, seed=0)
         else:
             calibrated = path.with_name(f"{path.stem}_calibrated.pt")
-            fit = calibrate(path, data["val"], calibrated, n_samples=n_samples, seed=1, overwrite=True)
+            fit = calibrate(path, data["val"], calibrated, n_samples=n_samples, seed=1, overwrite=True,
+                            power=power)
             row["calibration"], row["val"] = fit["calibration"], fit["after"]  # val: what selects defaults
             row["metrics"] = evaluate(calibrated, data["test"], ood_path=data["ood"], n_samples=n_samples, seed=0)
         results.append(row)
@@ -244,13 +247,15 @@ def make_table(rows: list[dict], *, members: int, caption: str) -> str:
     out += table("ood", [("auroc", "AUROC")])
     out += ["", f"**In-distribution test ({n_id} structures)**, uncalibrated", ""]
     out += table("id", [])
-    out += ["", "**After variance-scale calibration on the validation set** (`blip calibrate`)", ""]
-    out += ["| Method | force scale | ID F ECE | ID F NLL | OOD F ECE | OOD F NLL |", "|---|---|---|---|---|---|"]
+    out += ["", "**After calibration on the validation set** (`blip calibrate`; power gamma: with `--power`)", ""]
+    out += ["| Method | force scale | power gamma | ID F ECE | ID F NLL | OOD F ECE | OOD F NLL |",
+            "|---|---|---|---|---|---|---|"]
     for n in names:
         cal = [r for r in rows if r["method"] == n and "calibration" in r]
         if cal:
             ms = [r["metrics"] for r in cal]
             cells = [_cell([r["calibration"]["forces"] for r in cal], 1.0, ".2f")]
+            cells += [_cell([(r["calibration"].get("forces_power") or {}).get("gamma") for r in cal], 1.0, ".2f")]
             cells += [_cell([m[s][k] for m in ms], 1.0, fmt) for s in ("id", "ood")
                       for k, fmt in (("forces_ece", ".3f"), ("forces_nll", ".2f"))]
             out.append(f"| {_label(n, members)} | " + " | ".join(cells) + " |")
@@ -290,6 +295,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--acac-val", type=int, default=50, help="acac validation frames")
     parser.add_argument("--acac-test", type=int, default=200, help="acac frames drawn from each test file")
     parser.add_argument("--jobs", type=int, default=2, help="training runs in parallel (one thread each)")
+    parser.add_argument("--power-calibration", action="store_true",
+                        help="calibrate with the power-law map of the force variances (blip calibrate --power)")
     parser.add_argument("--dev", action="store_true",
                         help="development split from the training pool only (choose defaults with it)")
     argv = sys.argv[1:] if argv is None else argv
@@ -304,8 +311,8 @@ def main(argv: list[str] | None = None) -> int:
     epochs = {"ammonia": args.epochs, "acac": args.acac_epochs}
     start = time.perf_counter()
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
-        futures = [pool.submit(run_job, job, data[job["benchmark"]], out, epochs, args.n_samples)
-                   for job in jobs]
+        futures = [pool.submit(run_job, job, data[job["benchmark"]], out, epochs, args.n_samples,
+                               args.power_calibration) for job in jobs]
         rows = [row for f in futures for row in f.result()]
     wall = time.perf_counter() - start
     from blip_ase.strict_json import write_json

@@ -151,3 +151,111 @@ def test_selection_by_mc_nll_keeps_the_epoch_with_the_lowest_logged_nll(ammonia_
         nll = [float(row["val_mc_nll"]) for row in csv.DictReader(fh)]
     assert len(nll) == 6 and np.all(np.isfinite(nll))
     assert summary["best_epoch"] == int(np.argmin(nll))
+
+
+# --- kind: modes ------------------------------------------------------------------------------
+
+
+def _planted_frames(ammonia, n: int = 30, seed: int = 0):
+    """Copies of ``ammonia`` displaced along one fixed internal mode (a random displacement with
+    translations and infinitesimal rotations projected out; amplitude N(0, 0.05^2)), then rotated
+    and translated at random: the one mode the fit must find. Returns ``(frames, amplitudes)``."""
+    from scipy.spatial.transform import Rotation
+
+    rng = np.random.default_rng(seed)
+    centred = ammonia.positions - ammonia.positions.mean(axis=0)
+    rigid = [np.tile(np.eye(3)[k], (len(ammonia), 1)) for k in range(3)]
+    rigid += [np.cross(np.eye(3)[k], centred) for k in range(3)]
+    basis = np.linalg.qr(np.stack([r.ravel() for r in rigid], axis=1))[0]
+    mode = rng.normal(size=3 * len(ammonia))
+    mode -= basis @ (basis.T @ mode)
+    mode = (mode / np.linalg.norm(mode)).reshape(-1, 3)
+    amplitudes = rng.normal(0.0, 0.05, n)
+    frames = []
+    for k in range(n):
+        a = ammonia.copy()
+        a.positions = (ammonia.positions + amplitudes[k] * mode) @ Rotation.random(random_state=k).as_matrix().T
+        a.positions += rng.normal(size=3)
+        frames.append(a)
+    return frames, amplitudes
+
+
+def test_displacement_modes_find_the_planted_mode_of_rotated_and_translated_copies(ammonia):
+    from blip_ase.training.contrastive import displacement_modes
+
+    frames, amplitudes = _planted_frames(ammonia)
+    modes = displacement_modes(frames, [1, 7])
+    ((key, (mean, factor)),) = modes.groups.items()
+    assert key == tuple(0 if z == 1 else 1 for z in ammonia.numbers)
+    assert mean.shape == (len(ammonia), 3)
+    lam = np.sort((factor**2).sum(dim=0).numpy())
+    assert lam[-1] == pytest.approx(np.var(amplitudes, ddof=1), rel=0.02)  # rigid motions aligned away
+    assert lam.size == 1 or lam[-2] < 1e-3 * lam[-1]
+    periodic = [a.copy() for a in frames]
+    for a in periodic:
+        a.pbc, a.cell = True, [10.0, 10.0, 10.0]
+    assert displacement_modes(periodic + frames[:1], [1, 7]).groups == {}  # periodic, or one structure only
+
+
+def test_mode_copies_are_real_geometries_and_other_structures_keep_their_rattled_copies(
+    bayesian_potential, ammonia, mo_cell
+):
+    """Molecules with modes get ``s (mean + f factor w)``; a structure without (bcc Mo) gets
+    exactly the rattled copy of ``kind: rattle``, drawn first from the same generator."""
+    from blip_ase.data.graph import batch_graphs
+    from blip_ase.training.contrastive import displacement_modes
+
+    model = bayesian_potential
+    modes = displacement_modes(_planted_frames(ammonia)[0], model.elements)
+    graph = batch_graphs([model.build_graph(mo_cell), model.build_graph(ammonia)])
+    x = model.posterior_inputs(graph)
+    cfg = ContrastiveConfig(weight=1.0, kind="modes", mode_scale_min=2.0, mode_scale=3.0, stretch=0.1)
+    perturbed = perturb_edge_vectors(x, cfg, torch.Generator().manual_seed(3), modes)
+    rattled = perturb_edge_vectors(x, replace(cfg, kind="rattle"), torch.Generator().manual_seed(3), modes)
+    mo = x.atom_graph[x.edge_index[0]] == 0
+    torch.testing.assert_close(perturbed[mo], rattled[mo], rtol=0, atol=0)
+    g = torch.Generator().manual_seed(3)
+    u = torch.rand(2, 2, generator=g, dtype=torch.float64)
+    torch.randn(len(mo_cell) + len(ammonia), 3, generator=g, dtype=torch.float64)
+    ((mean, factor),) = modes.groups.values()
+    f = 2.0 + float(torch.rand(1, generator=g, dtype=torch.float64))
+    w = torch.randn(factor.shape[1], generator=g, dtype=torch.float64)
+    positions = (1.0 + 0.1 * (2.0 * u[1, 1] - 1.0)) * (mean + f * (factor @ w).reshape(-1, 3))
+    i, j = x.edge_index[:, ~mo] - len(mo_cell)
+    torch.testing.assert_close(perturbed[~mo], positions[j] - positions[i], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "bad", [{"kind": "shake"}, {"mode_scale_min": 0.0}, {"mode_scale_min": 5.0, "mode_scale": 4.0}]
+)
+def test_a_bad_mode_setting_is_rejected(bad):
+    with pytest.raises(ValueError, match="contrastive"):
+        ContrastiveConfig(**bad)
+
+
+def test_mode_copies_make_alpha_larger_on_hotter_geometries_than_on_the_training_ones(ammonia_split, tmp_path):
+    """``kind: modes``: trained with the prior's KL on the data's own modes amplified 1.5-4x,
+    the network predicts more noise on structures 3x hotter along those modes (drawn here
+    independently of training) than on the training structures."""
+    from blip_ase.models.checkpoint import load_checkpoint
+    from blip_ase.training.contrastive import displacement_modes
+
+    frames = read(ammonia_split["train"], ":")
+    cfg = _tiny_config(
+        bayes={"kl_weight": 0.001},
+        optim={"posterior_lr": 1e-2},
+        epochs=60,
+        contrastive={"weight": 0.01, "kind": "modes", "stretch": 0.0},
+    )
+    train(cfg, ammonia_split["train"], ammonia_split["val"], tmp_path)
+    model, _ = load_checkpoint(tmp_path / "model.pt")
+    ((mean, factor),) = displacement_modes(frames, model.elements).groups.values()
+    rng = np.random.default_rng(0)
+    hot = []
+    for _ in range(20):
+        a = frames[0].copy()
+        w = torch.from_numpy(rng.normal(size=factor.shape[1]))
+        a.positions = (mean + 3.0 * (factor @ w).reshape(-1, 3)).numpy()
+        hot.append(a)
+    ratio = _mean_alpha(model, hot) / _mean_alpha(model, frames)
+    assert ratio > 1.5, ratio

@@ -184,6 +184,27 @@ def test_isotonic_recalibration_is_stored_as_plain_lists_and_reported(data, tmp_
     assert report["calibration"]["forces_isotonic"] == "isotonic map"
 
 
+def test_power_law_calibration_is_stored_as_floats_and_applied_by_eval_and_the_calculator(data, tmp_path):
+    """``blip calibrate --power``: the map is stored as plain floats (``weights_only`` load), its
+    NLL on the fit set is at most the plain scale's (gamma = 1 is among its choices), and the
+    calculator and ``blip eval`` apply the same map."""
+    calibrated = tmp_path / "power.pt"
+    args = ("calibrate", "--model", SHIPPED, "--data", data["cal"], "--out", calibrated, "--n-samples", 8, "--power")
+    assert run_blip(*args) == 0
+    stored = torch.load(calibrated, weights_only=True)["calibration"]
+    power, scale = stored["forces_power"], stored["forces"]
+    assert set(power) == {"gamma", "reference"} and all(isinstance(v, float) for v in power.values())
+    plain = calibrate(SHIPPED, data["cal"], tmp_path / "plain.pt", n_samples=8, seed=0)
+    report = evaluate(calibrated, data["cal"], n_samples=8, seed=0)
+    assert report["id"]["forces_nll"] <= plain["after"]["forces_nll"] + 1e-9
+    assert report["calibration"]["forces_power"] == power
+    atoms = read(data["held"], 0)
+    raw = BLIPCalculator.from_checkpoint(SHIPPED, n_samples=4, seed=0, device="cpu", calibration={}).monte_carlo(atoms)
+    cal = BLIPCalculator.from_checkpoint(calibrated, n_samples=4, seed=0, device="cpu").monte_carlo(atoms)
+    expected = scale * power["reference"] * (raw["forces_variance"] / power["reference"]) ** power["gamma"]
+    np.testing.assert_allclose(cal["forces_variance"], expected, rtol=1e-10)
+
+
 # --- bad input --------------------------------------------------------------------------------
 
 

@@ -139,3 +139,28 @@ def test_the_plot_shows_screened_checks_and_one_threshold_line_per_element(tmp_p
         "flag H = 0.25 eV/A", "halt H = 1 eV/A", "flag N = 0.31 eV/A"
     ]
     assert (tmp_path / "u.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_power_law_calibration_maps_the_screen_bound_as_it_maps_the_variances():
+    """The map is monotone, so a bound on the raw std stays a bound on the calibrated std: where
+    the raw Monte Carlo std is under the raw bound, the calibrated std is under the calibrated bound."""
+    calc = BLIPCalculator.from_checkpoint(ammonia_model(), n_samples=32, seed=0, device="cpu", calibration={})
+    engine, atoms = calc.engine, rattled_copies(_val()[:1], seed=3)[0]
+    prepared = engine.prepare(atoms)
+    raw_bound = engine.screen_bound(prepared)[0]
+    raw_std = np.sqrt(engine.monte_carlo(prepared, 32, generators=[_gen()])[0]["forces_variance"])
+    power = {"gamma": 1.7, "reference": float(np.median(raw_std**2))}
+    engine.calibration = {"forces": 0.6, "forces_power": power}
+    bound = engine.screen_bound(prepared)[0]
+    std = np.sqrt(engine.monte_carlo(prepared, 32, generators=[_gen()])[0]["forces_variance"])
+    ref = power["reference"]
+    np.testing.assert_allclose(bound, np.sqrt(0.6 * ref * (raw_bound**2 / ref) ** 1.7), rtol=1e-10)
+    np.testing.assert_allclose(std, np.sqrt(0.6 * ref * (raw_std**2 / ref) ** 1.7), rtol=1e-10)
+    under = raw_std <= raw_bound
+    assert under.any() and np.all(std[under] <= bound[under])
+
+
+def _gen():
+    import torch
+
+    return torch.Generator().manual_seed(11)

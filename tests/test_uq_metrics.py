@@ -7,9 +7,15 @@ import pytest
 from scipy import integrate, optimize, stats
 
 from blip_ase import BLIPCalculator
-from blip_ase.inference.calibration import apply_isotonic, isotonic_variance_factor, variance_factors
+from blip_ase.inference.calibration import (
+    apply_isotonic,
+    apply_power,
+    calibrated_forces_variance,
+    isotonic_variance_factor,
+    variance_factors,
+)
 from blip_ase.uq import metrics as m
-from blip_ase.uq.calibration import fit_isotonic, fit_variance_scale, pool_adjacent_violators
+from blip_ase.uq.calibration import fit_isotonic, fit_power_law, fit_variance_scale, pool_adjacent_violators
 
 
 def gaussian_forces(seed: int = 0, n_atoms: int = 5000, sigma_factor: float = 1.0):
@@ -180,3 +186,49 @@ def test_the_variance_scale_leaves_out_zero_variances_and_refuses_negative_ones(
         fit_variance_scale(error, np.array([0.04, -0.01, 0.1, 0.2]))
     with pytest.raises(ValueError, match="every predicted variance is zero"):
         fit_variance_scale(error, np.zeros(4))
+
+
+# --- power-law calibration -------------------------------------------------------------------
+
+
+def test_the_power_law_map_is_monotone_and_equals_the_global_scale_for_gamma_one():
+    v = np.array([0.0, 1e-4, 0.01, 0.3, 2.0, 50.0])
+    np.testing.assert_allclose(apply_power(v, {"gamma": 1.0, "reference": 0.7}), v, rtol=1e-12)
+    np.testing.assert_allclose(calibrated_forces_variance(v, {"forces": 2.5}), 2.5 * v)
+    for gamma in (0.5, 1.7, 3.0):
+        mapped = apply_power(v, {"gamma": gamma, "reference": 0.3})
+        assert mapped[0] == 0.0 and np.all(np.diff(mapped) > 0)
+        assert mapped[3] == pytest.approx(0.3)  # the reference variance is a fixed point
+    calibration = {"forces": 2.0, "forces_power": {"gamma": 2.0, "reference": 0.3}}
+    np.testing.assert_allclose(calibrated_forces_variance(v, calibration), 2.0 * v**2 / 0.3)
+
+
+def test_fit_power_law_recovers_the_exponent_of_overconfident_large_variances():
+    """Errors whose true variance grows as v^2 (the predicted v underestimates large variances,
+    as away from the data): the fit finds gamma ~ 2 and beats the best single scale."""
+    rng = np.random.default_rng(7)
+    v = np.exp(rng.uniform(np.log(1e-3), np.log(1.0), 4000))
+    true = 0.5 * v**2 / 0.1
+    error = rng.normal(size=v.size) * np.sqrt(true)
+    scale, power = fit_power_law(error, v)
+    assert power["gamma"] == pytest.approx(2.0, abs=0.1)
+    assert power["reference"] == pytest.approx(np.median(v))
+    mapped = scale * apply_power(v, power)
+    np.testing.assert_allclose(np.median(mapped / true), 1.0, rtol=0.15)
+    assert m.gaussian_nll(error, mapped) < m.gaussian_nll(error, fit_variance_scale(error, v) * v) - 0.1
+    calibrated_error, calibrated_v = gaussian_forces(seed=8, n_atoms=2000)
+    _, power = fit_power_law(*components(calibrated_error, calibrated_v))
+    assert power["gamma"] == pytest.approx(1.0, abs=0.1)  # nothing to correct: the global scale
+
+
+def test_the_calculator_applies_a_stored_power_law_map_and_rejects_malformed_ones(make_potential, ammonia):
+    model = make_potential()
+    power = {"gamma": 1.5, "reference": 0.02}
+    plain = BLIPCalculator(model, n_samples=4, seed=1).monte_carlo(ammonia)
+    calc = BLIPCalculator(model, n_samples=4, seed=1, calibration={"forces": 2.0, "forces_power": power})
+    assert calc.calibration["forces_power"] == power
+    expected = 2.0 * 0.02 * (plain["forces_variance"] / 0.02) ** 1.5
+    np.testing.assert_allclose(calc.monte_carlo(ammonia)["forces_variance"], expected, rtol=1e-10)
+    for bad in ({"gamma": 1.5}, {"gamma": 0.0, "reference": 0.02}, {"gamma": 1.5, "reference": float("nan")}):
+        with pytest.raises(ValueError, match="forces_power"):
+            BLIPCalculator(model, calibration={"forces_power": bad})

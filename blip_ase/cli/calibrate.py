@@ -1,4 +1,4 @@
-"""``blip calibrate --model CKPT --data VAL --out CKPT2 [--isotonic]``."""
+"""``blip calibrate --model CKPT --data VAL --out CKPT2 [--isotonic] [--power]``."""
 
 from __future__ import annotations
 
@@ -17,6 +17,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--isotonic", action="store_true", help="also fit isotonic recalibration (Kuleshov et al. 2018)"
     )
+    parser.add_argument(
+        "--power", action="store_true",
+        help="also fit a power-law map of the force variances, s * v_ref * (v / v_ref)^gamma (docs/method.md)",
+    )
     parser.add_argument("--n-samples", type=int, default=100, help="Monte Carlo samples (an ensemble uses its members)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the Monte Carlo noise")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
@@ -28,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
     from blip_ase.uq.evaluate import calibrate
 
     result = calibrate(
-        args.model, args.data, args.out, isotonic=args.isotonic, n_samples=args.n_samples, seed=args.seed,
+        args.model, args.data, args.out, isotonic=args.isotonic, power=args.power, n_samples=args.n_samples, seed=args.seed,
         device=args.device, overwrite=args.overwrite, progress=not args.no_progress,
     )
     print(f"calibration: {dumps(result['calibration'], indent=None)}")

@@ -6,6 +6,11 @@ and optional isotonic maps ``"<quantity>_isotonic": {"x": [...], "y": [...]}``, 
 nondecreasing piecewise-linear map ``R`` of predicted CDF levels. The inference engine reports
 variances multiplied by ``scale * E_G[z^2]``, the second moment of the recalibrated standardised
 error distribution ``G(z) = R(Phi(z))`` (:func:`isotonic_variance_factor`).
+
+Optionally the forces carry a power-law map ``"forces_power": {"gamma": g, "reference": v_ref}``
+applied to the per-atom variance (trace, eV^2/A^2) before the scale:
+``v' = scale * v_ref * (v / v_ref) ** g`` (:func:`apply_power`). With ``g = 1`` it is the global
+scale; with ``g > 1`` it inflates large variances (away from the data) more than small ones.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import numpy as np
 from scipy import stats
 
 from blip_ase.models.checkpoint import CALIBRATION_QUANTITIES as QUANTITIES
-from blip_ase.models.checkpoint import DEFAULT_CALIBRATION, ISOTONIC_KEYS
+from blip_ase.models.checkpoint import DEFAULT_CALIBRATION, ISOTONIC_KEYS, POWER_KEYS
 
 
 def apply_isotonic(u: np.ndarray, isotonic: dict[str, list[float]]) -> np.ndarray:
@@ -53,24 +58,56 @@ def validate_isotonic(name: str, isotonic: object) -> dict[str, list[float]]:
     return {"x": x.tolist(), "y": y.tolist()}
 
 
+def apply_power(variance: np.ndarray, power: Mapping[str, float] | None) -> np.ndarray:
+    """Power-law map ``v_ref * (v / v_ref) ** gamma`` of variances ``v`` (any shape, >= 0), the
+    identity for ``power=None``. Monotone increasing in ``v`` for ``gamma > 0``; zero stays zero."""
+    variance = np.asarray(variance, float)
+    if power is None:
+        return variance
+    reference, gamma = float(power["reference"]), float(power["gamma"])
+    return reference * np.power(np.clip(variance, 0.0, None) / reference, gamma)
+
+
+def calibrated_forces_variance(variance: np.ndarray, calibration: Mapping[str, Any]) -> np.ndarray:
+    """Per-atom force variances ``(n,)`` eV^2/A^2 as the calculator reports them: the power-law
+    map (if any), then the forces scale and isotonic factor (:func:`variance_factors`)."""
+    return variance_factors(calibration)["forces"] * apply_power(variance, calibration.get("forces_power"))
+
+
+def validate_power(name: str, power: object) -> dict[str, float]:
+    """Check a power-law map read from a checkpoint; returns it with floats.
+
+    Raises:
+        ValueError: not ``{"gamma", "reference"}``, or values that are not finite and > 0.
+    """
+    if not isinstance(power, Mapping) or set(power) != {"gamma", "reference"}:
+        raise ValueError(f"calibration {name!r} must be a dict with keys 'gamma' and 'reference', got {power!r:.80}")
+    values = {k: power[k] for k in ("gamma", "reference")}
+    if any(not isinstance(v, numbers.Real) or not np.isfinite(v) or v <= 0 for v in values.values()):
+        raise ValueError(f"calibration {name!r}: gamma and reference must be finite and > 0, got {values}")
+    return {k: float(v) for k, v in values.items()}
+
+
 def validate_calibration(calibration: Mapping[str, Any] | None) -> dict[str, Any]:
-    """Validated scales (floats; missing ones are 1.0) plus any isotonic maps.
+    """Validated scales (floats; missing ones are 1.0) plus any isotonic and power-law maps.
 
     Raises:
         ValueError: an unknown key, a scale that is not a finite number >= 0, or a malformed
-            isotonic map.
+            isotonic or power-law map.
     """
     merged = {**DEFAULT_CALIBRATION, **dict(calibration or {})}
-    unknown = sorted(merged.keys() - DEFAULT_CALIBRATION.keys() - set(ISOTONIC_KEYS))
+    unknown = sorted(merged.keys() - DEFAULT_CALIBRATION.keys() - set(ISOTONIC_KEYS) - set(POWER_KEYS))
     if unknown:
         raise ValueError(
-            f"unknown calibration keys {unknown}; known: {sorted(DEFAULT_CALIBRATION)} and {list(ISOTONIC_KEYS)}"
+            f"unknown calibration keys {unknown}; known: {sorted(DEFAULT_CALIBRATION)}, {list(ISOTONIC_KEYS)} "
+            f"and {list(POWER_KEYS)}"
         )
     scales = {k: merged[k] for k in DEFAULT_CALIBRATION}
     if any(not isinstance(v, numbers.Real) or not np.isfinite(v) or v < 0 for v in scales.values()):
         raise ValueError(f"calibration scales must be finite and >= 0, got {scales}")
     result: dict[str, Any] = {k: float(v) for k, v in scales.items()}
     result.update({k: validate_isotonic(k, merged[k]) for k in ISOTONIC_KEYS if merged.get(k) is not None})
+    result.update({k: validate_power(k, merged[k]) for k in POWER_KEYS if merged.get(k) is not None})
     return result
 
 

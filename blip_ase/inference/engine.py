@@ -34,7 +34,7 @@ from blip_ase.bayes import NoiseSource, StructureNoise, structure_sizes
 from blip_ase.configuration import checked_int
 from blip_ase.data.graph import species_index, validate_atoms
 from blip_ase.devices import resolve_device
-from blip_ase.inference.calibration import validate_calibration, variance_factors
+from blip_ase.inference.calibration import apply_power, validate_calibration, variance_factors
 from blip_ase.inference.llpr import llpr_statistics
 from blip_ase.inference.screen import Screen, atom_features, feature_count
 from blip_ase.inference.statistics import map_results, monte_carlo_statistics
@@ -206,6 +206,7 @@ class MonteCarloEngine:
     def calibration(self, calibration: Mapping[str, Any] | None) -> None:
         validated = validate_calibration(calibration)
         self._calibration, self._factors = validated, variance_factors(validated)
+        self._forces_power = validated.get("forces_power")
 
     @property
     def variance_factors(self) -> dict[str, float]:
@@ -267,7 +268,8 @@ class MonteCarloEngine:
 
     def screen_bound(self, prepared: Prepared, forces: np.ndarray | None = None) -> list[np.ndarray]:
         """Per structure, ``(n,)`` the screen's conservative bound on the calibrated per-atom force
-        std (eV/A): ``safety * estimate * sqrt(forces factor)``, from alpha/beta, the MAP forces
+        std (eV/A): ``safety * estimate * sqrt(forces factor)`` (with a power-law calibration, the
+        calibrated std of the variance ``(safety * estimate)^2``), from alpha/beta, the MAP forces
         and neighbour distances alone (no Monte Carlo sample).
 
         Args:
@@ -292,8 +294,10 @@ class MonteCarloEngine:
             features = atom_features(coefficients, inputs, forces, len(self.model.elements))
             b = prepared.bounds
             prepared.screen_features = [features[b[g] : b[g + 1]] for g in range(prepared.n_structures)]
-        factor = self.screen.safety * float(np.sqrt(self._factors["forces"]))
-        return [factor * self.screen.estimate(f) for f in prepared.screen_features]
+        factor, power = self._factors["forces"], self._forces_power
+        # the power map is monotone: a bound on the raw std maps to a bound on the calibrated std
+        return [np.sqrt(factor * apply_power((self.screen.safety * self.screen.estimate(f)) ** 2, power))
+                for f in prepared.screen_features]
 
     # --- passes --------------------------------------------------------------------------------
     def evaluate(self, prepared: Prepared, noise: NoiseSource | None, *, stress: bool = True) -> dict[str, np.ndarray]:
@@ -373,7 +377,8 @@ class MonteCarloEngine:
             ValueError: a deterministic model without LLPR, or a generator count that does not match.
         """
         if self.model.llpr is not None:
-            return llpr_statistics(self.model, prepared, self.map(prepared, stress=stress), self._factors)
+            return llpr_statistics(self.model, prepared, self.map(prepared, stress=stress), self._factors,
+                                   forces_power=self._forces_power)
         if not self.model.is_bayesian:
             raise ValueError("Monte Carlo needs a Bayesian model; this model is deterministic")
         n = self.samples_per_check(n_samples)
@@ -389,7 +394,7 @@ class MonteCarloEngine:
             noise = StructureNoise.spawn_per_structure(list(generators), n, edges, nodes, device=device)
         raw = self.evaluate(prepared, noise, stress=stress)
         return [
-            monte_carlo_statistics(part, self._factors, keep_samples=keep_samples)
+            monte_carlo_statistics(part, self._factors, keep_samples=keep_samples, forces_power=self._forces_power)
             for part in self._split(raw, prepared)
         ]
 

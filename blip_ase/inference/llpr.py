@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from blip_ase.inference.calibration import apply_power
 from blip_ase.voigt import matrix_to_voigt
 
 LLPR_REQUIRED = ("inverse_covariance", "n_features", "scale")
@@ -102,7 +103,12 @@ def quadratic_form(rows: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
 
 
 def llpr_statistics(
-    model: Any, prepared: Any, map_results: Sequence[dict[str, Any]], factors: Mapping[str, float]
+    model: Any,
+    prepared: Any,
+    map_results: Sequence[dict[str, Any]],
+    factors: Mapping[str, float],
+    *,
+    forces_power: Mapping[str, float] | None = None,
 ) -> list[dict[str, Any]]:
     """LLPR results of every structure of a prepared configuration.
 
@@ -112,6 +118,8 @@ def llpr_statistics(
             (``graph``, ``bounds``, ``n_structures``).
         map_results: its MAP results per structure (energy, forces, stress when asked for).
         factors: variance multipliers ``{"energy", "forces", "stress"}`` (the calibration).
+        forces_power: the calibration's power-law map of the per-atom force variance
+            (:func:`~blip_ase.inference.calibration.apply_power`), applied before the factor.
 
     Returns:
         Per structure, the MAP results plus ``energy_variance`` eV^2, ``forces_variance (n,)``
@@ -138,7 +146,7 @@ def llpr_statistics(
     for g, result in enumerate(map_results):
         result = dict(result)
         result["energy_variance"] = float(energy_var[g]) * factors["energy"]
-        result["forces_variance"] = atom_var[b[g] : b[g + 1]] * factors["forces"]
+        result["forces_variance"] = apply_power(atom_var[b[g] : b[g + 1]], forces_power) * factors["forces"]
         if stress_var is not None:
             result["stress_variance"] = stress_var[g] * factors["stress"]
         out.append(result)

@@ -7,9 +7,11 @@ from typing import Any
 
 import numpy as np
 
+from blip_ase.inference.calibration import apply_power
 
-def monte_carlo_statistics(raw: Mapping[str, np.ndarray], factors: Mapping[str, float], *, keep_samples: bool = False
-                           ) -> dict[str, Any]:  # fmt: skip
+
+def monte_carlo_statistics(raw: Mapping[str, np.ndarray], factors: Mapping[str, float], *, keep_samples: bool = False,
+                           forces_power: Mapping[str, float] | None = None) -> dict[str, Any]:  # fmt: skip
     """MC means and calibrated unbiased (ddof=1) variances of one structure's samples.
 
     Args:
@@ -17,6 +19,8 @@ def monte_carlo_statistics(raw: Mapping[str, np.ndarray], factors: Mapping[str, 
             eV/A^3 (ASE Voigt order).
         factors: variance multipliers ``{"energy", "forces", "stress"}`` (the calibration).
         keep_samples: also return ``energy_samples`` and ``forces_samples``.
+        forces_power: the calibration's power-law map of the per-atom force variance, applied
+            before ``factors["forces"]`` (:func:`~blip_ase.inference.calibration.apply_power`); None: none.
 
     Returns:
         ``energy``, ``free_energy`` (eV), ``forces (n, 3)`` eV/A, ``energy_variance`` eV^2,
@@ -25,12 +29,13 @@ def monte_carlo_statistics(raw: Mapping[str, np.ndarray], factors: Mapping[str, 
         ``energy_samples (S,)`` and ``forces_samples (S, n, 3)``.
     """
     energy = float(raw["energy"].mean())
+    forces_variance = apply_power(raw["forces"].var(axis=0, ddof=1).sum(axis=-1), forces_power)
     results: dict[str, Any] = {
         "energy": energy,
         "free_energy": energy,
         "forces": raw["forces"].mean(axis=0),
         "energy_variance": float(raw["energy"].var(ddof=1)) * factors["energy"],
-        "forces_variance": raw["forces"].var(axis=0, ddof=1).sum(axis=-1) * factors["forces"],
+        "forces_variance": forces_variance * factors["forces"],
     }
     if "stress" in raw:
         results["stress"] = raw["stress"].mean(axis=0)

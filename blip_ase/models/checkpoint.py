@@ -33,6 +33,7 @@ FORMAT_VERSION = 2
 CALIBRATION_QUANTITIES = ("energy", "forces", "stress")  # the one list of calibration keys
 DEFAULT_CALIBRATION = dict.fromkeys(CALIBRATION_QUANTITIES, 1.0)  # variance scale factors
 ISOTONIC_KEYS = tuple(f"{q}_isotonic" for q in CALIBRATION_QUANTITIES)  # optional isotonic maps
+POWER_KEYS = ("forces_power",)  # optional power-law variance map (forces only)
 REQUIRED_KEYS = frozenset({"backend", "config", "state_dict", "elements", "calibration", "bayesian_layers", "reference",
                            "screen", "llpr"})
 

@@ -50,6 +50,10 @@ class OptimConfig:
         grad_clip: max gradient norm (None: no clipping).
         early_stopping_patience: stop after this many epochs without a better validation loss
             (None: never).
+        ema_decay: keep an exponential moving average of the weights, ``avg = d * avg + (1 - d) *
+            weights`` after every optimiser step; validation, model selection and the checkpoint
+            use the averaged weights, training continues from its own (None: off; the average
+            spans about ``1 / (1 - d)`` steps).
     """
 
     optimizer: Literal["adam", "adamw"] = "adam"
@@ -62,9 +66,12 @@ class OptimConfig:
     warmup_fraction: float = 0.05
     grad_clip: float | None = None
     early_stopping_patience: int | None = None
+    ema_decay: float | None = None
 
     def __post_init__(self):
         checked_int(self.plateau_patience, least=0, name="plateau_patience")
+        if self.ema_decay is not None and not (isinstance(self.ema_decay, float) and 0.0 < self.ema_decay < 1.0):
+            raise ValueError(f"optim.ema_decay must be a number in (0, 1) or null, got {self.ema_decay!r}")
         if self.early_stopping_patience is not None:
             checked_int(self.early_stopping_patience, least=1, name="early_stopping_patience")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import math
@@ -19,8 +20,9 @@ from blip_ase.devices import resolve_device
 from blip_ase.models.checkpoint import load_checkpoint, save_checkpoint
 from blip_ase.models.potential import BACKENDS, Potential
 from blip_ase.training import distributed
+from blip_ase.training.averaging import WeightAverage
 from blip_ase.training.config import TrainConfig
-from blip_ase.training.contrastive import contrastive_kl
+from blip_ase.training.contrastive import DisplacementModes, contrastive_kl, displacement_modes
 from blip_ase.training.loss import elbo_loss
 
 LOG_FIELDS = ["epoch", "lr", "train_loss", "train_energy", "train_forces", "train_kl", "train_kl_contrastive",
@@ -116,11 +118,12 @@ def evaluate_mc_nll(model: Potential, data: GraphDataset, cfg: TrainConfig, devi
 def train_step(
     model, batch: Batch, cfg: TrainConfig, optimizer, generator, use_stress: bool,
     *, kl_factor: float = 1.0, contrastive_generator: torch.Generator | None = None,
-    forward: torch.nn.Module | None = None,
+    forward: torch.nn.Module | None = None, contrastive_modes: DisplacementModes | None = None,
 ) -> dict[str, float]:  # fmt: skip
     """One optimiser step on ``batch`` with one Monte Carlo sample from ``generator``; the KL
     weights are multiplied by ``kl_factor`` (warm-up); with ``cfg.contrastive.weight`` the KL of
-    perturbed copies (drawn from ``contrastive_generator``) is added.
+    perturbed copies (drawn from ``contrastive_generator``; for ``kind: modes`` along
+    ``contrastive_modes``) is added.
 
     In distributed training ``batch`` is this rank's part of the global batch, ``forward`` the
     DistributedDataParallel wrapper of ``model`` (:func:`~blip_ase.training.distributed.wrap`),
@@ -140,7 +143,9 @@ def train_step(
         if contrastive_generator is None:
             raise ValueError("contrastive.weight > 0 needs a contrastive_generator for the perturbations")
         weights = (share.edges, share.nodes)
-        kl_c = contrastive_kl(model, batch.graph, cfg.contrastive, contrastive_generator, p0, weights=weights)
+        kl_c = contrastive_kl(
+            model, batch.graph, cfg.contrastive, contrastive_generator, p0, weights=weights, modes=contrastive_modes
+        )
         loss = loss + kl_factor * cfg.contrastive.weight * kl_c
         parts["kl_contrastive"] = float(kl_c.detach())
     optimizer.zero_grad(set_to_none=True)
@@ -231,20 +236,25 @@ def train_model(
         torch.Generator(device=device).manual_seed(distributed.rank_seed(cfg.seed, rank)),
         torch.Generator(device=device).manual_seed(distributed.rank_seed(cfg.contrastive.seed + cfg.seed, rank)),
     )
+    modes = None
+    if cfg.contrastive.kind == "modes" and cfg.contrastive.weight:
+        modes = displacement_modes(train_frames, model.elements)
     if distributed.is_main():
         out_dir.mkdir(parents=True, exist_ok=True)
-    return _fit(model, cfg, train_data, val_data, optimizer, scheduler, per_step, rng, generators, out_dir, device, dtype)
+    return _fit(model, cfg, train_data, val_data, optimizer, scheduler, per_step, rng, (*generators, modes), out_dir,
+                device, dtype)  # fmt: skip
 
 
 def _fit(model, cfg, train_data, val_data, optimizer, scheduler, per_step, rng, generators, out_dir, device, dtype) -> dict:
     from tqdm.auto import tqdm
 
-    generator, contrastive_generator = generators
+    generator, contrastive_generator, modes = generators  # modes: for contrastive kind "modes", else None
     select_mc = cfg.select_by == "mc_nll" and model.is_bayesian
     start, best, best_epoch, stale = time.perf_counter(), math.inf, -1, 0
     best_metrics: dict[str, float] = {}
     main, forward, n = distributed.is_main(), distributed.wrap(model), distributed.world_size()
     shard = (distributed.rank(), n)
+    ema = WeightAverage(model, cfg.optim.ema_decay) if cfg.optim.ema_decay is not None else None
     with open(out_dir / "log.csv" if main else os.devnull, "w", newline="") as fh:
         log = csv.DictWriter(fh, fieldnames=LOG_FIELDS)
         log.writeheader()
@@ -257,35 +267,40 @@ def _fit(model, cfg, train_data, val_data, optimizer, scheduler, per_step, rng, 
                 parts.append(train_step(
                     model, batch.to(device, dtype), cfg, optimizer, generator, train_data.use_stress,
                     kl_factor=factor, contrastive_generator=contrastive_generator, forward=forward,
+                    contrastive_modes=modes,
                 ))  # fmt: skip
+                if ema is not None:
+                    ema.update(model)
                 if per_step:
                     scheduler.step()
             model.eval()
-            val = evaluate_map(model, val_data, cfg, device, dtype)
-            if select_mc:
-                val["mc_nll"] = evaluate_mc_nll(model, val_data, cfg, device, dtype)
-            if scheduler is not None and not per_step:
-                scheduler.step(val["loss"])
-            names = ("loss", "energy", "forces", "kl", "kl_contrastive")
-            means = distributed.all_sum([np.mean([p.get(k, 0.0) for p in parts]) / n for k in names])  # over ranks
-            row = {
-                "epoch": epoch, "lr": optimizer.param_groups[0]["lr"],
-                **{f"train_{k}": v for k, v in zip(names, means)},
-                "val_loss": val["loss"], "val_energy_mae": val["energy_mae"], "val_forces_mae": val["forces_mae"],
-                "val_mc_nll": val.get("mc_nll", ""), "seconds": time.perf_counter() - start,
-            }
-            log.writerow(row)
-            fh.flush()
-            bar.set_postfix(loss=f"{row['train_loss']:.4f}", val_F_mae=f"{val['forces_mae']:.4f}")
-            score = val["mc_nll"] if select_mc else val["loss"]
-            if score < best:
-                best, best_epoch, stale, best_metrics = score, epoch, 0, val
-                meta = {"epoch": epoch, "val": val, "config": dataclasses.asdict(cfg), "seconds": row["seconds"],
-                        "processes": distributed.world_size()}
-                if main:
-                    save_checkpoint(out_dir / "model.pt", model, training=meta)
-            else:
-                stale += 1
+            # validation, selection and the checkpoint use the averaged weights (optim.ema_decay)
+            with ema.swapped(model) if ema is not None else contextlib.nullcontext():
+                val = evaluate_map(model, val_data, cfg, device, dtype)
+                if select_mc:
+                    val["mc_nll"] = evaluate_mc_nll(model, val_data, cfg, device, dtype)
+                if scheduler is not None and not per_step:
+                    scheduler.step(val["loss"])
+                names = ("loss", "energy", "forces", "kl", "kl_contrastive")
+                means = distributed.all_sum([np.mean([p.get(k, 0.0) for p in parts]) / n for k in names])  # over ranks
+                row = {
+                    "epoch": epoch, "lr": optimizer.param_groups[0]["lr"],
+                    **{f"train_{k}": v for k, v in zip(names, means)},
+                    "val_loss": val["loss"], "val_energy_mae": val["energy_mae"], "val_forces_mae": val["forces_mae"],
+                    "val_mc_nll": val.get("mc_nll", ""), "seconds": time.perf_counter() - start,
+                }
+                log.writerow(row)
+                fh.flush()
+                bar.set_postfix(loss=f"{row['train_loss']:.4f}", val_F_mae=f"{val['forces_mae']:.4f}")
+                score = val["mc_nll"] if select_mc else val["loss"]
+                if score < best:
+                    best, best_epoch, stale, best_metrics = score, epoch, 0, val
+                    meta = {"epoch": epoch, "val": val, "config": dataclasses.asdict(cfg), "seconds": row["seconds"],
+                            "processes": distributed.world_size()}
+                    if main:
+                        save_checkpoint(out_dir / "model.pt", model, training=meta)
+                else:
+                    stale += 1
             if cfg.optim.early_stopping_patience is not None and stale >= cfg.optim.early_stopping_patience:
                 break
     wall = time.perf_counter() - start

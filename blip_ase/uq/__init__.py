@@ -6,7 +6,7 @@ and ``blip calibrate``) is imported on demand.
 """
 
 from blip_ase.inference.calibration import variance_factors
-from blip_ase.uq.calibration import fit_isotonic, fit_variance_scale
+from blip_ase.uq.calibration import fit_isotonic, fit_power_law, fit_variance_scale
 from blip_ase.uq.metrics import (
     auroc,
     calibration_curve,
@@ -21,6 +21,7 @@ __all__ = [
     "calibration_curve",
     "expected_calibration_error",
     "fit_isotonic",
+    "fit_power_law",
     "fit_variance_scale",
     "gaussian_crps",
     "gaussian_nll",

@@ -13,7 +13,13 @@ floats and lists (so ``torch.load(weights_only=True)`` reads them):
    recalibrated CDF of the standardised error is ``G(z) = R(Phi(z))``; the calculator reports
    variances multiplied by ``s * E_G[z^2]`` (:func:`isotonic_variance_factor`), the second moment
    about the predicted mean of the recalibrated distribution, and ``blip eval`` also reports the
-   ECE of the recalibrated CDF itself. Applying a stored calibration (validation, variance
+   ECE of the recalibrated CDF itself.
+3. Optional power-law map of the force variances (``blip calibrate --power``), fitted jointly
+   with the forces scale (it replaces step 1's forces scale; step 2, if asked for, is fitted
+   after it): ``var' = s * v_ref * (var / v_ref) ** gamma``
+   (:func:`fit_power_law`, key ``forces_power``). A single scale fitted near the data cannot
+   make large predicted variances (structures away from the data) larger in proportion than
+   small ones; ``gamma > 1`` does. Applying a stored calibration (validation, variance
    factors, the isotonic map) is the inference engine's: :mod:`blip_ase.inference.calibration`.
 """
 
@@ -24,7 +30,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from scipy import stats
 
-from blip_ase.inference.calibration import variance_factors
+from blip_ase.inference.calibration import apply_power, calibrated_forces_variance
 
 if TYPE_CHECKING:
     from blip_ase.uq.predictions import Predictions
@@ -55,6 +61,46 @@ def fit_variance_scale(error: np.ndarray, variance: np.ndarray) -> float:
     if not used.any():
         raise ValueError("cannot fit a variance scale: every predicted variance is zero")
     return float(np.mean(np.square(error[used]) / variance[used]))
+
+
+POWER_BOUNDS = (0.25, 4.0)
+"""Range of the power-law exponent gamma searched by :func:`fit_power_law`."""
+
+
+def fit_power_law(error: np.ndarray, variance: np.ndarray) -> tuple[float, dict[str, float]]:
+    """Variance scale and power-law exponent minimising the Gaussian NLL of ``error``.
+
+    The calibrated variance is ``s * v_ref * (var / v_ref) ** gamma`` with ``v_ref`` the median of
+    the positive variances (so ``s`` stays the size of a plain scale); for each ``gamma`` the best
+    ``s`` is closed form (:func:`fit_variance_scale`), and ``gamma`` is searched in
+    :data:`POWER_BOUNDS` (bounded scalar minimisation of the NLL).
+
+    Args:
+        error: ``(K,)`` true minus predicted; variance: ``(K,)`` predicted variances (>= 0), in the
+            units of the variance the map will be applied to (``v_ref`` is in them).
+
+    Returns:
+        ``(s, {"gamma": gamma, "reference": v_ref})``.
+
+    Raises:
+        ValueError: as :func:`fit_variance_scale`.
+    """
+    from scipy.optimize import minimize_scalar
+
+    fit_variance_scale(error, variance)  # the same checks
+    error, variance = np.asarray(error, float).ravel(), np.asarray(variance, float).ravel()
+    used = variance > 0
+    error, variance = error[used], variance[used]
+    reference = float(np.median(variance))
+
+    def nll(gamma: float) -> float:
+        mapped = apply_power(variance, {"gamma": gamma, "reference": reference})
+        scale = float(np.mean(np.square(error) / mapped))
+        return float(np.mean(np.log(scale * mapped)))  # the NLL up to constants, at the best scale
+
+    gamma = float(minimize_scalar(nll, bounds=POWER_BOUNDS, method="bounded").x)
+    power = {"gamma": gamma, "reference": reference}
+    return fit_variance_scale(error, apply_power(variance, power)), power
 
 
 def pool_adjacent_violators(y: np.ndarray, weight: np.ndarray | None = None) -> np.ndarray:
@@ -103,12 +149,13 @@ def force_reference(pred: Predictions, calibration: dict) -> dict:
     Per element (symbol) and over all atoms (``"all"``), the :data:`REFERENCE_QUANTILES` of
 
     - ``force_error``: the per-atom force error norm ``|F_true - F_pred|``, eV/A;
-    - ``force_std``: the calibrated per-atom force std ``sqrt(factor * v_i)``, eV/A, the quantity
-      the MD monitor compares with its thresholds (``factor``: the forces variance factor).
+    - ``force_std``: the calibrated per-atom force std ``sqrt(factor * v_i)``, eV/A (with a
+      power-law map, of the mapped ``v_i``), the quantity the MD monitor compares with its
+      thresholds (``factor``: the forces variance factor).
 
     Args:
         pred: predictions with uncertainty and ``numbers``.
-        calibration: the fitted calibration (scales and isotonic maps).
+        calibration: the fitted calibration (scales, isotonic and power-law maps).
 
     Returns:
         ``{"quantiles": [...], "force_error": {key: [...]}, "force_std": {key: [...]},
@@ -116,9 +163,8 @@ def force_reference(pred: Predictions, calibration: dict) -> dict:
     """
     from ase.data import chemical_symbols
 
-    factor = variance_factors(calibration)["forces"]
     error = np.linalg.norm(pred.forces_error, axis=1)
-    std = np.sqrt(factor * np.clip(pred.forces_variance, 0.0, None))
+    std = np.sqrt(calibrated_forces_variance(np.clip(pred.forces_variance, 0.0, None), calibration))
     groups = {"all": np.ones(len(error), bool)}
     groups.update({chemical_symbols[z]: pred.numbers == z for z in np.unique(pred.numbers)})
     q = list(REFERENCE_QUANTILES)

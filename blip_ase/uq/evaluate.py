@@ -19,7 +19,13 @@ import torch
 from blip_ase.inference.calibration import QUANTITIES, apply_isotonic, variance_factors
 from blip_ase.strict_json import write_json
 from blip_ase.uq import metrics as m
-from blip_ase.uq.calibration import MIN_STRUCTURES, fit_isotonic, fit_variance_scale, force_reference
+from blip_ase.uq.calibration import (
+    MIN_STRUCTURES,
+    fit_isotonic,
+    fit_power_law,
+    fit_variance_scale,
+    force_reference,
+)
 from blip_ase.uq.coefficients import collect_coefficients, summarise_coefficients
 from blip_ase.uq.predictions import Predictions
 
@@ -156,7 +162,8 @@ def compute_metrics(pred: Predictions, calibration: dict | None = None) -> dict[
         return out
     calibration = calibration or {}
     factors = variance_factors(calibration)
-    f_err, f_var = pred.forces_error.ravel(), pred.component_variance(factors["forces"])
+    power = calibration.get("forces_power")
+    f_err, f_var = pred.forces_error.ravel(), pred.component_variance(factors["forces"], power=power)
     e_var = factors["energy"] * pred.energy_variance
     out.update(
         forces_ece=m.expected_calibration_error(f_err, f_var),
@@ -169,7 +176,7 @@ def compute_metrics(pred: Predictions, calibration: dict | None = None) -> dict[
     )
     iso = calibration.get("forces_isotonic")
     if iso is not None:
-        scaled = pred.component_variance(calibration.get("forces", 1.0))
+        scaled = pred.component_variance(calibration.get("forces", 1.0), power=power)
         recalibrate = lambda u: apply_isotonic(u, iso)  # noqa: E731
         out["forces_ece_isotonic"] = m.expected_calibration_error(f_err, scaled, cdf_map=recalibrate)
     return out
@@ -185,7 +192,8 @@ def is_identity(calibration: dict | None) -> bool:
     """True when ``calibration`` changes nothing (all scales 1, no isotonic map)."""
     calibration = calibration or {}
     scales = all(float(calibration.get(q, 1.0)) == 1.0 for q in QUANTITIES)
-    return scales and not any(k.endswith("_isotonic") and v is not None for k, v in calibration.items())
+    maps = ("_isotonic", "_power")
+    return scales and not any(k.endswith(maps) and v is not None for k, v in calibration.items())
 
 
 EVAL_OUTPUTS = (
@@ -282,9 +290,9 @@ def evaluate(
     return report
 
 
-def fit_calibration(pred: Predictions, *, isotonic: bool = False) -> dict:
-    """Variance scales (and optionally isotonic maps) fitted to ``pred`` (see
-    :mod:`blip_ase.uq.calibration`).
+def fit_calibration(pred: Predictions, *, isotonic: bool = False, power: bool = False) -> dict:
+    """Variance scales (and optionally isotonic maps and the forces' power-law map) fitted to
+    ``pred`` (see :mod:`blip_ase.uq.calibration`).
 
     Raises:
         ValueError: fewer than :data:`MIN_STRUCTURES` structures or a deterministic model.
@@ -301,9 +309,13 @@ def fit_calibration(pred: Predictions, *, isotonic: bool = False) -> dict:
         "forces": fit_variance_scale(f_err, pred.component_variance()),
         "stress": 1.0,
     }
+    if power:  # fitted on component variances v / 3; the map acts on the per-atom trace v
+        calibration["forces"], forces_power = fit_power_law(f_err, pred.component_variance())
+        calibration["forces_power"] = forces_power | {"reference": 3.0 * forces_power["reference"]}
     if isotonic:
         calibration["energy_isotonic"] = fit_isotonic(pred.energy_error, calibration["energy"] * pred.energy_variance)
-        calibration["forces_isotonic"] = fit_isotonic(f_err, pred.component_variance(calibration["forces"]))
+        scaled = pred.component_variance(calibration["forces"], power=calibration.get("forces_power"))
+        calibration["forces_isotonic"] = fit_isotonic(f_err, scaled)
     return calibration
 
 
@@ -334,6 +346,7 @@ def calibrate(
     out_path: str | Path,
     *,
     isotonic: bool = False,
+    power: bool = False,
     n_samples: int = 100,
     seed: int = 0,
     device: str | None = None,
@@ -344,7 +357,8 @@ def calibrate(
     """Fit calibration on the validation set ``data_path`` and write the calibrated checkpoint.
 
     The fit starts from the uncalibrated variances (any calibration already in the checkpoint
-    is replaced). For a BLIP model (``screen_fit``) the cheap uncertainty screen is fitted too
+    is replaced). ``power``: also fit the power-law map of the force variances
+    (:func:`~blip_ase.uq.calibration.fit_power_law`). For a BLIP model (``screen_fit``) the cheap uncertainty screen is fitted too
     (:func:`fit_uncertainty_screen`). Everything else in the checkpoint is kept.
 
     Returns:
@@ -372,7 +386,7 @@ def calibrate(
         )
     pred = predict(model, frames, labels, n_samples=n_samples, seed=seed, device=device,
                    progress="predict" if progress else None)
-    calibration = fit_calibration(pred, isotonic=isotonic)
+    calibration = fit_calibration(pred, isotonic=isotonic, power=power)
     reference = {"data": str(data_path), **force_reference(pred, calibration)}
     screen = None
     if screen_fit and model_method(model) == "blip":
@@ -380,7 +394,7 @@ def calibrate(
     training = dict(ckpt.get("training") or {})
     used = {"ensemble": getattr(model, "n_members", None), "llpr": None}.get(model_method(model), n_samples)
     training["calibration_fit"] = {"data": str(data_path), "n_structures": len(frames), "n_samples": used,
-                                   "seed": seed, "isotonic": isotonic}
+                                   "seed": seed, "isotonic": isotonic, "power": power}
     save_checkpoint(out_path, model.cpu(), calibration=calibration, training=training, reference=reference,
                     screen=screen)  # fmt: skip
     summary = {k: (v if not k.endswith("_isotonic") else f"{len(v['x'])} knots") for k, v in calibration.items()}

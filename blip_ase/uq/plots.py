@@ -101,13 +101,14 @@ def write_plots(
     fig = Figure(figsize=(4.2, 4))
     ax = fig.subplots()
     iso = (calibration or {}).get("forces_isotonic")
+    power = (calibration or {}).get("forces_power")
     for name, pred in preds.items():
         err = pred.forces_error.ravel()
-        p, p_obs = m.calibration_curve(err, pred.component_variance(factors["forces"]))
-        ece = m.expected_calibration_error(err, pred.component_variance(factors["forces"]))
+        p, p_obs = m.calibration_curve(err, pred.component_variance(factors["forces"], power=power))
+        ece = m.expected_calibration_error(err, pred.component_variance(factors["forces"], power=power))
         ax.plot(p, p_obs, color=COLOURS.get(name, "k"), label=f"{name} (ECE {ece:.3f})")
         if iso is not None:
-            scaled = pred.component_variance(float((calibration or {}).get("forces", 1.0)))
+            scaled = pred.component_variance(float((calibration or {}).get("forces", 1.0)), power=power)
             p, p_obs = m.calibration_curve(err, scaled, cdf_map=lambda u: apply_isotonic(u, iso))
             ax.plot(p, p_obs, ":", color=COLOURS.get(name, "k"), label=f"{name}, isotonic")
     ax.plot([0, 1], [0, 1], "k--", lw=0.8)
@@ -120,7 +121,7 @@ def write_plots(
     fig = Figure(figsize=(4.2, 4))
     ax = fig.subplots()
     for name, pred in preds.items():
-        std = np.sqrt(factors["forces"] * pred.forces_variance / 3.0)  # component sigma, eV/A
+        std = np.sqrt(pred.component_variance(factors["forces"], power=power)[::3])  # component sigma, eV/A
         err = np.sqrt(np.square(pred.forces_error).sum(axis=-1) / 3.0)  # RMS component error per atom
         ax.scatter(std, err, s=6, alpha=0.6, color=COLOURS.get(name, "k"), label=name, edgecolors="none")
     ax.set_xscale("log")

@@ -42,6 +42,9 @@ class Predictions:
     def has_uncertainty(self) -> bool:
         return self.forces_variance is not None
 
-    def component_variance(self, factor: float = 1.0) -> np.ndarray:
-        """``(M*3,)`` isotropic force component variances ``factor * v / 3``, per error component."""
-        return np.repeat(factor * self.forces_variance / 3.0, 3)
+    def component_variance(self, factor: float = 1.0, *, power: dict[str, float] | None = None) -> np.ndarray:
+        """``(M*3,)`` isotropic force component variances ``factor * P(v) / 3``, per error component
+        (``P``: the calibration's power-law map of the per-atom variance, identity for None)."""
+        from blip_ase.inference.calibration import apply_power
+
+        return np.repeat(factor * apply_power(self.forces_variance, power) / 3.0, 3)
