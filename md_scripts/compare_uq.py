@@ -200,7 +200,9 @@ def _cell(values: list[float | None], factor: float, fmt: str) -> str:
     vals = np.array([v for v in values if v is not None], dtype=float) * factor
     if not vals.size:
         return "–"
-    return f"{vals.mean():{fmt}} ± {vals.std(ddof=1) if vals.size > 1 else 0.0:{fmt}}"
+    if vals.size == 1:  # no spread to show (e.g. a method run for one seed of a merged table)
+        return f"{vals[0]:{fmt}} (1 seed)"
+    return f"{vals.mean():{fmt}} ± {vals.std(ddof=1):{fmt}}"
 
 
 ORDER = ["deterministic", "llpr", "mc_dropout", "ensemble", "blip_paper", "blip"]
