@@ -33,6 +33,13 @@ Seeds: BLIP, its variants and MC dropout use seed ``s``; the deep ensemble of se
 members with seeds ``N*s ... N*s + N - 1`` and the deterministic baseline of seed ``s`` is its
 first member (trained alone, with the same seed, when the ensemble is not asked for). Runs use one
 torch thread each, ``--jobs`` at a time.
+
+``--merge DIR [DIR ...]`` trains nothing: it joins the ``results.json`` of earlier runs made with
+the same protocol (epochs, frames, samples, ensemble size; refused otherwise) into ``OUT``, keeping
+the first run of each benchmark, method and seed, so that a long comparison can run in parts
+(e.g. one seed or one method at a time) and a later variant can join it:
+
+    python md_scripts/compare_uq.py --merge runs/part1 runs/part2 --out runs/all
 """
 
 from __future__ import annotations
@@ -196,7 +203,9 @@ def _cell(values: list[float | None], factor: float, fmt: str) -> str:
     vals = np.array([v for v in values if v is not None], dtype=float) * factor
     if not vals.size:
         return "–"
-    return f"{vals.mean():{fmt}} ± {vals.std(ddof=1) if vals.size > 1 else 0.0:{fmt}}"
+    if vals.size == 1:  # no spread to show (e.g. a method run for one seed of a merged table)
+        return f"{vals[0]:{fmt}} (1 seed)"
+    return f"{vals.mean():{fmt}} ± {vals.std(ddof=1):{fmt}}"
 
 
 ORDER = ["deterministic", "llpr", "mc_dropout", "ensemble", "blip_paper", "blip"]
@@ -277,6 +286,55 @@ def parse_variants(items: list[str]) -> dict[str, dict]:
     return variants
 
 
+PROTOCOL = ["epochs", "acac_epochs", "members", "n_samples", "acac_train", "acac_val", "acac_test", "dev"]
+
+
+def merge_results(dirs: list[Path]) -> tuple[dict, list[dict]]:
+    """The runs of ``DIR/results.json`` for each of ``dirs``, as one results dict (the first
+    run of each benchmark, method and seed is kept), and each source's directory, command and wall time.
+
+    Raises:
+        SystemExit: the sources differ in a setting of :data:`PROTOCOL`.
+    """
+    loaded = [(d, json.loads((d / "results.json").read_text())) for d in dirs]
+    first = loaded[0][1]["args"]
+    rows, seen, sources = [], set(), []
+    for d, res in loaded:
+        differ = [k for k in PROTOCOL if res["args"].get(k) != first.get(k)]
+        if differ:
+            raise SystemExit(f"{d} ran another protocol than {dirs[0]}: {differ}")
+        sources.append({"dir": str(d), "command": res.get("command", f"(see {d}/table.md)"),
+                        "wall_seconds": res["wall_seconds"]})
+        for row in res["runs"]:
+            key = (row["benchmark"], row["method"], row["seed"])
+            if key not in seen:
+                seen.add(key)
+                rows.append(row)
+    args = first | {"benchmarks": sorted({r["benchmark"] for r in rows}), "seeds": sorted({r["seed"] for r in rows})}
+    return {"args": args, "wall_seconds": sum(s["wall_seconds"] for s in sources), "runs": rows}, sources
+
+
+def write_tables(out: Path, rows: list[dict], args: dict, produced: str) -> str:
+    """Write and return ``out/table.md``: a caption (``produced`` and the protocol) and one
+    :func:`make_table` per benchmark of ``args``."""
+    tables = [(f"{produced} on 2 CPU cores ({args['jobs']} runs at a time, "
+              f"one torch thread each); mean ± std over seeds {args['seeds']}; {args['n_samples']} Monte Carlo samples "
+              f"(ensemble: its {args['members']} members). Forces per component; ECE, NLL (nats, eV/Å) and Spearman "
+              f"as in DESIGN.md; AUROC separates ID test from OOD structures by the mean per-atom force std. "
+              f"LLPR's \"uncalibrated\" rows include its own scale alpha^2, fitted on the validation split.\n")]
+    if args["dev"]:
+        tables.append("Development split (`--dev`): no test set was read. The ammonia OOD set is "
+                      "`examples/ammonia/dev_ood.extxyz` (PySCF labels: its energies are on another reference, so "
+                      "its E MAE is meaningless; forces agree with the data set's level to ~0.012 eV/Å).\n")
+    for b in args["benchmarks"]:
+        n_epochs = {"ammonia": args["epochs"], "acac": args["acac_epochs"]}[b] or "the config's"
+        tables.append(make_table([r for r in rows if r["benchmark"] == b], members=args["members"],
+                                 caption=f"### {b} ({n_epochs} epochs)"))
+    text = "\n".join(tables)
+    (out / "table.md").write_text(text)
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="runs/compare_uq", help="output directory")
@@ -299,9 +357,23 @@ def main(argv: list[str] | None = None) -> int:
                         help="calibrate with the power-law map of the force variances (blip calibrate --power)")
     parser.add_argument("--dev", action="store_true",
                         help="development split from the training pool only (choose defaults with it)")
+    parser.add_argument("--merge", nargs="+", metavar="DIR", default=None,
+                        help="train nothing: merge the results.json of earlier runs of one protocol into OUT")
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     out = Path(args.out)
+    from blip_ase.strict_json import write_json
+
+    if args.merge:
+        command = " ".join(["python", "md_scripts/" + Path(__file__).name, *argv])
+        merged, sources = merge_results([Path(d) for d in args.merge])
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "results.json", merged | {"command": command, "merged_from": sources})
+        wall = merged["wall_seconds"]
+        listed = "; ".join(f"`{s['command']}` ({s['wall_seconds'] / 60:.0f} min)" for s in sources)
+        print(write_tables(out, merged["runs"], merged["args"],
+                           f"Merged by `{command}` from {len(sources)} runs ({wall / 60:.0f} min in all): {listed}"))
+        return 0
     import blip_ase.training  # noqa: F401  # import once here, so the forked workers share it
     import blip_ase.uq.evaluate  # noqa: F401
 
@@ -315,28 +387,10 @@ def main(argv: list[str] | None = None) -> int:
                                args.power_calibration) for job in jobs]
         rows = [row for f in futures for row in f.result()]
     wall = time.perf_counter() - start
-    from blip_ase.strict_json import write_json
-
-    write_json(out / "results.json", {"args": vars(args), "wall_seconds": wall, "runs": rows})
     command = " ".join(["python", "md_scripts/" + Path(__file__).name, *argv])
-    tables = [(f"Produced by `{command}` in {wall / 60:.0f} min on 2 CPU cores ({args.jobs} runs at a time, "
-              f"one torch thread each); mean ± std over seeds {args.seeds}; {args.n_samples} Monte Carlo samples "
-              f"(ensemble: its {args.members} members). Forces per component; ECE, NLL (nats, eV/Å) and Spearman "
-              f"as in DESIGN.md; AUROC separates ID test from OOD structures by the mean per-atom force std. "
-              f"LLPR's \"uncalibrated\" rows include its own scale alpha^2, fitted on the validation split.\n")]
-    if args.dev:
-        tables.append("Development split (`--dev`): no test set was read. The ammonia OOD set is "
-                      "`examples/ammonia/dev_ood.extxyz` (PySCF labels: its energies are on another reference, so "
-                      "its E MAE is meaningless; forces agree with the data set's level to ~0.012 eV/Å).\n")
-    for b in args.benchmarks:
-        n_epochs = epochs[b] or "the config's"
-        tables.append(make_table([r for r in rows if r["benchmark"] == b], members=args.members,
-                                 caption=f"### {b} ({n_epochs} epochs)"))
-    text = "\n".join(tables)
-    (out / "table.md").write_text(text)
-    print(text)
+    write_json(out / "results.json", {"args": vars(args), "command": command, "wall_seconds": wall, "runs": rows})
+    print(write_tables(out, rows, vars(args), f"Produced by `{command}` in {wall / 60:.0f} min"))
     return 0
-
 
 if __name__ == "__main__":
     raise SystemExit(main())
