@@ -87,3 +87,33 @@ def test_walkers_keep_their_own_adaptive_schedules(tmp_path):
         steps = [r["step"] for r in rows if r["walker"] == k]
         gaps = np.diff(steps)
         assert steps[0] == 0 and gaps.max() <= 20 and gaps.max() > 5 and all(s % 5 == 0 for s in steps)
+
+
+def test_the_screen_of_a_subset_of_due_walkers_sees_each_walkers_own_structure(tmp_path, monkeypatch):
+    """Walkers whose schedules differ are due at different steps; the screen then builds the
+    structures of the due ones only, and each walker's tracker must get its own walker's structure
+    (walkers of different sizes make a mix-up visible)."""
+    from blip_ase.md.tracker import Tracker
+    from blip_ase.md.walkers import WalkersConfig, run_walkers
+
+    seen: list[tuple[int, int, int]] = []  # (step, walker, atoms the tracker was given)
+    screen = Tracker.screen
+
+    def recording(self, atoms, **kwargs):
+        seen.append((kwargs["step"], self.extra["walker"], len(atoms)))
+        return screen(self, atoms, **kwargs)
+
+    monkeypatch.setattr(Tracker, "screen", recording)
+    starts = tmp_path / "starts.extxyz"
+    write(starts, [molecule("NH3"), molecule("N2H4")])
+    md = MDConfig(model=str(ammonia_model()), out=str(tmp_path / "w"), steps=200, uq_interval=5, uq_max_interval=20,
+                  n_samples=4, plot=False, ensemble="nve",
+                  thresholds=Thresholds(force_std_flag=1.0, force_std_halt=20.0))  # fmt: skip
+    # only the N2H4 walker may be flagged: flagged.h5 holds frames of one size (see the note of #20)
+    run_walkers(WalkersConfig(md, n_walkers=3, temperatures_K=(100.0, 1500.0, 100.0), structures=(str(starts),)))
+    sizes = {0: 4, 1: 6, 2: 4}
+    assert seen and all(n == sizes[walker] for _, walker, n in seen), seen
+    per_step: dict[int, set] = {}
+    for step, walker, _ in seen:
+        per_step.setdefault(step, set()).add(walker)
+    assert any(len(w) < 3 for w in per_step.values()) and any(len(w) > 1 for w in per_step.values())

@@ -297,11 +297,11 @@ class WalkerRun:
         forces = self.state.forces.detach().to("cpu", torch.float64).numpy()
         bounds = self.model.engine.screen_bound(prepared, forces=forces)
         energies = self.state.energy.detach().to("cpu", torch.float64).numpy()
-        structures = _structures(self.state)
+        due = self.state if len(positions) == self.state.n_systems else self.state[positions]
         remaining, physical = [], {}
-        for p in positions:
+        for p, atoms in zip(positions, _structures(due)):  # Atoms of the due walkers only
             verdict = self.walkers[self.active[p]].tracker.screen(
-                structures[p], energy_eV=float(energies[p]), bound=bounds[p], step=self.step, time_fs=time_fs,
+                atoms, energy_eV=float(energies[p]), bound=bounds[p], step=self.step, time_fs=time_fs,
                 temperature_K=float(temperatures[p]),
             )  # fmt: skip
             if isinstance(verdict, list):
