@@ -147,6 +147,10 @@ CASES = [
     Case("painn-neighbourhood", lambda: painn(NEIGHBOURHOOD), painn_plain),
     Case("orb-conservative-neighbourhood", lambda: orb("conservative", bayes=replace(ORB_BAYES, neighbourhood=True)),
          orb_plain, equivariant=False),
+    # alpha of an edge depends on every edge of both its atoms (environment features)
+    Case("painn-environment", lambda: painn(replace(NEIGHBOURHOOD, environment=4)), painn_plain),
+    Case("orb-conservative-environment", lambda: orb("conservative", bayes=replace(ORB_BAYES, environment=3)),
+         orb_plain, equivariant=False),
     Case("mc_dropout", lambda: painn(BayesConfig(method="mc_dropout", dropout_p=0.2)), painn_plain),
     Case("ensemble", lambda: EnsemblePotential([painn(seed=0), painn(seed=1)]), ensemble_mean, stochastic=False),
     Case("orb-conservative", lambda: orb("conservative"), orb_plain, equivariant=False),

@@ -34,6 +34,23 @@ def test_neighbourhood_beta_depends_on_the_geometry_and_is_rotation_invariant(am
     assert c0.node_jacobian is not None and c0.node_jacobian.abs().max() > 1e-4
 
 
+def test_environment_alpha_sees_other_atoms_and_is_rotation_invariant(ammonia, rotation):
+    """With environment features, alpha of the N-H1 bond changes when H2 moves while N-H1 keeps its
+    length; without them it cannot. Both are invariant under rotation and translation."""
+    for environment, should_change in ((4, True), (0, False)):
+        model = build_potential(replace(TINY_BAYES, environment=environment), spread=True)
+        moved = ammonia.copy()
+        moved.positions = ammonia.positions @ rotation.T + 1.0
+        bent = ammonia.copy()
+        bent.positions[2] += 0.3 * np.cross(ammonia.positions[2] - ammonia.positions[0], [0.0, 0.0, 1.0])
+        c0, c1, c2 = (model.coefficients(model.build_graph(a)) for a in (ammonia, moved, bent))
+        torch.testing.assert_close(c1.edge, c0.edge, rtol=1e-10, atol=1e-12)
+        i, j = model.build_graph(ammonia).edge_index
+        bond = int(torch.nonzero((i == 0) & (j == 1))[0])
+        change = float((c2.edge[bond] - c0.edge[bond]).abs().max())
+        assert (change > 1e-4) == should_change, (environment, change)
+
+
 def test_perturbed_edge_vectors_are_those_of_a_rattled_and_stretched_geometry(bayesian_potential, mo_cell):
     """The perturbation acts on edge vectors, but they must belong to one real geometry:
     positions ``s (r + sigma z)`` in the cell ``s * cell``."""

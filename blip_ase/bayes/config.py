@@ -22,6 +22,9 @@ class BayesConfig:
         neighbourhood: the node head also sees a radial sum over the atom's neighbours, so beta
             depends on the geometry (and the noise-contrastive prior can act on it), not only on
             the element.
+        environment: radial channels K of the environment features the edge head also sees
+            (both atoms' two- and three-body invariants, ``InferenceNetwork.environment_features``);
+            0 = alpha from the edge's length and elements only.
         edge_pattern, node_pattern: regexes (``re.fullmatch`` on module names) of the
             message (alpha per edge) and update (beta per node) linears; None = backend default.
         method: ``blip`` (variational adaptive dropout: the inference network, prior and KL
@@ -41,6 +44,7 @@ class BayesConfig:
     n_rbf: int = 20
     unit_vector: bool = False
     neighbourhood: bool = False
+    environment: int = 0
     edge_pattern: str | None = None
     node_pattern: str | None = None
     method: Literal["blip", "mc_dropout"] = "blip"

@@ -231,7 +231,7 @@ class Potential(nn.Module, metaclass=ABCMeta):
         self.posterior = InferenceNetwork(
             len(self.elements), len(edge), len(node), cutoff=self.cutoff, hidden=b.hidden, n_hidden=b.n_hidden,
             n_rbf=b.n_rbf, unit_vector=b.unit_vector, p_min=b.p_min, p_max=b.p_max, p_init=b.p_init,
-            neighbourhood=b.neighbourhood,
+            neighbourhood=b.neighbourhood, environment=b.environment,
         )  # fmt: skip
 
     def bayesian_layout(self) -> dict[str, list[str]]:
