@@ -164,6 +164,51 @@ def test_restart_truncation_drops_frames_after_the_restart_step(tmp_path):
     assert [a.info["step"] for a in read_hdf5_frames(tmp_path / "f.h5")] == [10, 20, 25]
 
 
+def test_frames_of_different_sizes_share_one_hdf5_file_and_truncate_by_step(tmp_path):
+    """Walkers of different molecules flag frames of different sizes into one file."""
+    h5 = HDF5FrameWriter(tmp_path / "f.h5")
+    frames = [make_frame(step, n=n) for step, n in ((10, 4), (20, 6), (30, 3), (40, 6))]
+    for frame in frames:
+        h5.write(frame)
+    back = read_hdf5_frames(tmp_path / "f.h5")
+    assert [len(a) for a in back] == [4, 6, 3, 6]
+    for atoms, frame in zip(back, frames):
+        assert atoms.get_chemical_formula() == frame.atoms.get_chemical_formula()
+        np.testing.assert_allclose(atoms.positions, frame.atoms.positions)
+        np.testing.assert_allclose(atoms.arrays["blip_forces_variance"], frame.forces_variance)
+    reopened = HDF5FrameWriter(tmp_path / "f.h5", append=True)
+    reopened.truncate_after(20)
+    reopened.write(make_frame(25, n=5))
+    back = read_hdf5_frames(tmp_path / "f.h5")
+    assert [(a.info["step"], len(a)) for a in back] == [(10, 4), (20, 6), (25, 5)]
+    np.testing.assert_allclose(back[2].positions, make_frame(25, n=5).atoms.positions)
+
+
+def test_a_flagged_file_of_the_one_size_layout_is_read_and_converted_when_appended_to(tmp_path):
+    """Runs written before the ragged layout restart without losing their frames."""
+    import h5py
+
+    old = [make_frame(step) for step in (10, 20)]
+    with h5py.File(tmp_path / "f.h5", "w") as fh:  # the layout before format 2
+        fh.attrs["n_frames"] = 2
+        fh["numbers"] = old[0].atoms.numbers
+        fh["pbc"] = old[0].atoms.pbc
+        columns = {"positions": [f.atoms.positions for f in old], "cell": [f.atoms.cell.array for f in old],
+                   "blip_energy": [f.energy for f in old], "blip_energy_variance": [f.energy_variance for f in old],
+                   "blip_forces": [f.forces for f in old], "blip_forces_variance": [f.forces_variance for f in old],
+                   "flagged_atoms": [f.flagged_atoms for f in old], "step": [f.step for f in old],
+                   "time": [f.time_fs for f in old], "reason": [f.reason for f in old]}  # fmt: skip
+        for name, values in columns.items():
+            value = np.asarray(values, dtype=h5py.string_dtype() if name == "reason" else None)
+            fh.create_dataset(name, data=value, maxshape=(None, *value.shape[1:]))
+    assert [a.info["step"] for a in read_hdf5_frames(tmp_path / "f.h5")] == [10, 20]
+    HDF5FrameWriter(tmp_path / "f.h5", append=True).write(make_frame(30, n=6))
+    back = read_hdf5_frames(tmp_path / "f.h5")
+    assert [(a.info["step"], len(a)) for a in back] == [(10, 4), (20, 4), (30, 6)]
+    np.testing.assert_allclose(back[1].arrays["blip_forces"], old[1].forces)
+    assert back[0].info["reason"] == old[0].reason
+
+
 # --- halting with the shipped model ---------------------------------------------------------------
 
 

@@ -109,7 +109,6 @@ def test_the_screen_of_a_subset_of_due_walkers_sees_each_walkers_own_structure(t
     md = MDConfig(model=str(ammonia_model()), out=str(tmp_path / "w"), steps=200, uq_interval=5, uq_max_interval=20,
                   n_samples=4, plot=False, ensemble="nve",
                   thresholds=Thresholds(force_std_flag=1.0, force_std_halt=20.0))  # fmt: skip
-    # only the N2H4 walker may be flagged: flagged.h5 holds frames of one size (see the note of #20)
     run_walkers(WalkersConfig(md, n_walkers=3, temperatures_K=(100.0, 1500.0, 100.0), structures=(str(starts),)))
     sizes = {0: 4, 1: 6, 2: 4}
     assert seen and all(n == sizes[walker] for _, walker, n in seen), seen

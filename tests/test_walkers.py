@@ -84,6 +84,20 @@ def test_a_batch_of_walkers_equals_separate_single_walker_runs(model_path, start
     assert {f.info["walker"] for f in read_hdf5_frames(tmp_path / "batch" / "flagged.h5")} == {0, 1, 2}
 
 
+def test_walkers_of_different_molecules_export_their_flagged_frames_to_one_file(model_path, tmp_path):
+    """NH3 and N2H4 in one batch, every check flagged: both exports hold both sizes."""
+    starts = tmp_path / "mixed.extxyz"
+    write(starts, [molecule("NH3"), molecule("N2H4")])
+    md = config(model_path, tmp_path / "mixed", steps=10, ensemble="nve", physical=None,
+                thresholds=Thresholds(force_std_flag=0.0, force_std_halt=None))  # fmt: skip
+    summary = run_walkers(WalkersConfig(md, n_walkers=2, temperatures_K=(300.0, 300.0), structures=(str(starts),)))
+    assert summary["status"] == "completed"
+    out = tmp_path / "mixed"
+    for frames in (read(out / "flagged.extxyz", ":"), read_hdf5_frames(out / "flagged.h5")):
+        assert sorted({(f.info["walker"], len(f)) for f in frames}) == [(0, 4), (1, 6)]
+        assert len(frames) == 2 * 3  # steps 0, 5, 10 of both walkers
+
+
 def test_a_walker_above_the_halt_threshold_leaves_the_batch_and_the_others_complete(model_path, starts, tmp_path):
     candidates = []
     for factor in (0.6, 0.75, 1.5, 1.9):  # squeezed or stretched N-H bonds: the most uncertain one is used

@@ -183,39 +183,52 @@ class ExtXYZFrameWriter(_AppendedFile):
         write_extxyz_atomically(self.path, frames)
 
 
+PER_ATOM = ("numbers", "positions", "blip_forces", "blip_forces_variance", "flagged_atoms")
+HDF5_FORMAT = 2
+
+
 class HDF5FrameWriter(_AppendedFile):
     """Appends flagged frames to HDF5 datasets (``maxshape=(None, ...)``), closing after each.
 
-    Layout: per-run datasets ``numbers (n,)``, ``pbc (3,)``; per-frame datasets
-    ``positions (F, n, 3)``, ``cell (F, 3, 3)``, ``blip_energy (F,)``, ``blip_energy_variance (F,)``,
-    ``blip_forces (F, n, 3)``, ``blip_forces_variance (F, n)``, ``flagged_atoms (F, n)``,
-    ``step (F,)``, ``time (F,)`` fs, ``reason (F,)`` strings, for periodic cells
-    ``blip_stress (F, 6)``, ``blip_stress_variance (F, 6)``, and one ``(F,)`` integer dataset per
-    key of :attr:`FlaggedFrame.extra` (``walker``). Attribute ``units`` documents units.
-    Arguments as for every appended file (``path``, ``append``).
+    Layout (attribute ``format`` = 2): frames may differ in size (walkers of different
+    molecules), so per-atom datasets are concatenated over frames, ``A`` = total atoms:
+    ``numbers (A,)``, ``positions (A, 3)``, ``blip_forces (A, 3)``, ``blip_forces_variance (A,)``,
+    ``flagged_atoms (A,)``; frame ``k`` holds rows ``sum(n_atoms[:k])`` onwards. Per-frame
+    datasets: ``n_atoms (F,)``, ``pbc (F, 3)``, ``cell (F, 3, 3)``, ``blip_energy (F,)``,
+    ``blip_energy_variance (F,)``, ``step (F,)``, ``time (F,)`` fs, ``reason (F,)`` strings, for
+    periodic cells ``blip_stress (F, 6)``, ``blip_stress_variance (F, 6)``, and one ``(F,)``
+    integer dataset per key of :attr:`FlaggedFrame.extra` (``walker``). Attribute ``units``
+    documents units. A file of the earlier one-size layout (no ``format``) is converted in place
+    when appended to. Arguments as for every appended file (``path``, ``append``).
     """
+
+    def __init__(self, path: str | Path, *, append: bool = False):
+        super().__init__(path, append=append)
+        if append:
+            _upgrade_hdf5(self.path)
 
     def _start(self) -> None:
         import h5py
 
         with h5py.File(self.path, "w", locking=False) as fh:
             fh.attrs["units"] = "energy eV, forces eV/A, variances squared units, time fs, stress eV/A^3"
+            fh.attrs["format"] = HDF5_FORMAT
             fh.attrs["n_frames"] = 0
 
     def _create(self, fh, frame: FlaggedFrame) -> None:
         import h5py
 
-        n = len(frame.atoms)
-        fh.create_dataset("numbers", data=np.asarray(frame.atoms.numbers, dtype=np.int64))
-        fh.create_dataset("pbc", data=np.asarray(frame.atoms.pbc, dtype=bool))
         shapes = {
-            "positions": ((n, 3), "f8"),
+            "numbers": ((), "i8"),
+            "positions": ((3,), "f8"),
+            "blip_forces": ((3,), "f8"),
+            "blip_forces_variance": ((), "f8"),
+            "flagged_atoms": ((), "bool"),
+            "n_atoms": ((), "i8"),
+            "pbc": ((3,), "bool"),
             "cell": ((3, 3), "f8"),
             "blip_energy": ((), "f8"),
             "blip_energy_variance": ((), "f8"),
-            "blip_forces": ((n, 3), "f8"),
-            "blip_forces_variance": ((n,), "f8"),
-            "flagged_atoms": ((n,), "bool"),
             "step": ((), "i8"),
             "time": ((), "f8"),
             "reason": ((), h5py.string_dtype()),
@@ -224,19 +237,18 @@ class HDF5FrameWriter(_AppendedFile):
             shapes.update(blip_stress=((6,), "f8"), blip_stress_variance=((6,), "f8"))
         shapes.update({name: ((), "i8") for name in frame.extra})
         for name, (shape, dtype) in shapes.items():
-            fh.create_dataset(name, shape=(0, *shape), maxshape=(None, *shape), dtype=dtype, chunks=(16, *shape))
+            chunk = 256 if name in PER_ATOM else 16
+            fh.create_dataset(name, shape=(0, *shape), maxshape=(None, *shape), dtype=dtype, chunks=(chunk, *shape))
 
     def write(self, frame: FlaggedFrame) -> None:
         import h5py
 
-        values = {
-            "positions": frame.atoms.positions,
+        per_frame = {
+            "n_atoms": len(frame.atoms),
+            "pbc": np.asarray(frame.atoms.pbc, dtype=bool),
             "cell": frame.atoms.cell.array,
             "blip_energy": frame.energy,
             "blip_energy_variance": frame.energy_variance,
-            "blip_forces": frame.forces,
-            "blip_forces_variance": frame.forces_variance,
-            "flagged_atoms": frame.flagged_atoms,
             "step": frame.step,
             "time": frame.time_fs,
             "reason": frame.reason,
@@ -244,15 +256,26 @@ class HDF5FrameWriter(_AppendedFile):
             "blip_stress_variance": frame.stress_variance,
             **{name: int(value) for name, value in frame.extra.items()},
         }
+        per_atom = {
+            "numbers": np.asarray(frame.atoms.numbers, dtype=np.int64),
+            "positions": frame.atoms.positions,
+            "blip_forces": frame.forces,
+            "blip_forces_variance": frame.forces_variance,
+            "flagged_atoms": frame.flagged_atoms,
+        }
         with h5py.File(self.path, "a", locking=False) as fh:
             if "step" not in fh:
                 self._create(fh, frame)
-            k = fh["step"].shape[0]
-            for name, value in values.items():
+            k = int(fh.attrs["n_frames"])
+            start = int(np.sum(fh["n_atoms"][:k]))
+            for name, value in per_atom.items():
+                fh[name].resize(start + len(frame.atoms), axis=0)
+                fh[name][start:] = value
+            for name, value in per_frame.items():
                 if name in fh:
                     fh[name].resize(k + 1, axis=0)
                     fh[name][k] = value
-            fh.attrs["n_frames"] = k + 1
+            fh.attrs["n_frames"] = k + 1  # last: a frame counts once every dataset holds it
             fh.flush()
 
     def truncate_after(self, step: int) -> None:
@@ -262,45 +285,83 @@ class HDF5FrameWriter(_AppendedFile):
         with h5py.File(self.path, "a", locking=False) as fh:
             if "step" not in fh:
                 return
-            keep = int(np.sum(fh["step"][:] <= step))
+            n = int(fh.attrs["n_frames"])
+            keep = int(np.sum(fh["step"][:n] <= step))
+            atoms = int(np.sum(fh["n_atoms"][:keep]))
             for name in list(fh):
-                if fh[name].maxshape[:1] == (None,):
-                    fh[name].resize(keep, axis=0)
+                fh[name].resize(atoms if name in PER_ATOM else keep, axis=0)
             fh.attrs["n_frames"] = keep
 
 
-_HDF5_KEYS = {
-    "numbers", "pbc", "positions", "cell", "blip_energy", "blip_energy_variance", "blip_forces",
-    "blip_forces_variance", "flagged_atoms", "step", "time", "reason", "blip_stress", "blip_stress_variance",
-}  # fmt: skip
+def _upgrade_hdf5(path: Path) -> None:
+    """Convert a flagged-frame file of the one-size layout (before ``format`` 2: per-run
+    ``numbers (n,)`` and ``pbc (3,)``, per-frame ``positions (F, n, 3)`` ...) to the ragged one,
+    in place, keeping every complete frame."""
+    import h5py
+
+    with h5py.File(path, "a", locking=False) as fh:
+        if int(fh.attrs.get("format", 1)) >= HDF5_FORMAT:
+            return
+        if "step" in fh:
+            n = min([int(fh.attrs.get("n_frames", 0))] + [fh[k].shape[0] for k in fh if fh[k].maxshape[:1] == (None,)])
+            data = {k: fh[k][:] if fh[k].maxshape[:1] != (None,) else fh[k][:n] for k in fh}
+            size = len(data["numbers"])
+            data["numbers"] = np.tile(data["numbers"], n)
+            data["pbc"] = np.tile(data["pbc"], (n, 1))
+            data["n_atoms"] = np.full(n, size, dtype=np.int64)
+            for k in PER_ATOM[1:]:
+                data[k] = data[k].reshape(n * size, *data[k].shape[2:])
+            for k in list(fh):
+                del fh[k]
+            for k, value in data.items():
+                chunk = 256 if k in PER_ATOM else 16
+                fh.create_dataset(k, data=value, maxshape=(None, *value.shape[1:]), chunks=(chunk, *value.shape[1:]))
+            fh.attrs["n_frames"] = n
+        fh.attrs["format"] = HDF5_FORMAT
+
+
+_HDF5_KEYS = {"n_atoms", "pbc", "cell", "blip_energy", "blip_energy_variance", "step", "time", "reason",
+              "blip_stress", "blip_stress_variance", *PER_ATOM}  # fmt: skip
 
 
 def read_hdf5_frames(path: str | Path) -> list[Atoms]:
-    """Flagged frames of an HDF5 export as ``Atoms`` with the same keys as the extxyz export."""
+    """Flagged frames of an HDF5 export as ``Atoms`` with the same keys as the extxyz export
+    (either layout of :class:`HDF5FrameWriter`)."""
     import h5py
 
     frames: list[Atoms] = []
     with h5py.File(path, "r", locking=False) as fh:
         if "step" not in fh:
             return frames
-        per_frame = [name for name in fh if fh[name].maxshape[:1] == (None,)]
+        ragged = int(fh.attrs.get("format", 1)) >= HDF5_FORMAT
+        per_frame = [k for k in fh if fh[k].maxshape[:1] == (None,) and not (ragged and k in PER_ATOM)]
         # frames complete in every dataset (n_frames is written last)
-        n = min([int(fh.attrs.get("n_frames", 0))] + [fh[name].shape[0] for name in per_frame])
-        data = {name: fh[name][:n] if name in per_frame else fh[name][:] for name in fh}
+        n = min([int(fh.attrs.get("n_frames", 0))] + [fh[k].shape[0] for k in per_frame])
+        data = {k: fh[k][:n] if k in per_frame else fh[k][:] for k in fh}
+    if ragged:
+        offsets = np.concatenate([[0], np.cumsum(data["n_atoms"])])
+        rows = [slice(offsets[k], offsets[k + 1]) for k in range(n)]
     for k in range(n):
-        atoms = Atoms(numbers=data["numbers"], positions=data["positions"][k], cell=data["cell"][k], pbc=data["pbc"])
+        if ragged:
+            atom = {name: data[name][rows[k]] for name in PER_ATOM}
+            pbc = data["pbc"][k]
+        else:
+            atom = {name: data[name] if name == "numbers" else data[name][k] for name in PER_ATOM}
+            pbc = data["pbc"]
+        atoms = Atoms(numbers=atom["numbers"], positions=atom["positions"], cell=data["cell"][k], pbc=pbc)
+        reason = data["reason"][k]
         atoms.info.update(
             blip_energy=float(data["blip_energy"][k]),
             blip_energy_variance=float(data["blip_energy_variance"][k]),
             step=int(data["step"][k]),
             time=float(data["time"][k]),
-            reason=data["reason"][k].decode() if isinstance(data["reason"][k], bytes) else str(data["reason"][k]),
+            reason=reason.decode() if isinstance(reason, bytes) else str(reason),
         )
         for name in ("blip_stress", "blip_stress_variance"):
             if name in data:
                 atoms.info[name] = data[name][k]
         for name in ("blip_forces", "blip_forces_variance", "flagged_atoms"):
-            atoms.arrays[name] = data[name][k]
+            atoms.arrays[name] = atom[name]
         for name in set(data) - _HDF5_KEYS:  # FlaggedFrame.extra
             atoms.info[name] = int(data[name][k])
         frames.append(atoms)
