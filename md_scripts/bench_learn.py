@@ -290,7 +290,7 @@ def demo(args) -> dict:
 
     from blip_ase.active.config import load_learn_config
 
-    base = load_learn_config(ROOT / "examples" / "active_learning" / "learn.yaml")
+    base = load_learn_config(args.config)
     runs = {}
     for seed in args.seeds:
         config = dataclasses.replace(base, seed=seed)
@@ -313,6 +313,8 @@ def demo(args) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--case", choices=["ethanol", "nh3", "nh3-demo"], default="ethanol")
+    parser.add_argument("--config", type=Path, default=ROOT / "examples" / "active_learning" / "learn.yaml",
+                        help="nh3-demo: the learn config to run (default: the README demo's)")
     parser.add_argument("--out", type=Path, required=True, help="output directory (cached data and runs are reused)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--strategies", nargs="+", choices=STRATEGIES, default=list(STRATEGIES))

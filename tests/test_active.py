@@ -285,8 +285,12 @@ def test_the_loop_resolves_calibrated_thresholds_against_each_rounds_own_model(c
     assert main(["calibrate", "--model", str(cu_root / "model0" / "model.pt"), "--data", str(cu_root / "val.extxyz"),
                  "--out", str(start), "--n-samples", "4", "--no-progress"]) == 0  # fmt: skip
     md = {**FAST_MD, "thresholds": {"calibrated_flag": 0.0, "calibrated_halt": 1000.0}}  # every check flagged
-    path = _config(cu_root, "calibrated.yaml", model=start.name, explore={"md": md}, stop={"max_rounds": 1})
+    path = _config(cu_root, "calibrated.yaml", model=start.name, explore={"md": md}, stop={"max_rounds": 1},
+                   train={"power": True})  # the power-law variance map (blip calibrate --power)
     run_learn(load_learn_config(path), cu_root / "run_calibrated")
+    fitted = cu_root / "run_calibrated" / "round_1" / "model.pt"
+    assert "forces_power" in torch.load(fitted, weights_only=True)["calibration"]
+    assert "forces_power" not in torch.load(start, weights_only=True)["calibration"]
     spec = Thresholds(calibrated_flag=0.0, calibrated_halt=1000.0)
     for k, model in ((1, start), (2, cu_root / "run_calibrated" / "round_1" / "model.pt")):
         summary = json.loads((cu_root / "run_calibrated" / f"round_{k}" / "md" / "summary.json").read_text())
@@ -467,6 +471,7 @@ def test_the_pyscf_loop_runs_hf_sto3g_on_water(tmp_path):
         ({"explore": {"md": FAST_MD}}, r"model0/model.pt has no calibration reference.*blip calibrate"),
         ({"explore": {"md": {**FAST_MD, "thresholds": {"calibrated_flag": 1.0, "force_std_flag": 0.1}}}},
          "flag force-std threshold is given twice"),
+        ({"train": {"power": "yes"}}, "train.power must be true or false"),
         ({"train": {"calibrate": False}, "explore": {"md": {**FAST_MD, "thresholds": {"calibrated_flag": 1.0}}}},
          "calibrated units .* but train.calibrate is false"),
     ],

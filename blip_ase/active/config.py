@@ -229,20 +229,25 @@ class FineTuneConfig:
             stored training configuration), e.g. ``{epochs: 100, optim: {lr: 3.0e-4}}``.
         val_fraction: share of each round's labels kept for validation and calibration.
         calibrate: refit the variance scale on the validation data (``blip calibrate``).
+        power: calibrate with the power-law map of the force variances (``blip calibrate
+            --power``): once the validation set mixes near-equilibrium frames and hot labels,
+            one scale fitted on both inflates the uncertainty near equilibrium.
         calibration_samples: Monte Carlo samples of the calibration and the test metrics.
     """
 
     config: dict = field(default_factory=dict)
     val_fraction: float = 0.2
     calibrate: bool = True
+    power: bool = False
     calibration_samples: int = 32
 
     def __post_init__(self):
         require_mapping("train.config", self.config)
         if not (is_finite_number(self.val_fraction) and 0 <= self.val_fraction < 1):
             raise ValueError(f"train.val_fraction must be a number in [0, 1), got {self.val_fraction!r}")
-        if not isinstance(self.calibrate, bool):
-            raise ValueError(f"train.calibrate must be true or false, got {self.calibrate!r}")
+        for name in ("calibrate", "power"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"train.{name} must be true or false, got {getattr(self, name)!r}")
         require_integer("train.calibration_samples", self.calibration_samples, 2)
 
 

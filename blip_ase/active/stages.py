@@ -272,7 +272,7 @@ def train(run: Run, state: LoopState) -> LoopState:
         rdir / "train", overwrite=True, init_checkpoint=state.model)  # fmt: skip
     model = rdir / "model.pt"
     if c.train.calibrate:
-        result = calibrate(rdir / "train" / "model.pt", rdir / "val_set.extxyz", model,
+        result = calibrate(rdir / "train" / "model.pt", rdir / "val_set.extxyz", model, power=c.train.power,
                            n_samples=c.train.calibration_samples, seed=c.seed, overwrite=True, device=run.device)
         val = result["after"]
     else:
