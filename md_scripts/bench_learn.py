@@ -10,6 +10,7 @@ trained on the start set and calibrated (shared by strategies a-c) and a deep en
 Then, for every strategy and seed, one :func:`blip_ase.active.run_learn` in ``OUT/runs/<strategy>_s<seed>``:
 
 - ``fps``: BLIP explores, uncertainty-weighted farthest-point sampling selects;
+- ``fps_atoms``: the same with the atom-wise distance (``select.descriptor: atoms``);
 - ``max_variance``: BLIP explores, the most uncertain frames are selected;
 - ``random``: BLIP explores, uniform frames of the same MD pool;
 - ``ensemble``: the ensemble explores (its spread is the uncertainty, ``n_samples`` = members),
@@ -56,7 +57,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-STRATEGIES = ("fps", "max_variance", "random", "ensemble")
+STRATEGIES = ("fps", "fps_atoms", "max_variance", "random", "ensemble")
 TEST_TEMPERATURES_K = (500.0, 750.0, 1000.0)
 PAINN = {"n_features": 32, "n_interactions": 2, "n_rbf": 16, "cutoff": 5.0}
 XTB = {"kind": "ase", "calculator": "tblite.ase:TBLite", "kwargs": {"method": "GFN2-xTB", "verbosity": 0}}
@@ -198,8 +199,8 @@ def learn_config(case: dict, strategy: str, seed: int, args):
                    "n_samples": args.members if ensemble else args.n_samples,
                    "thresholds": {"force_std_flag": 0.0, "force_std_halt": args.halt}},
         },
-        "select": {"strategy": "fps" if ensemble else strategy, "budget": args.budget, "min_distance": 0.0,
-                   "seed": seed},
+        "select": {"strategy": "fps" if ensemble or strategy == "fps_atoms" else strategy, "budget": args.budget,
+                   "min_distance": 0.0, "seed": seed, "descriptor": "atoms" if strategy == "fps_atoms" else "mean"},
         "oracle": case["oracle"],
         "train": {"val_fraction": 0.25, "calibration_samples": 32,
                   "config": {"epochs": args.epochs, **({"ensemble": args.members} if ensemble else {})}},

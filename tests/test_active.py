@@ -29,7 +29,7 @@ from ase.io import read, write
 from blip_ase.active import farthest_point_sampling, load_learn_config, run_learn, select
 from blip_ase.active.config import OracleConfig, SelectConfig
 from blip_ase.active.oracle import check_oracle, label_frames, label_one
-from blip_ase.active.selection import descriptors
+from blip_ase.active.selection import AtomDescriptors, descriptors
 from blip_ase.cli.main import main
 from blip_ase.md import Thresholds
 from blip_ase.training import TrainConfig, train
@@ -133,6 +133,37 @@ def test_the_same_seed_gives_the_same_selection_and_another_seed_another():
     assert a != select(desc, uncertainty, SelectConfig(strategy="random", budget=6, seed=4))
 
 
+def _atom_set(frames: list[np.ndarray], species: list[np.ndarray]) -> AtomDescriptors:
+    return AtomDescriptors(np.concatenate(frames), np.concatenate(species),
+                           np.repeat(np.arange(len(frames)), [len(f) for f in frames]), len(frames))  # fmt: skip
+
+
+def test_atom_fps_picks_the_frame_with_one_novel_atom_that_the_mean_dilutes():
+    """Frame 0: every atom a little off the labelled ones; frame 1: one atom far off, the rest
+    labelled. The mean-pooled distance prefers frame 0, the atom-wise one frame 1."""
+    labelled = [np.zeros((8, 2))]
+    species = [np.ones(8, int)]
+    spread = np.full((8, 2), 0.3)
+    one_novel = np.zeros((8, 2))
+    one_novel[3] = [1.5, 0.0]
+    pool = [spread, one_novel]
+    mean = select(np.stack([f.mean(0) for f in pool]), np.ones(2), SelectConfig(budget=1),
+                  reference=np.stack([f.mean(0) for f in labelled]))  # fmt: skip
+    atoms = select(_atom_set(pool, species * 2), np.ones(2), SelectConfig(budget=1, descriptor="atoms"),
+                   reference=_atom_set(labelled, species))  # fmt: skip
+    assert mean == [0] and atoms == [1]
+
+
+def test_atom_fps_compares_atoms_of_one_element_only_and_drops_duplicates():
+    """An H atom is not 'near' a labelled N atom however close their features; a frame whose
+    every atom has a labelled twin is a near-duplicate."""
+    h, n = np.array([1]), np.array([7])
+    labelled = _atom_set([np.array([[0.0, 0.0]])], [n])
+    pool = _atom_set([np.array([[0.0, 0.0]]), np.array([[0.5, 0.0]]), np.array([[0.001, 0.0]])], [h, h, n])
+    cfg = SelectConfig(budget=3, descriptor="atoms", min_distance=0.01)
+    assert select(pool, np.array([1.0, 0.5, 1.0]), cfg, reference=labelled) == [0, 1]
+
+
 def test_descriptors_are_invariant_to_rotation_and_atom_order_and_tell_structures_apart(cu_root):
     from blip_ase.models.checkpoint import load_checkpoint
 
@@ -144,6 +175,10 @@ def test_descriptors_are_invariant_to_rotation_and_atom_order_and_tell_structure
     d = descriptors(model, [frames[0], moved, frames[1]])
     assert np.allclose(d[0], d[1], atol=1e-6)
     assert np.linalg.norm(d[0] - d[2]) > 1e-4
+    per_atom = descriptors(model, [frames[0], moved, frames[1]], per_atom=True)
+    assert per_atom.features.shape == (12, d.shape[1]) and per_atom.owner.tolist() == [0] * 4 + [1] * 4 + [2] * 4
+    np.testing.assert_allclose(per_atom.features[:4].mean(0), d[0], atol=1e-12)  # the mean is the pooled one
+    np.testing.assert_allclose(np.sort(per_atom.features[:4], 0), np.sort(per_atom.features[4:8], 0), atol=1e-6)
 
 
 def test_an_orb_model_gives_descriptors_so_fps_selection_works_for_it():

@@ -148,10 +148,14 @@ class SelectConfig:
         min_distance: near-duplicate threshold on the descriptor distance (RMS difference of the
             model's mean-pooled per-atom descriptors); a frame closer than this to a chosen or an
             already labelled frame is dropped.
+        descriptor: what FPS compares: ``mean`` (mean-pooled per-atom descriptors of each frame)
+            or ``atoms`` (each atom against the nearest atom of its element: a frame is as far
+            from the labelled data as its most novel atom); ``max_variance`` uses ``mean``.
         seed: of the ``random`` strategy.
     """
 
     strategy: Literal["fps", "max_variance", "random"] = "fps"
+    descriptor: Literal["mean", "atoms"] = "mean"
     budget: int = 16
     min_distance: float = 0.01
     seed: int = 0
@@ -159,6 +163,8 @@ class SelectConfig:
     def __post_init__(self):
         require_integer("select.budget", self.budget, 1)
         require_integer("select.seed", self.seed)
+        if self.descriptor not in ("mean", "atoms"):
+            raise ValueError(f"select.descriptor must be mean or atoms, got {self.descriptor!r}")
         if not (is_finite_number(self.min_distance) and self.min_distance >= 0):
             raise ValueError(f"select.min_distance must be a finite number >= 0, got {self.min_distance!r}")
 

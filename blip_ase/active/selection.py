@@ -13,11 +13,18 @@ differences per feature whatever the model's width. Strategies:
 
 ``fps`` and ``max_variance`` drop near-duplicates: frames closer than ``min_distance`` to a
 chosen or an already labelled frame.
+
+With ``select.descriptor: atoms`` FPS compares atoms instead of mean-pooled frames (the
+per-atom features are divided by ``sqrt(D)`` as well): the distance of a frame to a set of frames
+is the largest, over its atoms, of the distance to the nearest atom of the same element in the
+set. One unusual group in an otherwise ordinary molecule then counts in full, where the mean over
+atoms dilutes it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from ase import Atoms
@@ -25,9 +32,27 @@ from ase import Atoms
 from blip_ase.active.config import SelectConfig
 
 
-def descriptors(model, frames: Sequence[Atoms], *, batch_atoms: int = 2048) -> np.ndarray:
+@dataclass(frozen=True)
+class AtomDescriptors:
+    """Per-atom descriptors of a list of frames: ``features (A, D)`` (divided by ``sqrt(D)``),
+    ``species (A,)`` atomic numbers and ``owner (A,)`` the index of each atom's frame, frames in
+    order and contiguous; ``n_frames`` frames."""
+
+    features: np.ndarray
+    species: np.ndarray
+    owner: np.ndarray
+    n_frames: int
+
+    def __len__(self) -> int:
+        return self.n_frames
+
+
+def descriptors(
+    model, frames: Sequence[Atoms], *, batch_atoms: int = 2048, per_atom: bool = False
+) -> np.ndarray | AtomDescriptors:
     """``(n_frames, D)`` mean-pooled per-atom descriptors of ``frames`` under ``model``, divided by
-    ``sqrt(D)`` (:meth:`~blip_ase.models.Potential.descriptors`: invariant, MAP).
+    ``sqrt(D)`` (:meth:`~blip_ase.models.Potential.descriptors`: invariant, MAP); with
+    ``per_atom`` the atoms' own, as :class:`AtomDescriptors`.
 
     Args:
         model: a :class:`~blip_ase.models.Potential` with ``implements_descriptors``.
@@ -50,12 +75,57 @@ def descriptors(model, frames: Sequence[Atoms], *, batch_atoms: int = 2048) -> n
         for k, atoms in enumerate(frames):
             chunk.append(atoms)
             if k == len(frames) - 1 or sum(len(a) for a in chunk) + len(frames[k + 1]) > batch_atoms:
-                per_atom = model.descriptors(model.build_batch(chunk)).double().cpu().numpy()
+                per_atom_features = model.descriptors(model.build_batch(chunk)).double().cpu().numpy()
                 bounds = np.cumsum([0] + [len(a) for a in chunk])
-                out += [per_atom[a:b].mean(0) for a, b in zip(bounds[:-1], bounds[1:])]
+                out += [per_atom_features[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
                 chunk = []
-    desc = np.stack(out) if out else np.zeros((0, 1))
+    width = out[0].shape[1] if out else 1
+    if per_atom:
+        features = np.concatenate(out) if out else np.zeros((0, width))
+        species = np.concatenate([a.numbers for a in frames]) if frames else np.zeros(0, int)
+        owner = np.repeat(np.arange(len(frames)), [len(a) for a in frames])
+        return AtomDescriptors(features / np.sqrt(width), species, owner, len(frames))
+    desc = np.stack([x.mean(0) for x in out]) if out else np.zeros((0, 1))
     return desc / np.sqrt(desc.shape[1])
+
+
+def _atom_min_distances(pool: AtomDescriptors, other: AtomDescriptors, rows: np.ndarray | None = None) -> np.ndarray:
+    """``(A,)`` distance of each atom of ``pool`` to the nearest atom of the same element among
+    ``other``'s atoms (``rows``: only those); inf where there is none."""
+    dmin = np.full(len(pool.species), np.inf)
+    features, species = (other.features, other.species) if rows is None else (other.features[rows], other.species[rows])
+    for z in np.unique(pool.species):
+        mine, theirs = pool.species == z, features[species == z]
+        for start in range(0, len(theirs), 1024):
+            block = theirs[start:start + 1024]
+            d = np.sqrt(np.maximum(((pool.features[mine, None, :] - block[None]) ** 2).sum(-1), 0.0)).min(1)
+            dmin[mine] = np.minimum(dmin[mine], d)
+    return dmin
+
+
+def farthest_point_sampling_atoms(
+    pool: AtomDescriptors, k: int, *, weights: np.ndarray | None = None,
+    reference: AtomDescriptors | None = None, min_distance: float = 0.0,
+) -> list[int]:  # fmt: skip
+    """:func:`farthest_point_sampling` with the atom-wise frame distance of :class:`AtomDescriptors`:
+    a frame's distance to the chosen (and reference) frames is the largest, over its atoms, of the
+    distance to the nearest chosen atom of the same element."""
+    n = pool.n_frames
+    w = np.ones(n) if weights is None else np.asarray(weights, float)
+    atom_dmin = np.full(len(pool.species), np.inf) if reference is None else _atom_min_distances(pool, reference)
+    chosen: list[int] = []
+    while len(chosen) < min(k, n):
+        dmin = np.full(n, -np.inf)
+        np.maximum.at(dmin, pool.owner, atom_dmin)
+        eligible = dmin > min_distance
+        eligible[chosen] = False
+        if not eligible.any():
+            break
+        score = np.where(eligible, np.where(np.isinf(dmin), 1.0, dmin) * w, -np.inf)
+        pick = int(np.argmax(score))
+        chosen.append(pick)
+        atom_dmin = np.minimum(atom_dmin, _atom_min_distances(pool, pool, rows=pool.owner == pick))
+    return chosen
 
 
 def _distances(desc: np.ndarray, point: np.ndarray) -> np.ndarray:
@@ -124,15 +194,16 @@ def by_uncertainty(
 
 
 def select(
-    desc: np.ndarray, uncertainty: np.ndarray, config: SelectConfig, *, k: int | None = None,
-    reference: np.ndarray | None = None, round_index: int = 0,
+    desc: np.ndarray | AtomDescriptors, uncertainty: np.ndarray, config: SelectConfig, *, k: int | None = None,
+    reference: np.ndarray | AtomDescriptors | None = None, round_index: int = 0,
 ) -> list[int]:  # fmt: skip
     """Indices of the frames to label under ``config`` (at most ``k``, default ``config.budget``).
 
     Args:
-        desc: ``(n, d)`` descriptors of the flagged pool; uncertainty: ``(n,)`` (max force std, eV/A;
-            a NaN or inf, from a non-finite prediction, counts as the largest finite value).
-        reference: descriptors of the frames labelled before.
+        desc: ``(n, d)`` descriptors of the flagged pool (:class:`AtomDescriptors` with
+            ``descriptor: atoms``); uncertainty: ``(n,)`` (max force std, eV/A; a NaN or inf, from
+            a non-finite prediction, counts as the largest finite value).
+        reference: descriptors of the frames labelled before (of the same kind).
         round_index: mixed into the ``random`` strategy's seed.
     """
     k = config.budget if k is None else k
@@ -146,4 +217,7 @@ def select(
         return by_uncertainty(desc, uncertainty, k, reference=reference, min_distance=config.min_distance)
     top = uncertainty.max() if len(uncertainty) else 1.0
     weights = uncertainty / top if top > 0 else np.ones_like(uncertainty)
+    if isinstance(desc, AtomDescriptors):
+        return farthest_point_sampling_atoms(desc, k, weights=weights, reference=reference,
+                                             min_distance=config.min_distance)  # fmt: skip
     return farthest_point_sampling(desc, k, weights=weights, reference=reference, min_distance=config.min_distance)

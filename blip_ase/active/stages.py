@@ -142,8 +142,9 @@ def select(run: Run, state: LoopState) -> LoopState:
         desc = reference = np.zeros((len(pool), 1))
     else:
         model = load_checkpoint(state.model)[0]
-        desc = descriptors(model, pool)
-        reference = descriptors(model, training_frames(run, state))
+        per_atom = c.select.strategy == "fps" and c.select.descriptor == "atoms"
+        desc = descriptors(model, pool, per_atom=per_atom)
+        reference = descriptors(model, training_frames(run, state), per_atom=per_atom)
     chosen = choose(desc, uncertainty, c.select, k=budget, reference=reference, round_index=state.round)
     write_extxyz_atomically(rdir / "selected.extxyz", [pool[i] for i in chosen])
     state = state.with_row(n_selected=len(chosen))
