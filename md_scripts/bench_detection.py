@@ -122,8 +122,7 @@ def undertrained_model(out: Path, epochs: int) -> Path:
     examples = ROOT / "examples" / "ammonia"
     config = load_config(examples / "config.yaml", epochs=epochs, progress=False)
     train(config, examples / "train.extxyz", examples / "val.extxyz", out / "undertrained")
-    calibrate(out / "undertrained" / "model.pt", examples / "val.extxyz", out / "undertrained_cal.pt", n_samples=32,
-              power=False)
+    calibrate(out / "undertrained" / "model.pt", examples / "val.extxyz", out / "undertrained_cal.pt", n_samples=32)
     return out / "undertrained_cal.pt"
 
 

@@ -138,7 +138,7 @@ def prepare(data: Path, args) -> dict:
         start = time.perf_counter()
         cfg = train_config(args.start_epochs, members=members)
         train(cfg, data / "train.extxyz", data / "val.extxyz", data / f"train_{name}", overwrite=True)
-        calibrate(data / f"train_{name}" / "model.pt", data / "val.extxyz", model, n_samples=32, overwrite=True, power=False)
+        calibrate(data / f"train_{name}" / "model.pt", data / "val.extxyz", model, n_samples=32, overwrite=True)
         seconds[f"train_{name}"] = time.perf_counter() - start
     case = {"structure": data / "ethanol.xyz", "train": data / "train.extxyz", "val": data / "val.extxyz",
             "test": data / "test.extxyz", "blip": data / "blip.pt", "ensemble": data / "ensemble.pt",
@@ -174,7 +174,7 @@ def prepare_nh3(data: Path, args) -> dict:
         cfg = dataclasses.replace(cfg, deterministic=True, ensemble=args.members,
                                   contrastive=dataclasses.replace(cfg.contrastive, weight=0.0))  # fmt: skip
         train(cfg, start / "train.extxyz", start / "val.extxyz", data / "train_ensemble", overwrite=True)
-        calibrate(data / "train_ensemble" / "model.pt", start / "val.extxyz", data / "ensemble.pt", n_samples=32, power=False,
+        calibrate(data / "train_ensemble" / "model.pt", start / "val.extxyz", data / "ensemble.pt", n_samples=32,
                   overwrite=True)  # fmt: skip
         seconds["train_ensemble"] = time.perf_counter() - begin
     oracle = yaml.safe_load((example / "learn.yaml").read_text())["oracle"]

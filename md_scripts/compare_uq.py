@@ -353,11 +353,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--acac-val", type=int, default=50, help="acac validation frames")
     parser.add_argument("--acac-test", type=int, default=200, help="acac frames drawn from each test file")
     parser.add_argument("--jobs", type=int, default=2, help="training runs in parallel (one thread each)")
-    parser.add_argument("--power-calibration", action="store_true", default=True,
-                        help="calibrate with the power-law map of the force variances (the default of blip calibrate; "
-                        "kept so that recorded commands run unchanged)")
-    parser.add_argument("--scale-calibration", dest="power_calibration", action="store_false",
-                        help="calibrate with one variance scale (blip calibrate --no-power), as before round 4")
+    parser.add_argument("--power-calibration", action="store_true",
+                        help="calibrate with the power-law map of the force variances (blip calibrate --power)")
     parser.add_argument("--dev", action="store_true",
                         help="development split from the training pool only (choose defaults with it)")
     parser.add_argument("--merge", nargs="+", metavar="DIR", default=None,

@@ -155,7 +155,7 @@ def test_calibration_fits_the_nll_optimal_scale_and_the_calculator_applies_it(da
     model is not underconfident and the NLL rises (-1.86 -> -0.98): nine structures are too few
     for a scale that transfers, so no held-out improvement is asserted."""
     calibrated = tmp_path / "calibrated.pt"
-    fit = calibrate(SHIPPED, data["cal"], calibrated, n_samples=32, seed=0, power=False)  # one scale
+    fit = calibrate(SHIPPED, data["cal"], calibrated, n_samples=32, seed=0)
     assert fit["after"]["forces_nll"] < fit["before"]["forces_nll"]
     ckpt = torch.load(calibrated, weights_only=True)
     scale = ckpt["calibration"]["forces"]
@@ -189,12 +189,12 @@ def test_power_law_calibration_is_stored_as_floats_and_applied_by_eval_and_the_c
     NLL on the fit set is at most the plain scale's (gamma = 1 is among its choices), and the
     calculator and ``blip eval`` apply the same map."""
     calibrated = tmp_path / "power.pt"
-    args = ("calibrate", "--model", SHIPPED, "--data", data["cal"], "--out", calibrated, "--n-samples", 8)  # power: default
+    args = ("calibrate", "--model", SHIPPED, "--data", data["cal"], "--out", calibrated, "--n-samples", 8, "--power")
     assert run_blip(*args) == 0
     stored = torch.load(calibrated, weights_only=True)["calibration"]
     power, scale = stored["forces_power"], stored["forces"]
     assert set(power) == {"gamma", "reference"} and all(isinstance(v, float) for v in power.values())
-    plain = calibrate(SHIPPED, data["cal"], tmp_path / "plain.pt", n_samples=8, seed=0, power=False)
+    plain = calibrate(SHIPPED, data["cal"], tmp_path / "plain.pt", n_samples=8, seed=0)
     report = evaluate(calibrated, data["cal"], n_samples=8, seed=0)
     assert report["id"]["forces_nll"] <= plain["after"]["forces_nll"] + 1e-9
     assert report["calibration"]["forces_power"] == power
@@ -267,8 +267,6 @@ def test_calibrate_stores_the_per_element_quantiles_of_the_errors_it_saw(data, t
         np.testing.assert_allclose(stored["force_error"][symbol], np.quantile(offsets[mask], stored["quantiles"]),
                                    rtol=1e-6)
         assert stored["n_atoms"][symbol] == mask.sum()
-    from blip_ase.inference.calibration import apply_power
-
-    scale, power = result["calibration"]["forces"], result["calibration"]["forces_power"]  # power: the default
-    expected_std = np.sqrt(scale * apply_power(pred.forces_variance, power))
+    scale = result["calibration"]["forces"]
+    expected_std = np.sqrt(scale * pred.forces_variance)
     np.testing.assert_allclose(stored["force_std"]["all"], np.quantile(expected_std, stored["quantiles"]), rtol=1e-5)

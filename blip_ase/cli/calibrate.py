@@ -1,4 +1,4 @@
-"""``blip calibrate --model CKPT --data VAL --out CKPT2 [--isotonic] [--no-power]``."""
+"""``blip calibrate --model CKPT --data VAL --out CKPT2 [--isotonic] [--power]``."""
 
 from __future__ import annotations
 
@@ -18,9 +18,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--isotonic", action="store_true", help="also fit isotonic recalibration (Kuleshov et al. 2018)"
     )
     parser.add_argument(
-        "--power", action=argparse.BooleanOptionalAction, default=True,
-        help="fit a power-law map of the force variances, s * v_ref * (v / v_ref)^gamma (default; docs/method.md); "
-        "--no-power: one scale only",
+        "--power", action="store_true",
+        help="also fit a power-law map of the force variances, s * v_ref * (v / v_ref)^gamma (docs/method.md)",
     )
     parser.add_argument("--n-samples", type=int, default=100, help="Monte Carlo samples (an ensemble uses its members)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the Monte Carlo noise")

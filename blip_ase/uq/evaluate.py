@@ -346,7 +346,7 @@ def calibrate(
     out_path: str | Path,
     *,
     isotonic: bool = False,
-    power: bool = True,
+    power: bool = False,
     n_samples: int = 100,
     seed: int = 0,
     device: str | None = None,
@@ -357,9 +357,8 @@ def calibrate(
     """Fit calibration on the validation set ``data_path`` and write the calibrated checkpoint.
 
     The fit starts from the uncalibrated variances (any calibration already in the checkpoint
-    is replaced). ``power`` (default): also fit the power-law map of the force variances
-    (:func:`~blip_ase.uq.calibration.fit_power_law`); False: one scale per quantity only. For a
-    BLIP model (``screen_fit``) the cheap uncertainty screen is fitted too
+    is replaced). ``power``: also fit the power-law map of the force variances
+    (:func:`~blip_ase.uq.calibration.fit_power_law`). For a BLIP model (``screen_fit``) the cheap uncertainty screen is fitted too
     (:func:`fit_uncertainty_screen`). Everything else in the checkpoint is kept.
 
     Returns:
