@@ -338,6 +338,9 @@ def main(argv: list[str] | None = None) -> int:
                         "(default: 0.7 x the BLIP start model's)")  # fmt: skip
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     args = parser.parse_args(argv)
+    if args.case != "nh3-demo" and args.target is None and set(args.strategies) <= {"ensemble"}:
+        parser.error("--target is needed when only the ensemble runs (the default is 0.7 x the BLIP start model's "
+                     "test MAE, which only a BLIP strategy measures)")
     import torch
 
     torch.set_num_threads(args.threads)
