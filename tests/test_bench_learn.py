@@ -76,3 +76,11 @@ def test_the_curve_pairs_each_model_with_the_labels_it_was_trained_on(bench):
     assert "| fps | 0.300 ± 0.000 (50 ± 0) |" in text and "| 66, 66 |" in text and "random" not in text
     assert text.rstrip().endswith("| 5 ± 1 | 75 | 0.50 |")
     assert "| >82, >82 |" in bench.table({"fps_s0": run, "fps_s1": run}, ["fps"], 0.05)
+
+
+def test_an_ensemble_only_run_without_a_target_is_refused_before_any_work(bench, tmp_path, capsys):
+    """Its default target is 0.7 x the BLIP start model's MAE, which only a BLIP strategy measures."""
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--case", "nh3", "--out", str(tmp_path / "out"), "--strategies", "ensemble"])
+    assert exit_info.value.code == 2 and "--target is needed" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
