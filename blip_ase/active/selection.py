@@ -110,13 +110,26 @@ def farthest_point_sampling_atoms(
     """:func:`farthest_point_sampling` with the atom-wise frame distance of :class:`AtomDescriptors`:
     a frame's distance to the chosen (and reference) frames is the largest, over its atoms, of the
     distance to the nearest chosen atom of the same element."""
-    n = pool.n_frames
-    w = np.ones(n) if weights is None else np.asarray(weights, float)
     atom_dmin = np.full(len(pool.species), np.inf) if reference is None else _atom_min_distances(pool, reference)
+
+    def frame_distances() -> np.ndarray:
+        dmin = np.full(pool.n_frames, -np.inf)
+        np.maximum.at(dmin, pool.owner, atom_dmin)
+        return dmin
+
+    def add(pick: int) -> None:
+        atom_dmin[:] = np.minimum(atom_dmin, _atom_min_distances(pool, pool, rows=pool.owner == pick))
+
+    return _greedy(pool.n_frames, k, weights, min_distance, frame_distances, add)
+
+
+def _greedy(n: int, k: int, weights, min_distance: float, distances, add) -> list[int]:
+    """The loop of weighted FPS: ``distances()`` gives each candidate's distance to what is
+    chosen (inf: nothing yet), ``add(pick)`` records a pick."""
+    w = np.ones(n) if weights is None else np.asarray(weights, float)
     chosen: list[int] = []
     while len(chosen) < min(k, n):
-        dmin = np.full(n, -np.inf)
-        np.maximum.at(dmin, pool.owner, atom_dmin)
+        dmin = distances()
         eligible = dmin > min_distance
         eligible[chosen] = False
         if not eligible.any():
@@ -124,7 +137,7 @@ def farthest_point_sampling_atoms(
         score = np.where(eligible, np.where(np.isinf(dmin), 1.0, dmin) * w, -np.inf)
         pick = int(np.argmax(score))
         chosen.append(pick)
-        atom_dmin = np.minimum(atom_dmin, _atom_min_distances(pool, pool, rows=pool.owner == pick))
+        add(pick)
     return chosen
 
 
@@ -161,20 +174,12 @@ def farthest_point_sampling(
     Returns:
         Indices in the order picked; fewer than ``k`` when the rest are near-duplicates.
     """
-    n = len(desc)
-    w = np.ones(n) if weights is None else np.asarray(weights, float)
     dmin = _min_distances(desc, reference)
-    chosen: list[int] = []
-    while len(chosen) < min(k, n):
-        eligible = dmin > min_distance
-        eligible[chosen] = False
-        if not eligible.any():
-            break
-        score = np.where(eligible, np.where(np.isinf(dmin), 1.0, dmin) * w, -np.inf)
-        pick = int(np.argmax(score))
-        chosen.append(pick)
-        dmin = np.minimum(dmin, _distances(desc, desc[pick]))
-    return chosen
+
+    def add(pick: int) -> None:
+        dmin[:] = np.minimum(dmin, _distances(desc, desc[pick]))
+
+    return _greedy(len(desc), k, weights, min_distance, lambda: dmin, add)
 
 
 def by_uncertainty(
