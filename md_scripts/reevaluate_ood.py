@@ -1,0 +1,66 @@
+"""Evaluate the checkpoints of earlier ``compare_uq.py`` runs on another OOD set (no training).
+
+    OMP_NUM_THREADS=1 python md_scripts/reevaluate_ood.py RUN_DIR ... --ood FILE [--n-samples 32]
+
+For each run directory, each method row of its ``results.json`` is evaluated again with
+:func:`blip_ase.uq.evaluate.evaluate` on the run's own ID test split and ``--ood`` (the calibrated
+checkpoint where the run calibrated one, as ``compare_uq.py`` did, seed 0), and one markdown
+row per method gives the mean ± std over the runs of OOD Spearman, AUROC, calibrated OOD force
+ECE and NLL, and OOD force MAE. Used to read development models on a new development OOD set
+(``examples/acac/make_dev_ood.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("runs", nargs="+", type=Path)
+    parser.add_argument("--ood", type=Path, required=True)
+    parser.add_argument("--n-samples", type=int, default=32)
+    args = parser.parse_args(argv)
+    import torch
+
+    from blip_ase.uq.evaluate import evaluate
+
+    torch.set_num_threads(1)
+    table: dict[str, list[dict]] = defaultdict(list)
+    for run in args.runs:
+        for row in json.loads((run / "results.json").read_text())["runs"]:
+            path = Path(row["checkpoint"])
+            calibrated = path.with_name(f"{path.stem}_calibrated.pt")
+            model = calibrated if calibrated.is_file() else path
+            test = run / row["benchmark"] / "data" / "test.extxyz"
+            m = evaluate(model, test, ood_path=args.ood, n_samples=args.n_samples, seed=0)
+            table[row["method"]].append(m)
+            spearman, auroc = m["ood"].get("spearman"), m.get("auroc")
+            print(f"{run.name} {row['method']}: Spearman {spearman}, AUROC {auroc}", flush=True)
+    print("\n| method (runs) | OOD Spearman | AUROC | OOD F ECE cal. | OOD F NLL cal. | OOD F MAE [meV/Å] "
+          "| alpha ID / OOD |")
+    print("|---|---|---|---|---|---|---|")
+    for method, rows in table.items():
+        def cell(values, fmt=".3f", factor=1.0):
+            v = np.array([x for x in values if x is not None], float) * factor
+            return "–" if not v.size else f"{v.mean():{fmt}} ± {v.std(ddof=1) if v.size > 1 else 0.0:{fmt}}"
+
+        alpha = [r.get("coefficients") or {} for r in rows]
+        has = all("ood" in a and a["ood"].get("edge") for a in alpha)
+        a_id = np.mean([np.mean(a["id"]["edge"]["mean"]) for a in alpha]) if has else None
+        a_ood = np.mean([np.mean(a["ood"]["edge"]["mean"]) for a in alpha]) if has else None
+        cells = [cell([r["ood"].get("spearman") for r in rows]), cell([r.get("auroc") for r in rows]),
+                 cell([r["ood"]["forces_ece"] for r in rows]), cell([r["ood"]["forces_nll"] for r in rows], ".2f"),
+                 cell([r["ood"]["forces_mae"] for r in rows], ".1f", 1000.0),
+                 "–" if a_id is None else f"{a_id:.3f} / {a_ood:.3f}"]  # fmt: skip
+        print(f"| {method} ({len(rows)}) | " + " | ".join(cells) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
