@@ -14,7 +14,6 @@ frame these forces differ from the dataset's by 0.005 eV/A (RMSE; B3LYP/6-31G*: 
 from __future__ import annotations
 
 import argparse
-from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +21,6 @@ from ase import Atoms, units
 from ase.calculators.singlepoint import SinglePointCalculator
 from ase.io import read, write
 
-HARTREE_EV, BOHR_A = 27.211386245988, 0.529177210903
 here = Path(__file__).parent
 
 
@@ -44,24 +42,25 @@ def hot_frames(start: Atoms, n: int, seed: int) -> list[Atoms]:
     return out
 
 
-def label(atoms: Atoms) -> Atoms:
-    import os
+def label_all(geometries: list[Atoms], workers: int) -> list[Atoms]:
+    """PBE/def2-SVP labels from ``blip learn``'s PySCF oracle (spawned workers, one thread each);
+    a failed SCF is an error naming the frame."""
+    from blip_ase.active.config import OracleConfig
+    from blip_ase.active.oracle import label_frames
 
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    from pyscf import dft, gto
+    oracle = OracleConfig(kind="pyscf", method="pbe", basis="def2-svp", workers=workers)
+    frames: list[Atoms | None] = [None] * len(geometries)
 
-    mol = gto.M(atom=list(zip(atoms.get_chemical_symbols(), atoms.positions)), basis="def2-svp",
-                unit="Angstrom", verbose=0)  # fmt: skip
-    mf = dft.RKS(mol)
-    mf.xc = "pbe"
-    energy = mf.kernel() * HARTREE_EV
-    if not mf.converged:
-        raise RuntimeError("SCF did not converge")
-    forces = -mf.nuc_grad_method().kernel() * HARTREE_EV / BOHR_A
-    bare = Atoms(atoms.numbers, atoms.positions)
-    bare.calc = SinglePointCalculator(bare, energy=energy, forces=forces)
-    bare.info["source"] = "make_dev_ood.py: xTB MD at 600 K, PBE/def2-SVP labels (PySCF)"
-    return bare
+    def keep(k: int, label) -> None:
+        if label.error is not None:
+            raise RuntimeError(f"frame {k}: {label.error}")
+        atoms = Atoms(geometries[k].numbers, geometries[k].positions)
+        atoms.calc = SinglePointCalculator(atoms, energy=label.energy, forces=label.forces)
+        atoms.info["source"] = "make_dev_ood.py: xTB MD at 600 K, PBE/def2-SVP labels (PySCF)"
+        frames[k] = atoms
+
+    label_frames(geometries, oracle, keep)
+    return frames
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,8 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     train = read(here / "acac_train_300K.extxyz", ":")
     half = args.frames // 2
     geometries = hot_frames(train[0], half, seed=0) + hot_frames(train[250], args.frames - half, seed=1)
-    with get_context("spawn").Pool(args.workers) as pool:
-        frames = pool.map(label, geometries)
+    frames = label_all(geometries, args.workers)
     write(args.out, frames, format="extxyz")
     print(f"wrote {len(frames)} frames to {args.out}")
     return 0
