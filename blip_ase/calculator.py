@@ -73,7 +73,9 @@ class BLIPCalculator(Calculator):
             of the recalibrated standardised error (:mod:`blip_ase.inference.calibration`).
             An optional ``"forces_power": {"gamma", "reference"}`` (``blip calibrate --power``)
             maps the per-atom force variance ``v`` to ``reference * (v / reference) ** gamma``
-            before the scale. :meth:`from_checkpoint` takes them from the checkpoint unless given here.
+            before the scale; with ``"delta"`` and ``"structure_reference"`` (``--power
+            --structure``) also times ``(m / structure_reference) ** delta``, ``m`` the mean of
+            the structure's ``v``. :meth:`from_checkpoint` takes them from the checkpoint unless given here.
 
     Raises:
         ValueError: bad option, or ``mode="mc"`` with a deterministic model.

@@ -154,9 +154,10 @@ def make_jobs(benchmarks: list[str], methods: list[str], seeds: list[int], membe
 
 
 def run_job(job: dict, data: dict[str, Path], out: Path, epochs: dict[str, int | None], n_samples: int,
-            power: bool = False) -> list[dict]:
+            power: bool = False, structure: bool = False) -> list[dict]:
     """Train one job (an ensemble: all its members), then calibrate (``power``: with the power-law
-    map of the force variances, ``blip calibrate --power``) and evaluate what it yields."""
+    map of the force variances, ``blip calibrate --power``; ``structure``: with its structure
+    term, ``--structure``) and evaluate what it yields."""
     import torch
 
     torch.set_num_threads(1)
@@ -191,7 +192,7 @@ def run_job(job: dict, data: dict[str, Path], out: Path, epochs: dict[str, int |
         else:
             calibrated = path.with_name(f"{path.stem}_calibrated.pt")
             fit = calibrate(path, data["val"], calibrated, n_samples=n_samples, seed=1, overwrite=True,
-                            power=power)
+                            power=power, structure=structure)
             row["calibration"], row["val"] = fit["calibration"], fit["after"]  # val: what selects defaults
             row["metrics"] = evaluate(calibrated, data["test"], ood_path=data["ood"], n_samples=n_samples, seed=0)
         results.append(row)
@@ -256,15 +257,17 @@ def make_table(rows: list[dict], *, members: int, caption: str) -> str:
     out += table("ood", [("auroc", "AUROC")])
     out += ["", f"**In-distribution test ({n_id} structures)**, uncalibrated", ""]
     out += table("id", [])
-    out += ["", "**After calibration on the validation set** (`blip calibrate`; power gamma: with `--power`)", ""]
-    out += ["| Method | force scale | power gamma | ID F ECE | ID F NLL | OOD F ECE | OOD F NLL |",
-            "|---|---|---|---|---|---|---|"]
+    out += ["", "**After calibration on the validation set** (`blip calibrate`; power gamma: with `--power`; "
+            "structure delta: with `--structure`)", ""]
+    out += ["| Method | force scale | power gamma | structure delta | ID F ECE | ID F NLL | OOD F ECE | OOD F NLL |",
+            "|---|---|---|---|---|---|---|---|"]
     for n in names:
         cal = [r for r in rows if r["method"] == n and "calibration" in r]
         if cal:
             ms = [r["metrics"] for r in cal]
             cells = [_cell([r["calibration"]["forces"] for r in cal], 1.0, ".2f")]
-            cells += [_cell([(r["calibration"].get("forces_power") or {}).get("gamma") for r in cal], 1.0, ".2f")]
+            cells += [_cell([(r["calibration"].get("forces_power") or {}).get(k) for r in cal], 1.0, ".2f")
+                      for k in ("gamma", "delta")]
             cells += [_cell([m[s][k] for m in ms], 1.0, fmt) for s in ("id", "ood")
                       for k, fmt in (("forces_ece", ".3f"), ("forces_nll", ".2f"))]
             out.append(f"| {_label(n, members)} | " + " | ".join(cells) + " |")
@@ -355,12 +358,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=2, help="training runs in parallel (one thread each)")
     parser.add_argument("--power-calibration", action="store_true",
                         help="calibrate with the power-law map of the force variances (blip calibrate --power)")
+    parser.add_argument("--structure-calibration", action="store_true",
+                        help="with --power-calibration: the map's structure term too (blip calibrate --structure)")
     parser.add_argument("--dev", action="store_true",
                         help="development split from the training pool only (choose defaults with it)")
     parser.add_argument("--merge", nargs="+", metavar="DIR", default=None,
                         help="train nothing: merge the results.json of earlier runs of one protocol into OUT")
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
+    if args.structure_calibration and not args.power_calibration:
+        parser.error("--structure-calibration needs --power-calibration (the structure term is part of the power map)")
     out = Path(args.out)
     from blip_ase.strict_json import write_json
 
@@ -384,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
         futures = [pool.submit(run_job, job, data[job["benchmark"]], out, epochs, args.n_samples,
-                               args.power_calibration) for job in jobs]
+                               args.power_calibration, args.structure_calibration) for job in jobs]
         rows = [row for f in futures for row in f.result()]
     wall = time.perf_counter() - start
     command = " ".join(["python", "md_scripts/" + Path(__file__).name, *argv])

@@ -172,6 +172,27 @@ def test_calibration_fits_the_nll_optimal_scale_and_the_calculator_applies_it(da
     np.testing.assert_allclose(cal["forces_variance"], scale * raw["forces_variance"], rtol=1e-10)
 
 
+def test_calibrate_fits_several_files_as_one_set(data, tmp_path, capsys):
+    """``--data VAL HOT``: four validation structures (too few alone) and six OOD ones are fitted
+    as the ten structures of one file would be, and the hotter frames raise the force scale
+    above the one fitted near equilibrium (the point of calibrating on them)."""
+    joined = tmp_path / "joined.extxyz"
+    write(joined, read(data["four"], ":") + read(data["ood"], ":"), format="extxyz")
+    args = ("calibrate", "--model", SHIPPED, "--n-samples", 8, "--no-progress")
+    assert run_blip(*args, "--data", data["four"], data["ood"], "--out", tmp_path / "two.pt") == 0
+    assert "calibration set" not in capsys.readouterr().err
+    assert run_blip(*args, "--data", joined, "--out", tmp_path / "one.pt") == 0
+    assert run_blip(*args, "--data", data["cal"], "--out", tmp_path / "val.pt") == 0
+    two, one, val = (torch.load(tmp_path / f"{k}.pt", weights_only=True) for k in ("two", "one", "val"))
+    assert two["calibration"] == one["calibration"]
+    assert two["training"]["calibration_fit"]["n_structures"] == 10
+    assert str(data["ood"]) in two["training"]["calibration_fit"]["data"]
+    assert two["calibration"]["forces"] > 2 * val["calibration"]["forces"]
+    missing = tmp_path / "missing.extxyz"
+    assert run_blip(*args, "--data", data["four"], missing, "--out", tmp_path / "bad.pt") == 2
+    assert "missing.extxyz" in capsys.readouterr().err and not (tmp_path / "bad.pt").exists()
+
+
 def test_isotonic_recalibration_is_stored_as_plain_lists_and_reported(data, tmp_path):
     calibrated = tmp_path / "iso.pt"
     args = ("calibrate", "--model", SHIPPED, "--data", data["cal"], "--out", calibrated, "--n-samples", 6, "--isotonic")
@@ -203,6 +224,36 @@ def test_power_law_calibration_is_stored_as_floats_and_applied_by_eval_and_the_c
     cal = BLIPCalculator.from_checkpoint(calibrated, n_samples=4, seed=0, device="cpu").monte_carlo(atoms)
     expected = scale * power["reference"] * (raw["forces_variance"] / power["reference"]) ** power["gamma"]
     np.testing.assert_allclose(cal["forces_variance"], expected, rtol=1e-10)
+
+
+def test_structure_calibration_is_stored_and_applied_per_structure_by_eval_and_the_calculator(data, tmp_path, capsys):
+    """``blip calibrate --power --structure`` on validation and OOD structures together: the map
+    gains ``delta`` (>= 0) and ``structure_reference``, its NLL on the fit set is at most the plain
+    power map's (delta = 0 is among its choices), and the calculator multiplies by the structure
+    term of the configuration it is given. ``--structure`` alone is refused before any work."""
+    out = tmp_path / "structure.pt"
+    base = ("calibrate", "--model", SHIPPED, "--data", data["cal"], data["ood"], "--n-samples", 8, "--power")
+    assert run_blip(*base, "--structure", "--out", out) == 0
+    assert run_blip(*base, "--out", tmp_path / "power.pt") == 0
+    stored = torch.load(out, weights_only=True)
+    power, scale = stored["calibration"]["forces_power"], stored["calibration"]["forces"]
+    assert set(power) == {"gamma", "reference", "delta", "structure_reference"} and power["delta"] >= 0
+    assert stored["training"]["calibration_fit"]["structure"] is True
+    fit_set = tmp_path / "fit.extxyz"
+    write(fit_set, read(data["cal"], ":") + read(data["ood"], ":"), format="extxyz")
+    nll = {k: evaluate(tmp_path / f"{k}.pt", fit_set, n_samples=8, seed=0)["id"]["forces_nll"]
+           for k in ("structure", "power")}
+    assert nll["structure"] <= nll["power"] + 1e-6
+    atoms = read(data["ood"], 0)
+    raw = BLIPCalculator.from_checkpoint(SHIPPED, n_samples=4, seed=0, device="cpu", calibration={}).monte_carlo(atoms)
+    cal = BLIPCalculator.from_checkpoint(out, n_samples=4, seed=0, device="cpu").monte_carlo(atoms)
+    v, ref = raw["forces_variance"], power["reference"]
+    expected = scale * ref * (v / ref) ** power["gamma"] * (v.mean() / power["structure_reference"]) ** power["delta"]
+    np.testing.assert_allclose(cal["forces_variance"], expected, rtol=1e-10)
+    capsys.readouterr()
+    args = ("calibrate", "--model", SHIPPED, "--data", data["cal"], "--structure", "--out", tmp_path / "x.pt")
+    assert run_blip(*args) == 2
+    assert "--structure needs --power" in capsys.readouterr().err and not (tmp_path / "x.pt").exists()
 
 
 # --- bad input --------------------------------------------------------------------------------

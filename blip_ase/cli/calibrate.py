@@ -1,4 +1,4 @@
-"""``blip calibrate --model CKPT --data VAL --out CKPT2 [--isotonic] [--power]``."""
+"""``blip calibrate --model CKPT --data VAL [HOT ...] --out CKPT2 [--isotonic] [--power [--structure]]``."""
 
 from __future__ import annotations
 
@@ -12,7 +12,11 @@ HELP = "fit variance scale factors (and optionally isotonic recalibration) on va
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="checkpoint to calibrate (BLIP, MC dropout or ensemble)")
-    parser.add_argument("--data", required=True, help="validation data with energies and forces (>= 5 structures)")
+    parser.add_argument(
+        "--data", required=True, nargs="+",
+        help="validation data with energies and forces (>= 5 structures); several files are fitted as one set "
+             "(for example the validation split and labelled frames from hotter MD)",
+    )
     parser.add_argument("--out", required=True, help="path of the calibrated checkpoint (not the input)")
     parser.add_argument(
         "--isotonic", action="store_true", help="also fit isotonic recalibration (Kuleshov et al. 2018)"
@@ -20,6 +24,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--power", action="store_true",
         help="also fit a power-law map of the force variances, s * v_ref * (v / v_ref)^gamma (docs/method.md)",
+    )
+    parser.add_argument(
+        "--structure", action="store_true",
+        help="with --power: the map also grows with the structure's mean variance, (m / m_ref)^delta (docs/method.md)",
     )
     parser.add_argument("--n-samples", type=int, default=100, help="Monte Carlo samples (an ensemble uses its members)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the Monte Carlo noise")
@@ -32,7 +40,8 @@ def run(args: argparse.Namespace) -> int:
     from blip_ase.uq.evaluate import calibrate
 
     result = calibrate(
-        args.model, args.data, args.out, isotonic=args.isotonic, power=args.power, n_samples=args.n_samples, seed=args.seed,
+        args.model, args.data, args.out, isotonic=args.isotonic, power=args.power, structure=args.structure,
+        n_samples=args.n_samples, seed=args.seed,
         device=args.device, overwrite=args.overwrite, progress=not args.no_progress,
     )
     print(f"calibration: {dumps(result['calibration'], indent=None)}")

@@ -11,6 +11,11 @@ Optionally the forces carry a power-law map ``"forces_power": {"gamma": g, "refe
 applied to the per-atom variance (trace, eV^2/A^2) before the scale:
 ``v' = scale * v_ref * (v / v_ref) ** g`` (:func:`apply_power`). With ``g = 1`` it is the global
 scale; with ``g > 1`` it inflates large variances (away from the data) more than small ones.
+With the optional keys ``"delta": d`` and ``"structure_reference": m_ref`` (``blip calibrate
+--power --structure``) the map also grows with the structure's mean per-atom variance ``m``:
+``v' = scale * v_ref * (v / v_ref) ** g * (m / m_ref) ** d`` with ``d >= 0``. An atom's variance is
+then read in the context of its structure: the same variance means a larger error in a structure
+whose atoms are all uncertain (away from the data) than in one where only that atom is.
 """
 
 from __future__ import annotations
@@ -58,33 +63,70 @@ def validate_isotonic(name: str, isotonic: object) -> dict[str, list[float]]:
     return {"x": x.tolist(), "y": y.tolist()}
 
 
-def apply_power(variance: np.ndarray, power: Mapping[str, float] | None) -> np.ndarray:
-    """Power-law map ``v_ref * (v / v_ref) ** gamma`` of variances ``v`` (any shape, >= 0), the
-    identity for ``power=None``. Monotone increasing in ``v`` for ``gamma > 0``; zero stays zero."""
+def structure_means(variance: np.ndarray, n_atoms: np.ndarray | None = None) -> np.ndarray:
+    """Each atom's structure mean of the per-atom ``variance (M,)``: ``(M,)``; ``n_atoms (F,)``
+    splits the atoms into structures (None: one structure)."""
+    variance = np.asarray(variance, float)
+    if n_atoms is None:
+        return np.full(variance.shape, variance.mean() if variance.size else 0.0)
+    n_atoms = np.asarray(n_atoms, int)
+    sums = np.add.reduceat(variance, np.concatenate([[0], np.cumsum(n_atoms)[:-1]])) if variance.size else variance
+    return np.repeat(sums / np.maximum(n_atoms, 1), n_atoms)
+
+
+def apply_power(
+    variance: np.ndarray, power: Mapping[str, float] | None, n_atoms: np.ndarray | None = None
+) -> np.ndarray:
+    """Power-law map ``v_ref * (v / v_ref) ** gamma`` of per-atom variances ``v (M,)`` (>= 0), the
+    identity for ``power=None``; with ``delta`` in ``power`` also times ``(m / m_ref) ** delta``, ``m``
+    each atom's structure mean of ``v`` (:func:`structure_means`; ``n_atoms (F,)`` splits the
+    atoms into structures, None: they are one). Monotone nondecreasing in every ``v`` for
+    ``gamma > 0`` and ``delta >= 0``, so a bound on the raw variances maps to a bound on the
+    mapped ones; zero stays zero."""
     variance = np.asarray(variance, float)
     if power is None:
         return variance
+    variance = np.clip(variance, 0.0, None)
     reference, gamma = float(power["reference"]), float(power["gamma"])
-    return reference * np.power(np.clip(variance, 0.0, None) / reference, gamma)
+    mapped = reference * np.power(variance / reference, gamma)
+    if power.get("delta") is not None:
+        mean = structure_means(variance, n_atoms) / float(power["structure_reference"])
+        mapped = mapped * np.power(mean, float(power["delta"]))
+    return mapped
 
 
-def calibrated_forces_variance(variance: np.ndarray, calibration: Mapping[str, Any]) -> np.ndarray:
-    """Per-atom force variances ``(n,)`` eV^2/A^2 as the calculator reports them: the power-law
-    map (if any), then the forces scale and isotonic factor (:func:`variance_factors`)."""
-    return variance_factors(calibration)["forces"] * apply_power(variance, calibration.get("forces_power"))
+def calibrated_forces_variance(variance: np.ndarray, calibration: Mapping[str, Any],
+                               n_atoms: np.ndarray | None = None) -> np.ndarray:  # fmt: skip
+    """Per-atom force variances ``(M,)`` eV^2/A^2 as the calculator reports them: the power-law
+    map (if any; ``n_atoms`` as for :func:`apply_power`), then the forces scale and isotonic
+    factor (:func:`variance_factors`)."""
+    return variance_factors(calibration)["forces"] * apply_power(variance, calibration.get("forces_power"), n_atoms)
+
+
+POWER_MAP_KEYS = ({"gamma", "reference"}, {"gamma", "reference", "delta", "structure_reference"})
+"""The key sets a stored power-law map may have (without and with the structure term)."""
 
 
 def validate_power(name: str, power: object) -> dict[str, float]:
     """Check a power-law map read from a checkpoint; returns it with floats.
 
     Raises:
-        ValueError: not ``{"gamma", "reference"}``, or values that are not finite and > 0.
+        ValueError: keys other than those of :data:`POWER_MAP_KEYS`, ``gamma``, ``reference`` or
+            ``structure_reference`` not finite and > 0, or ``delta`` not finite and >= 0.
     """
-    if not isinstance(power, Mapping) or set(power) != {"gamma", "reference"}:
-        raise ValueError(f"calibration {name!r} must be a dict with keys 'gamma' and 'reference', got {power!r:.80}")
-    values = {k: power[k] for k in ("gamma", "reference")}
-    if any(not isinstance(v, numbers.Real) or not np.isfinite(v) or v <= 0 for v in values.values()):
-        raise ValueError(f"calibration {name!r}: gamma and reference must be finite and > 0, got {values}")
+    if not isinstance(power, Mapping) or set(power) not in POWER_MAP_KEYS:
+        raise ValueError(
+            f"calibration {name!r} must be a dict with keys 'gamma' and 'reference' (and optionally 'delta' and "
+            f"'structure_reference'), got {power!r:.80}"
+        )
+    values = dict(power)
+    if any(not isinstance(v, numbers.Real) or not np.isfinite(v) for v in values.values()) or any(
+        v <= 0 for k, v in values.items() if k != "delta"
+    ) or values.get("delta", 0.0) < 0:  # fmt: skip
+        raise ValueError(
+            f"calibration {name!r}: gamma, reference and structure_reference must be finite and > 0, delta finite "
+            f"and >= 0, got {values}"
+        )
     return {k: float(v) for k, v in values.items()}
 
 

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from scipy import stats
 
-from blip_ase.inference.calibration import apply_power, calibrated_forces_variance
+from blip_ase.inference.calibration import calibrated_forces_variance
 
 if TYPE_CHECKING:
     from blip_ase.uq.predictions import Predictions
@@ -67,40 +67,64 @@ POWER_BOUNDS = (0.25, 4.0)
 """Range of the power-law exponent gamma searched by :func:`fit_power_law`."""
 
 
-def fit_power_law(error: np.ndarray, variance: np.ndarray) -> tuple[float, dict[str, float]]:
-    """Variance scale and power-law exponent minimising the Gaussian NLL of ``error``.
+STRUCTURE_BOUNDS = (0.0, 4.0)
+"""Range of the structure exponent delta searched by :func:`fit_power_law` (``>= 0``: the map stays
+monotone in every variance, so the uncertainty screen's bounds stay bounds)."""
+
+
+def fit_power_law(
+    error: np.ndarray, variance: np.ndarray, structure: np.ndarray | None = None
+) -> tuple[float, dict[str, float]]:  # fmt: skip
+    """Variance scale and power-law exponent(s) minimising the Gaussian NLL of ``error``.
 
     The calibrated variance is ``s * v_ref * (var / v_ref) ** gamma`` with ``v_ref`` the median of
     the positive variances (so ``s`` stays the size of a plain scale); for each ``gamma`` the best
     ``s`` is closed form (:func:`fit_variance_scale`), and ``gamma`` is searched in
-    :data:`POWER_BOUNDS` (bounded scalar minimisation of the NLL).
+    :data:`POWER_BOUNDS` (bounded scalar minimisation of the NLL). With ``structure`` the map also
+    has the factor ``(m / m_ref) ** delta`` (``m``: the structure mean variance of each entry,
+    ``m_ref`` their median) and ``(gamma, delta)`` are searched jointly (L-BFGS-B from ``(1, 0)``,
+    delta in :data:`STRUCTURE_BOUNDS`).
 
     Args:
         error: ``(K,)`` true minus predicted; variance: ``(K,)`` predicted variances (>= 0), in the
             units of the variance the map will be applied to (``v_ref`` is in them).
+        structure: ``(K,)`` the mean variance of each entry's structure, in the same units.
 
     Returns:
-        ``(s, {"gamma": gamma, "reference": v_ref})``.
+        ``(s, {"gamma": gamma, "reference": v_ref})``, with ``structure`` also ``"delta"`` and
+        ``"structure_reference"``.
 
     Raises:
         ValueError: as :func:`fit_variance_scale`.
     """
-    from scipy.optimize import minimize_scalar
+    from scipy.optimize import minimize, minimize_scalar
 
     fit_variance_scale(error, variance)  # the same checks
     error, variance = np.asarray(error, float).ravel(), np.asarray(variance, float).ravel()
     used = variance > 0
     error, variance = error[used], variance[used]
     reference = float(np.median(variance))
+    log_v = np.log(variance / reference)
+    if structure is not None:
+        structure = np.asarray(structure, float).ravel()[used]
+        structure_reference = float(np.median(structure))
+        log_m = np.log(structure / structure_reference)
 
-    def nll(gamma: float) -> float:
-        mapped = apply_power(variance, {"gamma": gamma, "reference": reference})
-        scale = float(np.mean(np.square(error) / mapped))
-        return float(np.mean(np.log(scale * mapped)))  # the NLL up to constants, at the best scale
+    def nll(gamma: float, delta: float = 0.0) -> float:
+        log_mapped = gamma * log_v + (delta * log_m if delta else 0.0)
+        scale = float(np.mean(np.square(error) / (reference * np.exp(log_mapped))))
+        return float(np.log(scale) + np.mean(log_mapped))  # the NLL up to constants, at the best scale
 
-    gamma = float(minimize_scalar(nll, bounds=POWER_BOUNDS, method="bounded").x)
-    power = {"gamma": gamma, "reference": reference}
-    return fit_variance_scale(error, apply_power(variance, power)), power
+    if structure is None:
+        gamma = float(minimize_scalar(nll, bounds=POWER_BOUNDS, method="bounded").x)
+        power = {"gamma": gamma, "reference": reference}
+    else:
+        bounds = [POWER_BOUNDS, STRUCTURE_BOUNDS]
+        best = minimize(lambda x: nll(*x), np.array([1.0, 0.0]), method="L-BFGS-B", bounds=bounds)
+        gamma, delta = map(float, best.x)
+        power = {"gamma": gamma, "reference": reference, "delta": delta, "structure_reference": structure_reference}
+    mapped = reference * np.exp(gamma * log_v + (power.get("delta", 0.0) * log_m if structure is not None else 0.0))
+    return fit_variance_scale(error, mapped), power
 
 
 def pool_adjacent_violators(y: np.ndarray, weight: np.ndarray | None = None) -> np.ndarray:
@@ -164,7 +188,7 @@ def force_reference(pred: Predictions, calibration: dict) -> dict:
     from ase.data import chemical_symbols
 
     error = np.linalg.norm(pred.forces_error, axis=1)
-    std = np.sqrt(calibrated_forces_variance(np.clip(pred.forces_variance, 0.0, None), calibration))
+    std = np.sqrt(calibrated_forces_variance(np.clip(pred.forces_variance, 0.0, None), calibration, pred.n_atoms))
     groups = {"all": np.ones(len(error), bool)}
     groups.update({chemical_symbols[z]: pred.numbers == z for z in np.unique(pred.numbers)})
     q = list(REFERENCE_QUANTILES)

@@ -10,13 +10,14 @@ pass gives the metrics before and after calibration.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
 
-from blip_ase.inference.calibration import QUANTITIES, apply_isotonic, variance_factors
+from blip_ase.inference.calibration import QUANTITIES, apply_isotonic, structure_means, variance_factors
 from blip_ase.strict_json import write_json
 from blip_ase.uq import metrics as m
 from blip_ase.uq.calibration import (
@@ -290,13 +291,16 @@ def evaluate(
     return report
 
 
-def fit_calibration(pred: Predictions, *, isotonic: bool = False, power: bool = False) -> dict:
-    """Variance scales (and optionally isotonic maps and the forces' power-law map) fitted to
-    ``pred`` (see :mod:`blip_ase.uq.calibration`).
+def fit_calibration(pred: Predictions, *, isotonic: bool = False, power: bool = False, structure: bool = False) -> dict:
+    """Variance scales (and optionally isotonic maps and the forces' power-law map, with
+    ``structure`` also its structure term) fitted to ``pred`` (see :mod:`blip_ase.uq.calibration`).
 
     Raises:
-        ValueError: fewer than :data:`MIN_STRUCTURES` structures or a deterministic model.
+        ValueError: fewer than :data:`MIN_STRUCTURES` structures, a deterministic model, or
+            ``structure`` without ``power``.
     """
+    if structure and not power:
+        raise ValueError("the structure term is part of the power-law map: structure calibration needs power")
     if len(pred.n_atoms) < MIN_STRUCTURES:
         raise ValueError(
             f"the calibration set has {len(pred.n_atoms)} structures; at least {MIN_STRUCTURES} are needed"
@@ -310,8 +314,11 @@ def fit_calibration(pred: Predictions, *, isotonic: bool = False, power: bool = 
         "stress": 1.0,
     }
     if power:  # fitted on component variances v / 3; the map acts on the per-atom trace v
-        calibration["forces"], forces_power = fit_power_law(f_err, pred.component_variance())
-        calibration["forces_power"] = forces_power | {"reference": 3.0 * forces_power["reference"]}
+        means = np.repeat(structure_means(pred.forces_variance, pred.n_atoms) / 3.0, 3) if structure else None
+        calibration["forces"], forces_power = fit_power_law(f_err, pred.component_variance(), means)
+        calibration["forces_power"] = forces_power | {
+            k: 3.0 * forces_power[k] for k in ("reference", "structure_reference") if k in forces_power
+        }
     if isotonic:
         calibration["energy_isotonic"] = fit_isotonic(pred.energy_error, calibration["energy"] * pred.energy_variance)
         scaled = pred.component_variance(calibration["forces"], power=calibration.get("forces_power"))
@@ -342,11 +349,12 @@ def fit_uncertainty_screen(model: Any, frames: list, *, n_samples: int, seed: in
 
 def calibrate(
     model_path: str | Path,
-    data_path: str | Path,
+    data_path: str | Path | Sequence[str | Path],
     out_path: str | Path,
     *,
     isotonic: bool = False,
     power: bool = False,
+    structure: bool = False,
     n_samples: int = 100,
     seed: int = 0,
     device: str | None = None,
@@ -356,9 +364,13 @@ def calibrate(
 ) -> dict:
     """Fit calibration on the validation set ``data_path`` and write the calibrated checkpoint.
 
+    ``data_path`` may be several files, fitted as one set: the validation split together with
+    labelled frames from hotter MD or from ``blip learn`` rounds, so that the fit also sees the
+    large variances of structures away from the training data (docs/method.md, calibration).
     The fit starts from the uncalibrated variances (any calibration already in the checkpoint
     is replaced). ``power``: also fit the power-law map of the force variances
-    (:func:`~blip_ase.uq.calibration.fit_power_law`). For a BLIP model (``screen_fit``) the cheap uncertainty screen is fitted too
+    (:func:`~blip_ase.uq.calibration.fit_power_law`); ``structure``: with ``power``, the map's
+    structure term too. For a BLIP model (``screen_fit``) the cheap uncertainty screen is fitted too
     (:func:`fit_uncertainty_screen`). Everything else in the checkpoint is kept.
 
     Returns:
@@ -372,6 +384,8 @@ def calibrate(
     """
     from blip_ase.models.checkpoint import load_checkpoint, save_checkpoint
 
+    if structure and not power:
+        raise ValueError("the structure term is part of the power-law map: --structure needs --power")
     if Path(out_path).resolve() == Path(model_path).resolve():
         raise FileExistsError(f"refusing to overwrite the input checkpoint {model_path}; choose another --out")
     if Path(out_path).exists() and not overwrite:
@@ -379,14 +393,21 @@ def calibrate(
     model, ckpt = load_checkpoint(model_path, device=device or "cpu")
     if model_method(model) == "deterministic":
         raise ValueError("a deterministic model has no variances to calibrate")
-    frames, labels = read_labelled(data_path, what="calibration data")
+    paths = [data_path] if isinstance(data_path, (str, Path)) else list(data_path)
+    if not paths:
+        raise ValueError("no calibration data given")
+    frames, labels = [], []
+    for path in paths:
+        f, lab = read_labelled(path, what="calibration data")
+        frames, labels = frames + f, labels + lab
+    data_path = " + ".join(map(str, paths))
     if len(frames) < MIN_STRUCTURES:
         raise ValueError(
             f"the calibration set {data_path} has {len(frames)} structures; at least {MIN_STRUCTURES} are needed"
         )
     pred = predict(model, frames, labels, n_samples=n_samples, seed=seed, device=device,
                    progress="predict" if progress else None)
-    calibration = fit_calibration(pred, isotonic=isotonic, power=power)
+    calibration = fit_calibration(pred, isotonic=isotonic, power=power, structure=structure)
     reference = {"data": str(data_path), **force_reference(pred, calibration)}
     screen = None
     if screen_fit and model_method(model) == "blip":
@@ -394,7 +415,7 @@ def calibrate(
     training = dict(ckpt.get("training") or {})
     used = {"ensemble": getattr(model, "n_members", None), "llpr": None}.get(model_method(model), n_samples)
     training["calibration_fit"] = {"data": str(data_path), "n_structures": len(frames), "n_samples": used,
-                                   "seed": seed, "isotonic": isotonic, "power": power}
+                                   "seed": seed, "isotonic": isotonic, "power": power, "structure": structure}
     save_checkpoint(out_path, model.cpu(), calibration=calibration, training=training, reference=reference,
                     screen=screen)  # fmt: skip
     summary = {k: (v if not k.endswith("_isotonic") else f"{len(v['x'])} knots") for k, v in calibration.items()}

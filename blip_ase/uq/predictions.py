@@ -47,4 +47,4 @@ class Predictions:
         (``P``: the calibration's power-law map of the per-atom variance, identity for None)."""
         from blip_ase.inference.calibration import apply_power
 
-        return np.repeat(factor * apply_power(self.forces_variance, power) / 3.0, 3)
+        return np.repeat(factor * apply_power(self.forces_variance, power, self.n_atoms) / 3.0, 3)
