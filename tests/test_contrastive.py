@@ -15,7 +15,7 @@ from ase.io import read
 from blip_ase.training import load_config, train, with_overrides
 from blip_ase.training.contrastive import ContrastiveConfig, contrastive_kl, perturb_edge_vectors
 from blip_ase.training.loop import kl_factor
-from conftest import TINY_BAYES, build_potential
+from conftest import TINY_BAYES, build_potential, load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 AMMONIA = ROOT / "examples" / "ammonia"
@@ -276,3 +276,22 @@ def test_mode_copies_make_alpha_larger_on_hotter_geometries_than_on_the_training
         hot.append(a)
     ratio = _mean_alpha(model, hot) / _mean_alpha(model, frames)
     assert ratio > 1.5, ratio
+
+
+def test_alpha_by_distortion_places_rattled_copies_above_the_data_for_the_shipped_model(capsys, tmp_path):
+    """``md_scripts/alpha_by_distortion.py`` on the shipped model: alpha of 0.3 A rattles of its
+    validation frames exceeds alpha on the frames themselves, in the table's every column; a model
+    without an inference network is refused by name."""
+    from blip_ase.assets import ammonia_model
+    from blip_ase.models import PaiNNConfig, PaiNNPotential, save_checkpoint
+
+    script = load_script("alpha_by_distortion")
+    val = Path(__file__).resolve().parents[1] / "examples" / "ammonia" / "val.extxyz"
+    assert script.main([str(ammonia_model()), "--data", str(val), "--frames", "5", "--rattle", "0.3"]) == 0
+    rows = {line.split("|")[1].strip(): [float(v) for v in line.split("|")[2:-1]]
+            for line in capsys.readouterr().out.splitlines()[2:]}
+    assert set(rows) == {"data", "rattle 0.3 A"} and len(rows["data"]) >= 2
+    assert all(r > d for r, d in zip(rows["rattle 0.3 A"], rows["data"]))
+    save_checkpoint(tmp_path / "det.pt", PaiNNPotential([1, 7], PaiNNConfig(n_features=8, n_interactions=1, n_rbf=6)))
+    with pytest.raises(SystemExit, match="has no inference network"):
+        script.main([str(tmp_path / "det.pt"), "--data", str(val), "--frames", "2", "--rattle", "0.1"])
