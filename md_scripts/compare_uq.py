@@ -157,7 +157,8 @@ def run_job(job: dict, data: dict[str, Path], out: Path, epochs: dict[str, int |
             power: bool = False, structure: bool = False) -> list[dict]:
     """Train one job (an ensemble: all its members), then calibrate (``power``: with the power-law
     map of the force variances, ``blip calibrate --power``; ``structure``: with its structure
-    term, ``--structure``) and evaluate what it yields."""
+    term, ``--structure``; on ``data["val"]`` plus any ``data["calibration_extra"]`` files) and
+    evaluate what it yields."""
     import torch
 
     torch.set_num_threads(1)
@@ -191,8 +192,8 @@ def run_job(job: dict, data: dict[str, Path], out: Path, epochs: dict[str, int |
             row["metrics"] = evaluate(path, data["test"], ood_path=data["ood"], n_samples=n_samples, seed=0)
         else:
             calibrated = path.with_name(f"{path.stem}_calibrated.pt")
-            fit = calibrate(path, data["val"], calibrated, n_samples=n_samples, seed=1, overwrite=True,
-                            power=power, structure=structure)
+            fit = calibrate(path, [data["val"], *data.get("calibration_extra", [])], calibrated,
+                            n_samples=n_samples, seed=1, overwrite=True, power=power, structure=structure)
             row["calibration"], row["val"] = fit["calibration"], fit["after"]  # val: what selects defaults
             row["metrics"] = evaluate(calibrated, data["test"], ood_path=data["ood"], n_samples=n_samples, seed=0)
         results.append(row)
@@ -329,6 +330,9 @@ def write_tables(out: Path, rows: list[dict], args: dict, produced: str) -> str:
         tables.append("Development split (`--dev`): no test set was read. The ammonia OOD set is "
                       "`examples/ammonia/dev_ood.extxyz` (PySCF labels: its energies are on another reference, so "
                       "its E MAE is meaningless; forces agree with the data set's level to ~0.012 eV/Å).\n")
+    if args.get("calibrate_extra"):
+        tables.append("Calibration (`--calibrate-extra`) fitted every method on the validation split together with "
+                      + ", ".join(f"`{x}`" for x in args["calibrate_extra"]) + ".\n")
     for b in args["benchmarks"]:
         n_epochs = {"ammonia": args["epochs"], "acac": args["acac_epochs"]}[b] or "the config's"
         tables.append(make_table([r for r in rows if r["benchmark"] == b], members=args["members"],
@@ -360,6 +364,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="calibrate with the power-law map of the force variances (blip calibrate --power)")
     parser.add_argument("--structure-calibration", action="store_true",
                         help="with --power-calibration: the map's structure term too (blip calibrate --structure)")
+    parser.add_argument("--calibrate-extra", action="append", default=[], metavar="BENCHMARK=FILE",
+                        help="labelled frames fitted with the validation split by every method's calibration "
+                             "(blip calibrate --data VAL FILE), e.g. acac=examples/acac/dev_ood_600K.extxyz")
     parser.add_argument("--dev", action="store_true",
                         help="development split from the training pool only (choose defaults with it)")
     parser.add_argument("--merge", nargs="+", metavar="DIR", default=None,
@@ -368,6 +375,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.structure_calibration and not args.power_calibration:
         parser.error("--structure-calibration needs --power-calibration (the structure term is part of the power map)")
+    extra: dict[str, list[Path]] = {}
+    for item in args.calibrate_extra:
+        bench, sep, file = item.partition("=")
+        if not sep or bench not in args.benchmarks or not Path(file).is_file():
+            parser.error(f"--calibrate-extra {item!r}: expected BENCHMARK=FILE with BENCHMARK one of "
+                         f"{args.benchmarks} and FILE an existing file")
+        extra.setdefault(bench, []).append(Path(file))
     out = Path(args.out)
     from blip_ase.strict_json import write_json
 
@@ -384,7 +398,8 @@ def main(argv: list[str] | None = None) -> int:
     import blip_ase.training  # noqa: F401  # import once here, so the forked workers share it
     import blip_ase.uq.evaluate  # noqa: F401
 
-    data = {b: split_data(b, out / b / "data", args) for b in args.benchmarks}
+    data = {b: split_data(b, out / b / "data", args) | {"calibration_extra": extra.get(b, [])}
+            for b in args.benchmarks}
     jobs = make_jobs(args.benchmarks, args.methods, args.seeds, args.members, args.dropout_p,
                      parse_variants(args.variant), args.variant_benchmarks)
     epochs = {"ammonia": args.epochs, "acac": args.acac_epochs}
