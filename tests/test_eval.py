@@ -321,3 +321,18 @@ def test_calibrate_stores_the_per_element_quantiles_of_the_errors_it_saw(data, t
     scale = result["calibration"]["forces"]
     expected_std = np.sqrt(scale * pred.forces_variance)
     np.testing.assert_allclose(stored["force_std"]["all"], np.quantile(expected_std, stored["quantiles"]), rtol=1e-5)
+
+
+def test_map_vs_mean_reports_both_maes_and_refuses_a_deterministic_model(data, tmp_path, capsys):
+    """``md_scripts/map_vs_mean.py``: the MAP and Monte Carlo mean MAEs of the shipped model on six
+    OOD structures differ (the noise moves the mean) and are the size of its OOD errors."""
+    from conftest import load_script
+
+    script = load_script("map_vs_mean")
+    assert script.main([str(data["ood"]), str(SHIPPED), "--n-samples", "8"]) == 0
+    line = capsys.readouterr().out.strip()
+    values = [float(v) for v in line.split("MAP ")[1].replace(" meV/A", "").replace("MC mean ", "").split(", ")]
+    assert len(values) == 2 and values[0] != values[1] and all(10 < v < 5000 for v in values)
+    save_checkpoint(tmp_path / "det.pt", tiny())
+    with pytest.raises(SystemExit, match="deterministic"):
+        script.main([str(data["ood"]), str(tmp_path / "det.pt")])
