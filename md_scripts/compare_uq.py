@@ -238,7 +238,7 @@ def coefficient_cells(ms: list[dict]) -> list[str]:
     return cells
 
 
-def make_table(rows: list[dict], *, members: int, caption: str) -> str:
+def make_table(rows: list[dict], *, members: int, caption: str, extra: bool = False) -> str:
     """Markdown tables of mean +- std over seeds: OOD, ID, after calibration, alpha/beta."""
     names = sorted({r["method"] for r in rows}, key=_sort_key)
     by = {n: [r["metrics"] for r in rows if r["method"] == n] for n in names}
@@ -258,7 +258,8 @@ def make_table(rows: list[dict], *, members: int, caption: str) -> str:
     out += table("ood", [("auroc", "AUROC")])
     out += ["", f"**In-distribution test ({n_id} structures)**, uncalibrated", ""]
     out += table("id", [])
-    out += ["", "**After calibration on the validation set** (`blip calibrate`; power gamma: with `--power`; "
+    fitted_on = "the validation set" + (" and the `--calibrate-extra` frames" if extra else "")
+    out += ["", f"**After calibration on {fitted_on}** (`blip calibrate`; power gamma: with `--power`; "
             "structure delta: with `--structure`)", ""]
     out += ["| Method | force scale | power gamma | structure delta | ID F ECE | ID F NLL | OOD F ECE | OOD F NLL |",
             "|---|---|---|---|---|---|---|---|"]
@@ -336,7 +337,8 @@ def write_tables(out: Path, rows: list[dict], args: dict, produced: str) -> str:
     for b in args["benchmarks"]:
         n_epochs = {"ammonia": args["epochs"], "acac": args["acac_epochs"]}[b] or "the config's"
         tables.append(make_table([r for r in rows if r["benchmark"] == b], members=args["members"],
-                                 caption=f"### {b} ({n_epochs} epochs)"))
+                                 caption=f"### {b} ({n_epochs} epochs)",
+                                 extra=any(x.startswith(f"{b}=") for x in args.get("calibrate_extra") or [])))
     text = "\n".join(tables)
     (out / "table.md").write_text(text)
     return text
