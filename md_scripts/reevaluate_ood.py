@@ -40,6 +40,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--power", action="store_true", help="when recalibrating: fit the power-law map too")
     parser.add_argument("--structure", action="store_true", help="when recalibrating: with its structure term")
     args = parser.parse_args(argv)
+    recalibrate = args.recalibrate or args.calibrate_extra is not None
+    if (args.power or args.structure) and not recalibrate:
+        parser.error("--power and --structure apply when recalibrating: add --recalibrate or --calibrate-extra")
+    if args.structure and not args.power:
+        parser.error("--structure needs --power (the structure term is part of the power map)")
+    for path in [args.ood, args.calibrate_extra, *(run / "results.json" for run in args.runs)]:
+        if path is not None and not path.is_file():
+            parser.error(f"{path} does not exist")
     import torch
 
     from blip_ase.uq.evaluate import calibrate, evaluate
@@ -54,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
             data = next(p.parent / "data" for p in path.parents if p.name == "runs")  # the run's own splits
             test = data / "test.extxyz"
             ood = args.ood or data / "ood.extxyz"
-            if (args.recalibrate or args.calibrate_extra) and row["method"] != "deterministic":
+            if recalibrate and row["method"] != "deterministic":
                 model = path.with_name(f"{path.stem}_recalibrated.pt")
                 extra = [] if args.calibrate_extra is None else [args.calibrate_extra]
                 calibrate(path, [data / "val.extxyz", *extra], model, n_samples=args.n_samples, seed=1,

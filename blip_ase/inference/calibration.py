@@ -120,9 +120,8 @@ def validate_power(name: str, power: object) -> dict[str, float]:
             f"'structure_reference'), got {power!r:.80}"
         )
     values = dict(power)
-    if any(not isinstance(v, numbers.Real) or not np.isfinite(v) for v in values.values()) or any(
-        v <= 0 for k, v in values.items() if k != "delta"
-    ) or values.get("delta", 0.0) < 0:  # fmt: skip
+    finite = all(isinstance(v, numbers.Real) and np.isfinite(v) for v in values.values())
+    if not finite or any(v < 0 if k == "delta" else v <= 0 for k, v in values.items()):
         raise ValueError(
             f"calibration {name!r}: gamma, reference and structure_reference must be finite and > 0, delta finite "
             f"and >= 0, got {values}"

@@ -390,14 +390,11 @@ def calibrate(
         raise FileExistsError(f"refusing to overwrite the input checkpoint {model_path}; choose another --out")
     if Path(out_path).exists() and not overwrite:
         raise FileExistsError(f"{out_path} exists; pass --overwrite to replace it")
-    model, ckpt = load_checkpoint(model_path, device=device or "cpu")
-    if model_method(model) == "deterministic":
-        raise ValueError("a deterministic model has no variances to calibrate")
     paths = [data_path] if isinstance(data_path, (str, Path)) else list(data_path)
     if not paths:
         raise ValueError("no calibration data given")
     frames, labels = [], []
-    for path in paths:
+    for path in paths:  # every file read (and checked) before the model is loaded
         f, lab = read_labelled(path, what="calibration data")
         frames, labels = frames + f, labels + lab
     data_path = " + ".join(map(str, paths))
@@ -405,6 +402,9 @@ def calibrate(
         raise ValueError(
             f"the calibration set {data_path} has {len(frames)} structures; at least {MIN_STRUCTURES} are needed"
         )
+    model, ckpt = load_checkpoint(model_path, device=device or "cpu")
+    if model_method(model) == "deterministic":
+        raise ValueError("a deterministic model has no variances to calibrate")
     pred = predict(model, frames, labels, n_samples=n_samples, seed=seed, device=device,
                    progress="predict" if progress else None)
     calibration = fit_calibration(pred, isotonic=isotonic, power=power, structure=structure)
