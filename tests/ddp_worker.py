@@ -20,7 +20,8 @@ import torch
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 MO_CELLS = Path(__file__).resolve().parent / "data" / "mo_small.extxyz"
 GLOBAL_BATCH = 8
-KINDS = ("deterministic", "blip", "orb")  # PaiNN without and with BLIP; BLIP on a small ORB v3
+KINDS = ("deterministic", "blip", "blip_nll", "orb")  # PaiNN without and with BLIP (blip_nll: with the
+# variance scoring rule, loss.nll_weight); BLIP on a small ORB v3
 
 
 def frames(kind: str) -> list:
@@ -44,6 +45,7 @@ def setup(kind: str):
     from blip_ase.models import PaiNNConfig
     from blip_ase.models.orb import OrbConfig
     from blip_ase.training import TrainConfig
+    from blip_ase.training.config import LossConfig
     from blip_ase.training.contrastive import ContrastiveConfig
     from blip_ase.training.loop import build_model, fit_normalisation
 
@@ -53,6 +55,7 @@ def setup(kind: str):
         orb=OrbConfig(latent_dim=16, base_mlp_hidden_dim=16, head_mlp_hidden_dim=16, num_message_passing_steps=1),
         bayes=BayesConfig(p0=0.5, kl_weight=1.0, p_init=0.2, hidden=8, n_hidden=1, n_rbf=6),
         contrastive=ContrastiveConfig(weight=1.0),  # BLIP: the contrastive KL's mean is over the global batch too
+        loss=LossConfig(nll_weight=1.0 if kind == "blip_nll" else 0.0),
         deterministic=kind == "deterministic", dtype="float64", seed=3, batch_size=GLOBAL_BATCH, progress=False,
     )  # fmt: skip
     torch.manual_seed(cfg.seed)
@@ -92,7 +95,8 @@ def step(out: Path, argv: list[str]) -> int:
     for kind in KINDS:
         cfg, model, data = setup(kind)
         (indices,) = data.batch_indices(GLOBAL_BATCH, shard=(rank, distributed.world_size()))
-        sgd_step(model, data.batch(indices).to("cpu", torch.float64), cfg, rank, forward=distributed.wrap(model))
+        forward = distributed.wrap(model, reduce=not cfg.loss.nll_weight)
+        sgd_step(model, data.batch(indices).to("cpu", torch.float64), cfg, rank, forward=forward)
         grads = {name: p.grad for name, p in model.named_parameters()}
         torch.save({"grads": grads, "params": model.state_dict()}, out / f"{kind}_rank{rank}.pt")
     return main(["train", *argv])

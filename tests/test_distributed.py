@@ -27,7 +27,7 @@ from blip_ase.models import load_checkpoint
 from blip_ase.training import distributed, load_config
 from blip_ase.training.loop import evaluate_map, evaluate_mc_nll
 from blip_ase.training.contrastive import perturb_edge_vectors
-from blip_ase.training.loss import elbo_loss
+from blip_ase.training.loss import elbo_loss, variance_nll
 from ddp_worker import GLOBAL_BATCH, KINDS, generators, setup, sgd_step
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,7 +84,7 @@ def ddp_step(tmp_path_factory) -> Path:
 
 def _global_step_reference(kind: str) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
     """The single-process step on the same global batch. BLIP draws one noise sample per step
-    from one generator, so the reference evaluates each rank's half of the batch with that rank's
+    (``blip_nll``: two) from one generator, so the reference evaluates each rank's half of the batch with that rank's
     generator (the same noise) and takes the single-process ELBO of the concatenated outputs: all
     means, the KL's included, over the global batch; the contrastive KL likewise, of each half's
     copy perturbed by that rank's generator. Also returns the gradient of the mean of
@@ -97,11 +97,12 @@ def _global_step_reference(kind: str) -> tuple[torch.nn.Module, dict[str, torch.
         sgd_step(model, batch, cfg, 0)
         return model, naive
     outs, alphas, betas, perturbed = [], [], [], []
+    samples = cfg.loss.nll_samples if cfg.loss.nll_weight else 1
     for rank, indices in enumerate(halves):
         graph = data.batch(indices).to("cpu", torch.float64).graph
         c = model.coefficients(graph)
         generator, contrastive_generator = generators(cfg, rank)
-        outs.append(model(graph, coefficients=c, noise=NoiseSource([generator]), create_graph=True))
+        outs.append(model(graph, coefficients=c, noise=NoiseSource([generator] * samples), create_graph=True))
         alphas.append(c.edge), betas.append(c.node)
         x = model.posterior_inputs(graph)  # the rank's perturbed copy of its half
         c = model.posterior(x.species, x.edge_index, perturb_edge_vectors(x, cfg.contrastive, contrastive_generator))
@@ -112,7 +113,14 @@ def _global_step_reference(kind: str) -> tuple[torch.nn.Module, dict[str, torch.
     copies = Coefficients(*(torch.cat(blocks) for blocks in zip(*perturbed)))
     loss = loss + cfg.contrastive.weight * kl_divergence(copies, cfg.bayes.p0)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scoring = []  # the variance scoring rule over the global batch, on the inference network only
+    if cfg.loss.nll_weight:
+        posterior = list(model.posterior.parameters())
+        term, _ = variance_nll(out["forces"], batch.forces)
+        scoring = zip(posterior, torch.autograd.grad(cfg.loss.nll_weight * term, posterior, retain_graph=True))
     loss.backward()
+    for p, g in scoring:
+        p.grad += g
     optimizer.step()
     return model, naive
 

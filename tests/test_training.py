@@ -18,6 +18,9 @@ from blip_ase.cli.main import main as blip
 from blip_ase.data.readers import read_frames, write_hdf5
 from blip_ase.models import CheckpointError, load_checkpoint, save_checkpoint
 from blip_ase.training import load_config, train
+from blip_ase.training.config import with_overrides
+from blip_ase.training.loop import build_model, train_step
+from blip_ase.training.loss import variance_nll
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "ammonia"
 
@@ -279,3 +282,83 @@ def test_an_ensemble_keeps_init_checkpoint_every_member_starts_from_its_weights(
             train(load_config(tmp_path / "frozen.yaml", ensemble=n), few_frames, few_frames, tmp_path / f"bad{n}",
                   init_checkpoint=tmp_path / "fresh" / "model.pt")  # fmt: skip
         assert not (tmp_path / f"bad{n}").exists()
+
+
+def _spread_samples(mean: torch.Tensor, half_width: torch.Tensor) -> torch.Tensor:
+    """Two samples ``mean +- half_width``: per atom the unbiased variance's trace / 3 is
+    ``2 |half_width|^2 / 3``."""
+    return torch.stack([mean + half_width, mean - half_width])
+
+
+def test_variance_nll_equals_its_closed_form_and_is_blind_to_the_variances_scale():
+    gen = torch.Generator().manual_seed(0)
+    target, mean, width = (torch.randn(6, 3, generator=gen, dtype=torch.float64) for _ in range(3))
+    term, nll = variance_nll(_spread_samples(mean, width), target)
+    v = 2 * (width**2).sum(-1).numpy() / 3
+    e = ((mean - target) ** 2).sum(-1).numpy() / 3
+    s = np.mean(e / v)
+    assert nll == pytest.approx(0.5 * (np.log(2 * np.pi * s) + np.mean(np.log(v)) + 1), rel=1e-12)
+    assert float(term) == pytest.approx(0.5 * (np.mean(np.log(v)) + 1), rel=1e-12)  # the scale is fitted
+    _, scaled = variance_nll(_spread_samples(mean, 7.0 * width), target)
+    assert scaled == pytest.approx(nll, rel=1e-12)
+
+
+def test_variance_nll_has_no_gradient_when_the_variances_follow_the_errors_and_one_when_they_do_not():
+    gen = torch.Generator().manual_seed(1)
+    target, mean, direction = (torch.randn(5, 3, generator=gen, dtype=torch.float64) for _ in range(3))
+    error = ((mean - target) ** 2).sum(-1, keepdim=True) / 3
+    for width, flat in ((direction / direction.norm(dim=-1, keepdim=True) * error.sqrt() * 0.3, True),
+                        (direction, False)):  # fmt: skip
+        width = width.clone().requires_grad_(True)
+        term, _ = variance_nll(_spread_samples(mean, width), target)
+        (grad,) = torch.autograd.grad(term, width)
+        assert (float(grad.abs().max()) < 1e-12) == flat
+
+
+def test_variance_nll_refuses_one_sample_and_non_finite_forces():
+    forces = torch.zeros(2, 4, 3)
+    with pytest.raises(ValueError, match=">= 2 Monte Carlo samples"):
+        variance_nll(forces[:1], forces[0])
+    forces[1, 2, 0] = float("nan")
+    with pytest.raises(ValueError, match="not finite"):
+        variance_nll(forces, torch.zeros(4, 3))
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"loss": {"nll_weight": -0.1}}, "loss.nll_weight must be a finite number >= 0"),
+    ({"loss": {"nll_weight": float("nan")}}, "loss.nll_weight must be a finite number"),
+    ({"loss": {"nll_samples": 1}}, "loss.nll_samples must be an integer >= 2"),
+    ({"loss": {"nll_weight": 1.0}, "deterministic": True}, "set it to 0 for a deterministic model"),
+    ({"loss": {"nll_weight": 1.0}, "bayes": {"method": "mc_dropout"}}, "set it to 0 for bayes.method 'mc_dropout'"),
+])  # fmt: skip
+def test_bad_scoring_rule_settings_are_refused_by_name(tiny_config, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        with_overrides(load_config(tiny_config), overrides)
+
+
+def test_the_variance_scoring_rule_trains_the_inference_network_and_leaves_the_potential_alone(tiny_config):
+    """With every other term off, one step with ``loss.nll_weight`` moves only the inference
+    network's parameters (the potential learns from the ELBO alone)."""
+    cfg = with_overrides(load_config(tiny_config), {
+        "loss": {"energy_weight": 0.0, "forces_weight": 0.0, "nll_weight": 1.0}, "bayes": {"kl_weight": 0.0},
+    })  # fmt: skip
+    torch.manual_seed(0)
+    frames = read_frames(EXAMPLE / "train.extxyz")[:8]
+    model = build_model(cfg, [1, 7])
+    batch = model.make_dataset(frames).batch(list(range(8))).to("cpu", torch.float32)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    model.train()
+    parts = train_step(model, batch, cfg, torch.optim.SGD(model.parameters(), lr=0.1), torch.Generator().manual_seed(0),
+                       False)  # fmt: skip
+    assert np.isfinite(parts["nll"])
+    moved = {name for name, p in model.named_parameters() if not torch.equal(p.detach(), before[name])}
+    assert moved and all(name.startswith("posterior.") for name in moved)
+
+
+def test_training_with_the_scoring_rule_is_reproducible_and_logs_it(tiny_config, tmp_path):
+    cfg = with_overrides(load_config(tiny_config, epochs=2), {"loss": {"nll_weight": 0.1}})
+    a = train(cfg, EXAMPLE / "train.extxyz", EXAMPLE / "val.extxyz", tmp_path / "a")
+    b = train(cfg, EXAMPLE / "train.extxyz", EXAMPLE / "val.extxyz", tmp_path / "b")
+    assert a["val"] == b["val"]
+    with open(tmp_path / "a" / "log.csv") as fh:
+        assert all(np.isfinite(float(row["train_nll"])) and float(row["train_nll"]) != 0 for row in csv.DictReader(fh))

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -27,6 +28,13 @@ class LossConfig:
         energy_weight, forces_weight, stress_weight: weights of the per-structure energy,
             per-component force and per-component stress errors.
         huber_delta: delta of the Huber loss (eV, eV/A, eV/A^3).
+        nll_weight: weight of a proper scoring rule for the force variances
+            (:func:`~blip_ase.training.loss.variance_nll`): the Gaussian NLL of the forces under the
+            spread of ``nll_samples`` Monte Carlo samples per step, after the NLL-optimal variance
+            scale, so it trains how the variances follow the errors and not their overall size
+            (Bayesian models only; 0: off, one sample per step).
+        nll_samples: Monte Carlo samples per step while ``nll_weight`` > 0 (>= 2; the data terms
+            are then averaged over them).
     """
 
     kind: Literal["l1", "l2", "huber"] = "l1"
@@ -34,6 +42,14 @@ class LossConfig:
     forces_weight: float = 1.0
     stress_weight: float = 0.0
     huber_delta: float = 0.01
+    nll_weight: float = 0.0
+    nll_samples: int = 2
+
+    def __post_init__(self):
+        weight = self.nll_weight
+        if isinstance(weight, bool) or not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight >= 0):
+            raise ValueError(f"loss.nll_weight must be a finite number >= 0, got {self.nll_weight!r}")
+        checked_int(self.nll_samples, least=2, name="loss.nll_samples")  # a variance needs 2 samples
 
 
 @dataclass(frozen=True)
@@ -130,6 +146,9 @@ class TrainConfig:
         for name, least in (("epochs", 1), ("batch_size", 1), ("seed", 0), ("kl_warmup_epochs", 0), ("ensemble", 1)):
             checked_int(getattr(self, name), least=least, name=name)
         checked_int(self.select_samples, least=2, name="select_samples")  # a variance needs 2 samples
+        if self.loss.nll_weight and (self.deterministic or self.bayes.method != "blip"):
+            kind = "a deterministic model" if self.deterministic else f"bayes.method {self.bayes.method!r}"
+            raise ValueError(f"loss.nll_weight > 0 trains BLIP's inference network: set it to 0 for {kind}")
 
 
 def load_config(path: str | Path, **overrides: Any) -> TrainConfig:

@@ -90,14 +90,15 @@ def finish() -> None:
         dist.destroy_process_group()
 
 
-def wrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The module whose forward the training step runs: ``model`` itself in a single process,
-    else its DistributedDataParallel wrapper (gradients averaged over ranks in ``backward``).
+def wrap(model: torch.nn.Module, *, reduce: bool = True) -> torch.nn.Module:
+    """The module whose forward the training step runs: ``model`` itself in a single process or
+    with ``reduce=False`` (the step averages the gradients by hand, :func:`average`), else its
+    DistributedDataParallel wrapper (gradients averaged over ranks in ``backward``).
     Inputs must be on the model's device already (``device_ids=None``). Some parameters may
     get no gradient (ORB v3's decoder, confidence and reference-energy heads): with
     ``static_graph`` DDP finds them in the first step (the same parameters are used every step),
     averages the others and leaves theirs unset, as one process does."""
-    if not active():
+    if not active() or not reduce:
         return model
     from torch.nn.parallel import DistributedDataParallel
 
@@ -125,6 +126,15 @@ def all_sum(values: Sequence[float]) -> list[float]:
     t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return t.tolist()
+
+
+def average(tensors: Sequence[torch.Tensor]) -> None:
+    """Average each tensor over ranks in place, as DDP averages gradients (nothing in a single
+    process): for a step whose gradients DDP did not reduce (``no_sync``)."""
+    if active():
+        for t in tensors:
+            dist.all_reduce(t)
+            t /= world_size()
 
 
 def shares(counts: Sequence[int]) -> list[float]:

@@ -1,4 +1,5 @@
-"""The training loop behind ``blip train``: ELBO with one Monte Carlo sample per step."""
+"""The training loop behind ``blip train``: ELBO with one Monte Carlo sample per step (``loss.nll_samples``
+with the variance scoring rule ``loss.nll_weight``)."""
 
 from __future__ import annotations
 
@@ -23,10 +24,10 @@ from blip_ase.training import distributed
 from blip_ase.training.averaging import WeightAverage
 from blip_ase.training.config import TrainConfig
 from blip_ase.training.contrastive import DisplacementModes, contrastive_kl, displacement_modes
-from blip_ase.training.loss import elbo_loss
+from blip_ase.training.loss import elbo_loss, variance_nll
 
 LOG_FIELDS = ["epoch", "lr", "train_loss", "train_energy", "train_forces", "train_kl", "train_kl_contrastive",
-              "val_loss", "val_energy_mae", "val_forces_mae", "val_mc_nll", "seconds"]
+              "train_nll", "val_loss", "val_energy_mae", "val_forces_mae", "val_mc_nll", "seconds"]
 
 
 def build_model(cfg: TrainConfig, elements: list[int]) -> Potential:
@@ -120,10 +121,11 @@ def train_step(
     *, kl_factor: float = 1.0, contrastive_generator: torch.Generator | None = None,
     forward: torch.nn.Module | None = None, contrastive_modes: DisplacementModes | None = None,
 ) -> dict[str, float]:  # fmt: skip
-    """One optimiser step on ``batch`` with one Monte Carlo sample from ``generator``; the KL
-    weights are multiplied by ``kl_factor`` (warm-up); with ``cfg.contrastive.weight`` the KL of
-    perturbed copies (drawn from ``contrastive_generator``; for ``kind: modes`` along
-    ``contrastive_modes``) is added.
+    """One optimiser step on ``batch`` with one Monte Carlo sample from ``generator`` (with
+    ``cfg.loss.nll_weight``: ``cfg.loss.nll_samples`` samples and the variance scoring rule
+    :func:`~blip_ase.training.loss.variance_nll`); the KL weights are multiplied by ``kl_factor``
+    (warm-up); with ``cfg.contrastive.weight`` the KL of perturbed copies (drawn from
+    ``contrastive_generator``; for ``kind: modes`` along ``contrastive_modes``) is added.
 
     In distributed training ``batch`` is this rank's part of the global batch, ``forward`` the
     DistributedDataParallel wrapper of ``model`` (:func:`~blip_ase.training.distributed.wrap`),
@@ -131,7 +133,14 @@ def train_step(
     their average over ranks is the global value)."""
     coefficients = model.coefficients(batch.graph)
     share = distributed.batch_share(batch, coefficients)
-    noise = NoiseSource([generator]) if coefficients is not None else None
+    scored = bool(cfg.loss.nll_weight) and coefficients is not None
+    noise = NoiseSource([generator] * (cfg.loss.nll_samples if scored else 1)) if coefficients is not None else None
+    # The variance scoring rule trains the inference network only (the potential learns from the
+    # ELBO), by a backward pass of its own, which DDP's hooks would take for the step's; so with
+    # the rule the model is not wrapped (distributed.wrap(..., reduce=False)) and the ranks'
+    # gradients are averaged by hand after the ELBO's backward.
+    if scored and isinstance(forward, torch.nn.parallel.DistributedDataParallel):
+        raise ValueError("loss.nll_weight > 0: wrap the model with distributed.wrap(model, reduce=False)")
     out = (forward or model)(
         batch.graph, coefficients=coefficients, noise=noise, compute_stress=use_stress, create_graph=True
     )
@@ -139,6 +148,14 @@ def train_step(
     p0 = bayes.p0 if bayes else 0.5
     kl_weight = kl_factor * bayes.kl_weight if bayes else 0.0
     loss, parts = elbo_loss(out, batch, cfg.loss, coefficients=coefficients, p0=p0, kl_weight=kl_weight, share=share)
+    scoring = []  # (parameter, gradient) of the variance scoring rule
+    if scored:
+        term, parts["nll"] = variance_nll(out["forces"], batch.forces, share=share, reduce=distributed.all_sum)
+        posterior = [p for p in model.posterior.parameters() if p.requires_grad]
+        grads = torch.autograd.grad(
+            cfg.loss.nll_weight * term, posterior, retain_graph=True, allow_unused=True, materialize_grads=True
+        )
+        scoring = list(zip(posterior, grads))
     if cfg.contrastive.weight and getattr(model, "posterior", None) is not None:
         if contrastive_generator is None:
             raise ValueError("contrastive.weight > 0 needs a contrastive_generator for the perturbations")
@@ -150,6 +167,10 @@ def train_step(
         parts["kl_contrastive"] = float(kl_c.detach())
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    for p, g in scoring:
+        p.grad = g if p.grad is None else p.grad + g
+    if scored:
+        distributed.average([p.grad for p in model.parameters() if p.grad is not None])
     if cfg.optim.grad_clip:
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
     optimizer.step()
@@ -252,7 +273,8 @@ def _fit(model, cfg, train_data, val_data, optimizer, scheduler, per_step, rng, 
     select_mc = cfg.select_by == "mc_nll" and model.is_bayesian
     start, best, best_epoch, stale = time.perf_counter(), math.inf, -1, 0
     best_metrics: dict[str, float] = {}
-    main, forward, n = distributed.is_main(), distributed.wrap(model), distributed.world_size()
+    main, n = distributed.is_main(), distributed.world_size()
+    forward = distributed.wrap(model, reduce=not cfg.loss.nll_weight)  # loss.nll_weight: by hand (train_step)
     shard = (distributed.rank(), n)
     ema = WeightAverage(model, cfg.optim.ema_decay) if cfg.optim.ema_decay is not None else None
     with open(out_dir / "log.csv" if main else os.devnull, "w", newline="") as fh:
@@ -281,7 +303,7 @@ def _fit(model, cfg, train_data, val_data, optimizer, scheduler, per_step, rng, 
                     val["mc_nll"] = evaluate_mc_nll(model, val_data, cfg, device, dtype)
                 if scheduler is not None and not per_step:
                     scheduler.step(val["loss"])
-                names = ("loss", "energy", "forces", "kl", "kl_contrastive")
+                names = ("loss", "energy", "forces", "kl", "kl_contrastive", "nll")
                 means = distributed.all_sum([np.mean([p.get(k, 0.0) for p in parts]) / n for k in names])  # over ranks
                 row = {
                     "epoch": epoch, "lr": optimizer.param_groups[0]["lr"],
