@@ -12,9 +12,10 @@ import pytest
 import torch
 from ase.io import read
 
+from blip_ase.bayes.kl import kl_per_coefficient
 from blip_ase.training import load_config, train, with_overrides
 from blip_ase.training.contrastive import ContrastiveConfig, contrastive_kl, perturb_edge_vectors
-from blip_ase.training.loop import kl_factor
+from blip_ase.training.loop import build_model, kl_factor
 from conftest import TINY_BAYES, build_potential, load_script
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -295,3 +296,26 @@ def test_alpha_by_distortion_places_rattled_copies_above_the_data_for_the_shippe
     save_checkpoint(tmp_path / "det.pt", PaiNNPotential([1, 7], PaiNNConfig(n_features=8, n_interactions=1, n_rbf=6)))
     with pytest.raises(SystemExit, match="has no inference network"):
         script.main([str(tmp_path / "det.pt"), "--data", str(val), "--frames", "2", "--rattle", "0.1"])
+
+
+def test_max_edge_a_keeps_the_contrastive_kl_of_short_edges_only_at_their_full_weight():
+    """With ``max_edge_A`` the long edges' KL is dropped and each short edge's counts as before:
+    the cut KL equals the full KL with the long edges' terms zeroed (same copies, same draws)."""
+    frames = read(ROOT / "examples" / "acac" / "acac_train_300K.extxyz", ":2")
+    cfg = with_overrides(load_config(ROOT / "examples" / "acac" / "config.yaml"), {"contrastive": {"max_edge_A": 1.6}})
+    torch.manual_seed(0)
+    model = build_model(cfg, [1, 6, 8])
+    graph = model.make_dataset(frames).batch([0, 1]).to("cpu", torch.float32).graph
+    cut = contrastive_kl(model, graph, cfg.contrastive, torch.Generator().manual_seed(0), 0.5)
+    x = model.posterior_inputs(graph)
+    vectors = perturb_edge_vectors(x, cfg.contrastive, torch.Generator().manual_seed(0))
+    copy = model.posterior(x.species, x.edge_index, vectors)
+    short = (x.edge_vector.norm(dim=-1) <= 1.6).float()[:, None]
+    assert 0 < short.mean() < 0.5  # bonds only: most edges of acac within 5 A are longer
+    expected = (kl_per_coefficient(copy.edge, 0.5) * short).mean(dim=0).sum()
+    torch.testing.assert_close(cut, expected)
+    every = replace(cfg.contrastive, max_edge_A=None)
+    full = contrastive_kl(model, graph, every, torch.Generator().manual_seed(0), 0.5)
+    assert float(full) > 2 * float(cut)
+    with pytest.raises(ValueError, match="contrastive.max_edge_A must be a positive length"):
+        replace(cfg.contrastive, max_edge_A=0.0)

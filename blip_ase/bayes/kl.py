@@ -25,16 +25,23 @@ def kl_per_coefficient(alpha: torch.Tensor, p0: float) -> torch.Tensor:
     return 0.5 * ((alpha + 1.0) / alpha0 + math.log(alpha0) - torch.log(alpha) - 1.0)
 
 
-def kl_divergence(coefficients: Coefficients, p0: float, *, weights: tuple[float, float] = (1.0, 1.0)) -> torch.Tensor:
+def kl_divergence(
+    coefficients: Coefficients, p0: float, *, weights: tuple[float, float] = (1.0, 1.0),
+    edge_mask: torch.Tensor | None = None,
+) -> torch.Tensor:  # fmt: skip
     """KL averaged over edges (nodes) and summed over Bayesian layers; a scalar tensor.
 
     Multiply by lambda in the loss. ``weights`` multiply the edge and the node average
     (distributed training: this process's share of the global batch's average; a weight of 1,
-    as in one process, adds no operation).
+    as in one process, adds no operation). ``edge_mask (n_edges,)``: only these edges' KL
+    counts, still divided by the number of all edges (each kept edge weighs as without a mask).
     """
     total = coefficients.edge.new_zeros(())
     for block, weight in zip((coefficients.edge, coefficients.node), weights):
         if block.numel():
-            kl = kl_per_coefficient(block, p0).mean(dim=0).sum()
+            per = kl_per_coefficient(block, p0)
+            if edge_mask is not None and block is coefficients.edge:
+                per = per * edge_mask.to(per)[:, None]
+            kl = per.mean(dim=0).sum()
             total = total + (kl if weight == 1.0 else weight * kl)
     return total

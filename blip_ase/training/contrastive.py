@@ -19,6 +19,7 @@ independently, which is what a shift to hotter MD looks like.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -50,6 +51,10 @@ class ContrastiveConfig:
             (the training data's principal displacement modes, amplified: :func:`displacement_modes`).
             With ``modes``, a structure whose molecule (sequence of elements) has fewer than 2
             non-periodic training structures, or is periodic, gets a rattled copy instead.
+        max_edge_A: only edges at most this long in the training structure get the contrastive
+            KL (None: every edge). The others keep only the data's KL, so the prior no longer
+            pushes up the noise of long, non-bonded pairs whose perturbed lengths stay plausible;
+            a kept edge weighs as without the cut.
         mode_scale_min, mode_scale: range of the amplification factor of the modes (``kind:
             modes``); a copy draws its factor uniformly in it and its displacement from the mean
             structure is ``factor * L z`` (``L L^T``: the training displacement covariance).
@@ -65,8 +70,11 @@ class ContrastiveConfig:
     kind: Literal["rattle", "modes"] = "rattle"
     mode_scale_min: float = 1.5
     mode_scale: float = 4.0
+    max_edge_A: float | None = None
 
     def __post_init__(self):
+        if self.max_edge_A is not None and not (math.isfinite(self.max_edge_A) and self.max_edge_A > 0):
+            raise ValueError(f"contrastive.max_edge_A must be a positive length (A) or null, got {self.max_edge_A!r}")
         rattle_ok = 0 <= self.rattle_min_A <= self.rattle_A
         if self.weight < 0 or not rattle_ok or not 0 <= self.stretch < 1 or self.copies < 1:
             raise ValueError(
@@ -186,8 +194,9 @@ def contrastive_kl(
     x = model.posterior_inputs(graph)
     posterior = model.posterior
     total = x.edge_vector.new_zeros(())
+    mask = None if cfg.max_edge_A is None else x.edge_vector.detach().norm(dim=-1) <= cfg.max_edge_A
     for _ in range(cfg.copies):
         c = posterior(x.species, x.edge_index, perturb_edge_vectors(x, cfg, generator, modes))
         node = c.node if posterior.neighbourhood else c.node[:, :0]
-        total = total + kl_divergence(Coefficients(c.edge, node), p0, weights=weights)
+        total = total + kl_divergence(Coefficients(c.edge, node), p0, weights=weights, edge_mask=mask)
     return total / cfg.copies
