@@ -319,3 +319,21 @@ def test_max_edge_a_keeps_the_contrastive_kl_of_short_edges_only_at_their_full_w
     assert float(full) > 2 * float(cut)
     with pytest.raises(ValueError, match="contrastive.max_edge_A must be a positive length"):
         replace(cfg.contrastive, max_edge_A=0.0)
+
+
+def test_alpha_by_distortion_splits_alpha_by_edge_length(capsys):
+    """``--lengths``: one column per length bin, each with the edges per structure; NH3 within
+    the shipped model's 5 A cutoff has 3 N-H pairs each way (6 edges below 1.2 A) and 6 H-H
+    edges (1.5-1.7 A), so every edge lands in a bin and the counts add up to 12."""
+    from blip_ase.assets import ammonia_model
+
+    script = load_script("alpha_by_distortion")
+    val = Path(__file__).resolve().parents[1] / "examples" / "ammonia" / "val.extxyz"
+    args = [str(ammonia_model()), "--data", str(val), "--frames", "3", "--rattle", "--lengths", "1.2", "2.0"]
+    assert script.main(args) == 0
+    split = capsys.readouterr().out.split("\n\n")[1].splitlines()
+    assert split[0] == "| set | 0-1.2 A | 1.2-2 A | > 2 A |" and split[2].startswith("| data |")
+    cells = [c.strip() for c in split[2].split("|")[2:-1]]
+    assert [int(c.split("(")[1].rstrip(")")) for c in cells[:2]] == [6, 6] and cells[2] == "–"
+    with pytest.raises(SystemExit):
+        script.main([*args[:-2], "2.0", "1.2"])
