@@ -337,3 +337,23 @@ def test_alpha_by_distortion_splits_alpha_by_edge_length(capsys):
     assert [int(c.split("(")[1].rstrip(")")) for c in cells[:2]] == [6, 6] and cells[2] == "–"
     with pytest.raises(SystemExit):
         script.main([*args[:-2], "2.0", "1.2"])
+
+
+def test_variance_by_edge_length_drops_the_variance_as_alpha_is_switched_off(capsys, tmp_path):
+    """``md_scripts/variance_by_edge_length.py`` on the shipped model: the variance falls
+    monotonically as alpha is zeroed on ever shorter edges (beta's noise stays), and a model
+    without an inference network is refused."""
+    from blip_ase.assets import ammonia_model
+    from blip_ase.models import PaiNNConfig, PaiNNPotential, save_checkpoint
+
+    script = load_script("variance_by_edge_length")
+    ood = Path(__file__).resolve().parents[1] / "examples" / "ammonia" / "ood.extxyz"
+    assert script.main([str(ammonia_model()), "--data", str(ood), "--frames", "4", "--cuts", "1.3", "0.5",
+                        "--n-samples", "4"]) == 0  # fmt: skip
+    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines()[2:]]
+    assert [r[0].strip() for r in rows] == ["(no cut)", "1.3 A", "0.5 A"]
+    fractions = [float(r[2]) for r in rows]
+    assert fractions[0] == 1.0 and fractions[0] > fractions[1] > fractions[2] >= 0
+    save_checkpoint(tmp_path / "det.pt", PaiNNPotential([1, 7], PaiNNConfig(n_features=8, n_interactions=1, n_rbf=6)))
+    with pytest.raises(SystemExit, match="has no inference network"):
+        script.main([str(tmp_path / "det.pt"), "--data", str(ood), "--frames", "2"])
