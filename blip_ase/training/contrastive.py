@@ -52,9 +52,9 @@ class ContrastiveConfig:
             With ``modes``, a structure whose molecule (sequence of elements) has fewer than 2
             non-periodic training structures, or is periodic, gets a rattled copy instead.
         max_edge_A: only edges at most this long in the training structure get the contrastive
-            KL (None: every edge). The others keep only the data's KL, so the prior no longer
-            pushes up the noise of long, non-bonded pairs whose perturbed lengths stay plausible;
-            a kept edge weighs as without the cut.
+            KL (None: every edge); the others keep only the data's KL, a kept edge weighs as
+            without the cut. Meant to stop the prior pushing up the noise of long, non-bonded
+            pairs whose perturbed lengths stay plausible; on acac it did not help (docs).
         mode_scale_min, mode_scale: range of the amplification factor of the modes (``kind:
             modes``); a copy draws its factor uniformly in it and its displacement from the mean
             structure is ``factor * L z`` (``L L^T``: the training displacement covariance).

@@ -130,7 +130,7 @@ def all_sum(values: Sequence[float]) -> list[float]:
 
 def average(tensors: Sequence[torch.Tensor]) -> None:
     """Average each tensor over ranks in place, as DDP averages gradients (nothing in a single
-    process): for a step whose gradients DDP did not reduce (``no_sync``)."""
+    process): the gradients of a model not wrapped in DDP (:func:`wrap` with ``reduce=False``)."""
     if active():
         for t in tensors:
             dist.all_reduce(t)
