@@ -57,7 +57,10 @@ def _run(args: list[str], timeout: float = TIMEOUT_S) -> subprocess.CompletedPro
         stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
+        try:  # a worker in a session of its own may outlive the group and hold the pipes open
+            proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            pass
         pytest.fail(f"python {' '.join(args)} did not finish within {timeout} s")
     return subprocess.CompletedProcess(args, proc.returncode, stdout, stderr)
 

@@ -85,8 +85,11 @@ def start(device: torch.device) -> torch.device:
 
 
 def finish() -> None:
-    """Leave the process group (after training, before the process exits)."""
+    """Leave the process group (after training, before the process exits), all ranks together:
+    a barrier first, since ``destroy_process_group`` while a peer is still busy can hang
+    (pytorch/pytorch#75097; a 2-rank CI run hung once in it, after training had finished)."""
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
