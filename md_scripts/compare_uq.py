@@ -287,7 +287,10 @@ def parse_variants(items: list[str]) -> dict[str, dict]:
         name, sep, text = item.partition("=")
         if not sep or not name:
             raise SystemExit(f"--variant needs NAME=JSON, got {item!r}")
-        variants[name] = json.loads(text)
+        try:
+            variants[name] = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise SystemExit(f"--variant {name}: not JSON ({exc}): {text!r}") from None
     return variants
 
 

@@ -27,8 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n-samples", type=int, default=32)
     parser.add_argument("--frames", type=int, default=40, help="frames read from --data")
     args = parser.parse_args(argv)
-    if args.n_samples < 2 or any(c <= 0 for c in args.cuts):
-        parser.error("--n-samples must be >= 2 and --cuts positive lengths")
+    if args.n_samples < 2 or args.frames < 3 or any(c <= 0 for c in args.cuts):
+        parser.error("--n-samples must be >= 2, --frames >= 3 (a rank correlation) and --cuts positive lengths")
     import torch
     from scipy import stats
 
@@ -37,10 +37,15 @@ def main(argv: list[str] | None = None) -> int:
     from blip_ase.models.checkpoint import load_checkpoint
 
     torch.set_num_threads(1)
+    try:  # the data first: a bad file is named before the model is loaded
+        frames = read_frames(args.data)[: args.frames]
+    except (FileNotFoundError, ValueError) as exc:
+        raise SystemExit(f"--data: {exc}") from None
+    if len(frames) < 3:
+        raise SystemExit(f"--data {args.data} has {len(frames)} frames: a rank correlation needs >= 3")
     model, _ = load_checkpoint(args.checkpoint, device="cpu")
     if getattr(model, "posterior", None) is None:
         raise SystemExit(f"{args.checkpoint} has no inference network (alpha exists for BLIP models only)")
-    frames = read_frames(args.data)[: args.frames]
     rows = {}
     for cut in [None, *args.cuts]:
         err2, var = [], []
@@ -56,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
             reference = torch.as_tensor(atoms.get_forces(), dtype=torch.float64)
             err2.append(float(((forces.mean(0) - reference) ** 2).sum(-1).mean()))
             var.append(float(forces.var(0).sum(-1).mean()))
+        if not (np.isfinite(var).all() and np.isfinite(err2).all()):
+            raise SystemExit(f"non-finite forces or variances with alpha cut at {cut}: the model or data is broken")
         rows[cut] = (np.mean(var), float(stats.spearmanr(var, err2).statistic))
     full = rows[None][0]
     print("| alpha = 0 beyond | mean variance [eV²/Å²] | fraction of all edges' | Spearman |")

@@ -356,4 +356,8 @@ def test_variance_by_edge_length_drops_the_variance_as_alpha_is_switched_off(cap
     assert fractions[0] == 1.0 and fractions[0] > fractions[1] > fractions[2] >= 0
     save_checkpoint(tmp_path / "det.pt", PaiNNPotential([1, 7], PaiNNConfig(n_features=8, n_interactions=1, n_rbf=6)))
     with pytest.raises(SystemExit, match="has no inference network"):
-        script.main([str(tmp_path / "det.pt"), "--data", str(ood), "--frames", "2"])
+        script.main([str(tmp_path / "det.pt"), "--data", str(ood), "--frames", "3"])
+    with pytest.raises(SystemExit, match="--data: .*does not exist"):
+        script.main([str(ammonia_model()), "--data", str(tmp_path / "missing.extxyz")])
+    with pytest.raises(SystemExit):  # 2 frames: no rank correlation
+        script.main([str(ammonia_model()), "--data", str(ood), "--frames", "2"])

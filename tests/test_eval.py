@@ -336,3 +336,16 @@ def test_map_vs_mean_reports_both_maes_and_refuses_a_deterministic_model(data, t
     save_checkpoint(tmp_path / "det.pt", tiny())
     with pytest.raises(SystemExit, match="deterministic"):
         script.main([str(data["ood"]), str(tmp_path / "det.pt")])
+
+
+def test_compare_uq_variants_need_name_and_json_and_name_the_bad_one():
+    """``--variant NAME=JSON`` (compare_uq.py and bench_epoch.py): a bad one is refused by name
+    before any training, not with a JSON traceback."""
+    from conftest import load_script
+
+    parse = load_script("compare_uq").parse_variants
+    assert parse(['w={"contrastive": {"weight": 0.001}}']) == {"w": {"contrastive": {"weight": 0.001}}}
+    with pytest.raises(SystemExit, match="--variant needs NAME=JSON"):
+        parse(['{"a": 1}'])
+    with pytest.raises(SystemExit, match=r"--variant nll: not JSON"):
+        parse(["nll={loss: 1}"])
