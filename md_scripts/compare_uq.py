@@ -28,7 +28,8 @@ never used for either):
 Methods: ``llpr`` = last-layer prediction rigidity fitted post hoc (``blip llpr``) on the
 deterministic baseline of the same seed: covariance on its training split, scale alpha^2 on its
 validation split (then calibrated like the others); ``blip`` = the example config as shipped; ``blip_paper`` = the paper's settings
-(:data:`PAPER`); ``--variant NAME=JSON`` adds a BLIP run with nested config overrides (ablations).
+(:data:`PAPER`); ``--variant NAME=JSON`` adds a BLIP run with nested config overrides (ablations)
+on each of ``--variant-benchmarks``, ``--variant BENCHMARK:NAME=JSON`` on that benchmark only.
 Seeds: BLIP, its variants and MC dropout use seed ``s``; the deep ensemble of seed ``s`` has
 members with seeds ``N*s ... N*s + N - 1`` and the deterministic baseline of seed ``s`` is its
 first member (trained alone, with the same seed, when the ensemble is not asked for). Runs use one
@@ -130,7 +131,8 @@ def make_jobs(benchmarks: list[str], methods: list[str], seeds: list[int], membe
     """Training jobs: benchmark, method, seed, config overrides; longest first."""
     jobs = []
     for b in benchmarks:
-        extra = variants if b in variant_benchmarks else {}
+        extra = {name.partition(":")[2] or name: overrides for name, overrides in variants.items()
+                 if name.partition(":")[0] == b or (":" not in name and b in variant_benchmarks)}
         for s in seeds:
             llpr = "llpr" in methods
             if "ensemble" in methods:
@@ -282,11 +284,14 @@ def make_table(rows: list[dict], *, members: int, caption: str, extra: bool = Fa
 
 
 def parse_variants(items: list[str]) -> dict[str, dict]:
+    """``NAME=JSON`` or ``BENCHMARK:NAME=JSON`` (that benchmark only) -> {name: overrides}."""
     variants = {}
     for item in items:
         name, sep, text = item.partition("=")
-        if not sep or not name:
-            raise SystemExit(f"--variant needs NAME=JSON, got {item!r}")
+        bench, colon, short = name.rpartition(":")
+        if not sep or not short or (colon and bench not in ("ammonia", "acac")):
+            raise SystemExit(f"--variant needs NAME=JSON or BENCHMARK:NAME=JSON (BENCHMARK ammonia or acac), "
+                             f"got {item!r}")
         try:
             variants[name] = json.loads(text)
         except json.JSONDecodeError as exc:
@@ -352,7 +357,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="runs/compare_uq", help="output directory")
     parser.add_argument("--benchmarks", nargs="+", default=["ammonia", "acac"], choices=["ammonia", "acac"])
     parser.add_argument("--methods", nargs="*", default=METHODS, choices=METHODS)
-    parser.add_argument("--variant", action="append", default=[], help="NAME=JSON extra BLIP run (config overrides)")
+    parser.add_argument("--variant", action="append", default=[],
+                        help="NAME=JSON extra BLIP run (config overrides); BENCHMARK:NAME=JSON on one benchmark")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
     parser.add_argument("--epochs", type=int, default=None, help="override the ammonia config's epochs")
     parser.add_argument("--acac-epochs", type=int, default=None, help="override the acac config's epochs")

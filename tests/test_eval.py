@@ -347,5 +347,21 @@ def test_compare_uq_variants_need_name_and_json_and_name_the_bad_one():
     assert parse(['w={"contrastive": {"weight": 0.001}}']) == {"w": {"contrastive": {"weight": 0.001}}}
     with pytest.raises(SystemExit, match="--variant needs NAME=JSON"):
         parse(['{"a": 1}'])
+    with pytest.raises(SystemExit, match="BENCHMARK ammonia or acac"):
+        parse(['ethanol:w={"a": 1}'])
     with pytest.raises(SystemExit, match=r"--variant nll: not JSON"):
         parse(["nll={loss: 1}"])
+
+
+def test_compare_uq_variant_with_a_benchmark_prefix_runs_on_that_benchmark_only():
+    """``--variant acac:NAME=JSON`` adds its run to acac alone, whatever ``--variant-benchmarks``
+    says; an unprefixed variant follows ``--variant-benchmarks``."""
+    from conftest import load_script
+
+    script = load_script("compare_uq")
+    variants = script.parse_variants(['acac:no_env={"bayes": {"environment": 0}}',
+                                      'w={"contrastive": {"weight": 0}}'])
+    jobs = script.make_jobs(["ammonia", "acac"], ["blip"], [0], 4, [0.2], variants, ["ammonia"])
+    runs = sorted((j["benchmark"], j["method"]) for j in jobs)
+    assert runs == [("acac", "blip"), ("acac", "blip_no_env"), ("ammonia", "blip"), ("ammonia", "blip_w")]
+    assert [j["overrides"] for j in jobs if j["method"] == "blip_no_env"] == [{"bayes": {"environment": 0}}]
