@@ -135,8 +135,8 @@ def test_the_docs_and_readme_have_python_examples_and_few_are_not_run():
 
 
 def test_every_benchmark_table_has_its_date_and_command_beside_it():
-    """Each section of the benchmarks page that holds a table says when and with what it was measured."""
-    text = (ROOT / "docs" / "benchmarks.md").read_text()
+    """Each section of the benchmark pages that holds a table says when and with what it was measured."""
+    text = "\n".join((ROOT / "docs" / page).read_text() for page in ("benchmarks.md", "uncertainty.md"))
     sections = re.split(r"^#{2,3} ", text, flags=re.MULTILINE)[1:]
     with_tables = [s for s in sections if re.search(r"^\|[-|: ]+\|$", s, re.MULTILINE)]
     assert len(with_tables) >= 10
