@@ -57,6 +57,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 METHODS = ["deterministic", "llpr", "mc_dropout", "ensemble", "blip", "blip_paper"]
+BENCHMARKS = ["ammonia", "acac"]
 PAPER = {  # BLIP as in the paper (appendix C.2): lambda 10, p0 0.5, element-only beta, MAP selection
     "bayes": {"p0": 0.5, "kl_weight": 10.0, "p_max": 0.8, "n_rbf": 20, "neighbourhood": False},
     "optim": {"posterior_lr": None},
@@ -289,14 +290,31 @@ def parse_variants(items: list[str]) -> dict[str, dict]:
     for item in items:
         name, sep, text = item.partition("=")
         bench, colon, short = name.rpartition(":")
-        if not sep or not short or (colon and bench not in ("ammonia", "acac")):
-            raise SystemExit(f"--variant needs NAME=JSON or BENCHMARK:NAME=JSON (BENCHMARK ammonia or acac), "
+        if not sep or not short or (colon and bench not in BENCHMARKS):
+            raise SystemExit(f"--variant needs NAME=JSON or BENCHMARK:NAME=JSON (BENCHMARK {' or '.join(BENCHMARKS)}), "
                              f"got {item!r}")
         try:
             variants[name] = json.loads(text)
         except json.JSONDecodeError as exc:
             raise SystemExit(f"--variant {name}: not JSON ({exc}): {text!r}") from None
     return variants
+
+
+def check_variants(variants: dict[str, dict], benchmarks: list[str], variant_benchmarks: list[str],
+                   methods: list[str]) -> None:
+    """Refuse, before any work, a variant that would not run (its benchmark is not compared) or
+    whose rows would merge with another run's (two variants, or a variant and a method, of one
+    name on one benchmark)."""
+    for b in benchmarks:
+        names = [name.rpartition(":")[2] for name in variants
+                 if name.rpartition(":")[0] == b or (":" not in name and b in variant_benchmarks)]
+        taken = [n for n in names if names.count(n) > 1 or f"blip_{n}" in methods]
+        if taken:
+            raise SystemExit(f"--variant {taken[0]!r} names two runs on {b} (another variant or a method)")
+    for name in variants:
+        bench = name.rpartition(":")[0]
+        if bench and bench not in benchmarks:
+            raise SystemExit(f"--variant {name}: {bench} is not among --benchmarks {benchmarks}")
 
 
 PROTOCOL = ["epochs", "acac_epochs", "members", "n_samples", "acac_train", "acac_val", "acac_test", "dev"]
@@ -355,7 +373,7 @@ def write_tables(out: Path, rows: list[dict], args: dict, produced: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="runs/compare_uq", help="output directory")
-    parser.add_argument("--benchmarks", nargs="+", default=["ammonia", "acac"], choices=["ammonia", "acac"])
+    parser.add_argument("--benchmarks", nargs="+", default=BENCHMARKS, choices=BENCHMARKS)
     parser.add_argument("--methods", nargs="*", default=METHODS, choices=METHODS)
     parser.add_argument("--variant", action="append", default=[],
                         help="NAME=JSON extra BLIP run (config overrides); BENCHMARK:NAME=JSON on one benchmark")
@@ -409,10 +427,12 @@ def main(argv: list[str] | None = None) -> int:
     import blip_ase.training  # noqa: F401  # import once here, so the forked workers share it
     import blip_ase.uq.evaluate  # noqa: F401
 
+    variants = parse_variants(args.variant)
+    check_variants(variants, args.benchmarks, args.variant_benchmarks, args.methods)
     data = {b: split_data(b, out / b / "data", args) | {"calibration_extra": extra.get(b, [])}
             for b in args.benchmarks}
     jobs = make_jobs(args.benchmarks, args.methods, args.seeds, args.members, args.dropout_p,
-                     parse_variants(args.variant), args.variant_benchmarks)
+                     variants, args.variant_benchmarks)
     epochs = {"ammonia": args.epochs, "acac": args.acac_epochs}
     start = time.perf_counter()
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:

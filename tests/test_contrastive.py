@@ -361,3 +361,4 @@ def test_variance_by_edge_length_drops_the_variance_as_alpha_is_switched_off(cap
         script.main([str(ammonia_model()), "--data", str(tmp_path / "missing.extxyz")])
     with pytest.raises(SystemExit):  # 2 frames: no rank correlation
         script.main([str(ammonia_model()), "--data", str(ood), "--frames", "2"])
+    assert "--frames >= 3" in capsys.readouterr().err

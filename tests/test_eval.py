@@ -353,7 +353,7 @@ def test_compare_uq_variants_need_name_and_json_and_name_the_bad_one():
         parse(["nll={loss: 1}"])
 
 
-def test_compare_uq_variant_with_a_benchmark_prefix_runs_on_that_benchmark_only():
+def test_compare_uq_variant_with_a_benchmark_prefix_runs_on_that_benchmark_only(tmp_path):
     """``--variant acac:NAME=JSON`` adds its run to acac alone, whatever ``--variant-benchmarks``
     says; an unprefixed variant follows ``--variant-benchmarks``."""
     from conftest import load_script
@@ -365,3 +365,13 @@ def test_compare_uq_variant_with_a_benchmark_prefix_runs_on_that_benchmark_only(
     runs = sorted((j["benchmark"], j["method"]) for j in jobs)
     assert runs == [("acac", "blip"), ("acac", "blip_no_env"), ("ammonia", "blip"), ("ammonia", "blip_w")]
     assert [j["overrides"] for j in jobs if j["method"] == "blip_no_env"] == [{"bayes": {"environment": 0}}]
+    script.check_variants(variants, ["ammonia", "acac"], ["ammonia"], ["blip"])
+    with pytest.raises(SystemExit, match="acac is not among --benchmarks"):  # it would run nowhere
+        script.check_variants(variants, ["ammonia"], ["ammonia"], ["blip"])
+    with pytest.raises(SystemExit, match="'no_env' names two runs on acac"):
+        script.check_variants(variants | {"no_env": {}}, ["acac"], ["acac"], ["blip"])
+    with pytest.raises(SystemExit, match="'paper' names two runs on ammonia"):
+        script.check_variants({"ammonia:paper": {}}, ["ammonia"], ["ammonia"], ["blip", "blip_paper"])
+    with pytest.raises(SystemExit, match="not among --benchmarks"):  # refused before any file is written
+        script.main(["--out", str(tmp_path / "out"), "--benchmarks", "ammonia", "--variant", "acac:x={}"])
+    assert not (tmp_path / "out").exists()
